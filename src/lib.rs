@@ -1,0 +1,13 @@
+//! Velocity: an HTTP load balancer and reverse proxy.
+//!
+//! Data flows `config` → `proxy` (listeners, per-request path) → `balancer` (pick a backend)
+//! → `upstream` (backends and their connection pools); `observe` logs on the side.
+
+pub mod balancer;
+pub mod config;
+pub mod observe;
+pub mod proxy;
+pub mod server;
+pub mod state;
+pub mod testserver;
+pub mod upstream;

@@ -1,0 +1,190 @@
+//! The access log. The request path only builds a small record and hands it to a channel
+//! (`try_send`: no lock, no syscall); a dedicated thread formats and writes in batches,
+//! flushing whenever the channel runs dry. When the log is off nothing is built at all.
+
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::header::HeaderValue;
+use hyper::{Method, Uri};
+
+use crate::config::{AccessLog as Target, LogFormat};
+use crate::upstream::Backend;
+
+/// Records waiting to be written; beyond this the log drops lines rather than slow requests.
+const QUEUE: usize = 64 * 1024;
+
+/// One request, as the access log sees it.
+#[derive(Debug)]
+pub struct AccessRecord {
+    pub client: SocketAddr,
+    pub method: Method,
+    pub host: Option<HeaderValue>,
+    pub uri: Uri,
+    pub status: u16,
+    pub backend: Option<Arc<Backend>>,
+    pub start: Instant,
+    pub bytes: u64,
+    /// Why the request ended as it did, when it is not a plain forward (`no_route`,
+    /// `no_backend`, `client_aborted`, ...).
+    pub note: Option<&'static str>,
+}
+
+/// Handle to the access log writer; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    tx: SyncSender<(AccessRecord, u64)>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+    /// Start a writer for `target`; `None` when the log is off.
+    pub fn start(target: &Target, format: LogFormat) -> io::Result<Option<AccessLog>> {
+        let sink: Box<dyn Write + Send> = match target {
+            Target::Off => return Ok(None),
+            Target::Stdout => Box::new(io::stdout()),
+            Target::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
+        };
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(rx, sink, format))?;
+        Ok(Some(AccessLog { tx, dropped: Arc::new(AtomicU64::new(0)) }))
+    }
+
+    pub fn log(&self, record: AccessRecord, duration_us: u64) {
+        if self.tx.try_send((record, duration_us)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn write_loop(rx: Receiver<(AccessRecord, u64)>, sink: Box<dyn Write + Send>, format: LogFormat) {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, sink);
+    let mut line = String::with_capacity(256);
+    // Block for the first record of a batch, then drain without blocking, then flush.
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some((record, us)) = next.take() {
+            line.clear();
+            format_record(&mut line, &record, us, format);
+            if out.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+            match rx.try_recv() {
+                Ok(r) => next = Some(r),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
+            }
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
+}
+
+fn format_record(out: &mut String, r: &AccessRecord, us: u64, format: LogFormat) {
+    let host = r.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-");
+    let path = r.uri.path_and_query().map_or("/", |p| p.as_str());
+    let backend = r.backend.as_ref().map_or("-", |b| b.name.as_str());
+    let ms = us as f64 / 1000.0;
+    match format {
+        LogFormat::Text => {
+            super::time::write_now(out);
+            let _ = write!(
+                out,
+                " {} {} {} {} {} {} {:.3}ms {}B",
+                r.client.ip(),
+                r.method,
+                host,
+                path,
+                r.status,
+                backend,
+                ms,
+                r.bytes
+            );
+            if let Some(note) = r.note {
+                let _ = write!(out, " {note}");
+            }
+        }
+        LogFormat::Json => {
+            out.push_str("{\"time\":\"");
+            super::time::write_now(out);
+            let _ = write!(out, "\",\"client\":\"{}\",\"method\":", r.client.ip());
+            json_str(out, r.method.as_str());
+            out.push_str(",\"host\":");
+            json_str(out, host);
+            out.push_str(",\"path\":");
+            json_str(out, path);
+            let _ = write!(out, ",\"status\":{},\"backend\":", r.status);
+            json_str(out, backend);
+            let _ = write!(out, ",\"duration_ms\":{ms:.3},\"bytes\":{}", r.bytes);
+            if let Some(note) = r.note {
+                let _ = write!(out, ",\"note\":\"{note}\"");
+            }
+            out.push('}');
+        }
+    }
+    out.push('\n');
+}
+
+/// Append `s` as a JSON string literal.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> AccessRecord {
+        AccessRecord {
+            client: "127.0.0.1:5000".parse().unwrap(),
+            method: Method::GET,
+            host: Some(HeaderValue::from_static("we\"b")),
+            uri: Uri::from_static("/a?q=1"),
+            status: 200,
+            backend: None,
+            start: Instant::now(),
+            bytes: 3,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn text_line() {
+        let mut s = String::new();
+        format_record(&mut s, &record(), 1500, LogFormat::Text);
+        assert!(s.ends_with(" 127.0.0.1 GET we\"b /a?q=1 200 - 1.500ms 3B\n"), "{s}");
+    }
+
+    #[test]
+    fn json_line_escapes() {
+        let mut s = String::new();
+        format_record(&mut s, &record(), 1500, LogFormat::Json);
+        assert!(s.contains(r#""host":"we\"b""#), "{s}");
+        assert!(s.contains(r#""status":200"#), "{s}");
+    }
+}

@@ -1,0 +1,82 @@
+//! The snapshot the data plane reads: routes, services and their pools, built from a config.
+//!
+//! Requests load the current snapshot through `arc-swap` (no lock); reloads and admin changes
+//! publish a new one. Backends are carried over by (service, address), so a reload keeps their
+//! health state, counters and pooled connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::balancer::{self, Balancer};
+use crate::config::{Config, ServiceConfig};
+use crate::observe::AccessLog;
+use crate::proxy::router::Router;
+use crate::upstream::{Backend, Pool};
+
+/// Connect timeout until the timeouts section of the config arrives.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub type Shared = Arc<ArcSwap<Snapshot>>;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub services: Vec<Arc<Service>>,
+    pub access_log: Option<AccessLog>,
+}
+
+/// A service's pool and the balancer built for it, swapped as one.
+#[derive(Debug)]
+pub struct LoadBalancer {
+    pub pool: Pool,
+    pub balancer: Box<dyn Balancer>,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    pub config: ServiceConfig,
+    pub lb: ArcSwap<LoadBalancer>,
+}
+
+impl Service {
+    fn new(config: ServiceConfig, previous: Option<&Service>) -> Service {
+        let old = previous.map(|s| s.lb.load_full());
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| {
+                let kept = old.as_ref().and_then(|lb| lb.pool.backends.iter().find(|x| x.addr == b.addr).cloned());
+                let backend = kept.unwrap_or_else(|| Backend::new(b.address.clone(), b.addr, &b.authority));
+                (backend, b.weight)
+            })
+            .collect();
+        let pool = Pool::new(backends);
+        let balancer = balancer::build(config.algorithm, &pool);
+        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }) }
+    }
+}
+
+impl Snapshot {
+    /// Build a snapshot, carrying backends (and the access log writer, when its target is
+    /// unchanged) over from `previous`.
+    pub fn build(config: Config, previous: Option<&Snapshot>) -> std::io::Result<Snapshot> {
+        let access_log = match previous {
+            Some(p) if p.config.access_log == config.access_log && p.config.log_format == config.log_format => {
+                p.access_log.clone()
+            }
+            _ => AccessLog::start(&config.access_log, config.log_format)?,
+        };
+        let services = config
+            .services
+            .iter()
+            .map(|s| {
+                let old = previous.and_then(|p| p.services.iter().find(|o| o.config.name == s.name));
+                Arc::new(Service::new(s.clone(), old.map(|o| &**o)))
+            })
+            .collect();
+        Ok(Snapshot { router: Router::new(&config.services), services, access_log, config: Arc::new(config) })
+    }
+}

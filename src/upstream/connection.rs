@@ -1,0 +1,197 @@
+//! Keep-alive connections to one backend, and the response body that hands its connection back.
+//!
+//! Hand-written rather than hyper-util's legacy `Client` because that client consumes the request
+//! when the connect fails, so a request could not move on to the next backend without copying
+//! its body first; here a connect happens before the request is given away, and hyper's
+//! `try_send_request` hands back a request that never reached the wire.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::backend::{Backend, InFlight};
+
+/// Body of a request forwarded to a backend: the client's streamed body, or bytes we hold.
+#[derive(Debug)]
+pub enum RequestBody {
+    Streamed(Incoming),
+    Buffered(Full<Bytes>),
+    Empty(Empty<Bytes>),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Buffered(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            RequestBody::Empty(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(b) => b.is_end_stream(),
+            RequestBody::Buffered(b) => b.is_end_stream(),
+            RequestBody::Empty(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(b) => b.size_hint(),
+            RequestBody::Buffered(b) => b.size_hint(),
+            RequestBody::Empty(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Why a connection to a backend could not be made. No request bytes were sent.
+#[derive(Debug)]
+pub enum ConnectError {
+    Refused,
+    Timeout,
+    Io(io::Error),
+    Handshake(hyper::Error),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Refused => f.write_str("connection refused"),
+            ConnectError::Timeout => f.write_str("connect timeout"),
+            ConnectError::Io(e) => write!(f, "connect error: {e}"),
+            ConnectError::Handshake(e) => write!(f, "handshake error: {e}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Idle {
+    pub(super) sender: SendRequest<RequestBody>,
+    pub(super) since: Instant,
+}
+
+/// A connection checked out of a backend's pool, ready for one request.
+pub struct PooledConnection {
+    sender: SendRequest<RequestBody>,
+    /// Whether it came from the idle pool; a reused connection may have been closed by the
+    /// backend meanwhile, so a failure on it before any byte is sent is worth one more try.
+    pub reused: bool,
+}
+
+impl PooledConnection {
+    pub(super) fn reused(sender: SendRequest<RequestBody>) -> Self {
+        PooledConnection { sender, reused: true }
+    }
+
+    /// Send the request. On an error before the request reached the wire, it is handed back.
+    pub async fn send(
+        &mut self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<RequestBody>>)> {
+        self.sender.try_send_request(req).await.map_err(|mut e| {
+            let req = e.take_message();
+            (e.into_error(), req)
+        })
+    }
+}
+
+impl Backend {
+    /// A ready connection: a pooled idle one if there is one, otherwise a new one.
+    pub async fn checkout(self: &Arc<Self>, connect_timeout: Duration) -> Result<PooledConnection, ConnectError> {
+        while let Some(mut conn) = self.take_idle() {
+            // Usually ready at once; a closed one errors and we try the next.
+            if conn.sender.ready().await.is_ok() {
+                return Ok(conn);
+            }
+        }
+        self.connect(connect_timeout).await
+    }
+
+    /// Open a new connection, not taken from the pool.
+    pub async fn connect(self: &Arc<Self>, connect_timeout: Duration) -> Result<PooledConnection, ConnectError> {
+        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
+            Err(_) => return Err(ConnectError::Timeout),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(ConnectError::Refused),
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(ConnectError::Handshake)?;
+        self.note_connection_opened();
+        tokio::spawn(async move {
+            // Errors here are the backend closing or resetting; the request that was on the
+            // connection, if any, sees the error through its response future and reports it.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(PooledConnection { sender, reused: false })
+    }
+}
+
+/// A backend's response body. Keeps the request counted in flight until it ends, then returns
+/// the connection to the pool so the next request reuses it.
+pub struct UpstreamBody {
+    inner: Incoming,
+    conn: Option<PooledConnection>,
+    in_flight: Option<InFlight>,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, conn: PooledConnection, in_flight: InFlight) -> Self {
+        let mut body = UpstreamBody { inner, conn: Some(conn), in_flight: Some(in_flight) };
+        if body.inner.is_end_stream() {
+            body.finish();
+        }
+        body
+    }
+
+    fn finish(&mut self) {
+        if let (Some(conn), Some(in_flight)) = (self.conn.take(), self.in_flight.take()) {
+            in_flight.backend().put_idle(Idle { sender: conn.sender, since: Instant::now() });
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                // The connection is broken: let it close instead of returning it.
+                this.conn = None;
+                this.in_flight = None;
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,13 @@
+//! Backends and their connection pools.
+//!
+//! A [`Backend`] lives as long as some config names it: reloads and admin changes build new
+//! [`Pool`]s but carry the same `Arc<Backend>` over, so health state, counters and pooled
+//! connections survive.
+
+mod backend;
+mod connection;
+mod pool;
+
+pub use backend::{Backend, InFlight};
+pub use connection::{ConnectError, PooledConnection, RequestBody, UpstreamBody};
+pub use pool::Pool;

@@ -1,0 +1,336 @@
+//! Test harness: real backends on 127.0.0.1 ephemeral ports, a real `velocity` process, and a
+//! real HTTP client. Readiness is polled with deadlines, never slept for.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1 as client_http1;
+use hyper::header::HeaderValue;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Poll `cond` until it holds or the deadline passes.
+pub async fn eventually(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+/// A real HTTP backend. Answers `NAME\n` with `X-Backend: NAME`; a path starting with `/slow`
+/// waits for `slow` first; `/status/NNN` answers with that status; `/bytes/N` with N bytes.
+pub struct TestBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub connections: Arc<AtomicU64>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    slow: Duration,
+}
+
+impl TestBackend {
+    pub async fn start(name: &str) -> TestBackend {
+        Self::start_with(name, Duration::from_millis(500), None).await
+    }
+
+    pub async fn start_slow(name: &str, slow: Duration) -> TestBackend {
+        Self::start_with(name, slow, None).await
+    }
+
+    /// Start on `addr` (to bring a killed backend back on its old port) or an ephemeral port.
+    pub async fn start_with(name: &str, slow: Duration, addr: Option<SocketAddr>) -> TestBackend {
+        let listener = bind_retry(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).await;
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU64::new(0));
+        let task =
+            tokio::spawn(serve(listener, name.to_string(), slow, hits.clone(), seen.clone(), connections.clone()));
+        TestBackend { name: name.into(), addr, hits, seen, connections, task: Some(task), slow }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Stop listening and close every open connection: the backend is dead.
+    pub fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Start again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let again = Self::start_with(&self.name, self.slow, Some(self.addr)).await;
+        *self = again;
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn bind_retry(addr: SocketAddr) -> TcpListener {
+    let start = Instant::now();
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if start.elapsed() > DEADLINE => panic!("bind {addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    name: String,
+    slow: Duration,
+    hits: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicU64>,
+) {
+    // Connections live in this set, so aborting the server task closes them all.
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (name, hits, seen) = (name.clone(), hits.clone(), seen.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (name, hits, seen) = (name.clone(), hits.clone(), seen.clone());
+                        async move {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            let path = req.uri().path().to_string();
+                            seen.lock().unwrap().push(Seen { path: path.clone(), headers: req.headers().clone() });
+                            let _ = req.into_body().collect().await;
+                            if path.starts_with("/slow") {
+                                tokio::time::sleep(slow).await;
+                            }
+                            let mut resp = Response::new(Full::new(Bytes::from(format!("{name}\n"))));
+                            if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                                *resp.body_mut() = Full::new(Bytes::from(vec![b'x'; n]));
+                            }
+                            if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+                                *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+                            }
+                            resp.headers_mut().insert("x-backend", HeaderValue::from_str(&name).unwrap());
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// A running `velocity run` process, killed on drop.
+pub struct Velocity {
+    child: Child,
+    pub addrs: Vec<SocketAddr>,
+    pub config_path: PathBuf,
+    pub output: Arc<Mutex<Vec<String>>>,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn temp_path(name: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    std::env::temp_dir().join(format!("velocity-test-{}-{n}-{name}", std::process::id()))
+}
+
+impl Velocity {
+    /// Start with this YAML. The listen address should be `127.0.0.1:0`; the real port is
+    /// read from the log.
+    pub async fn start(yaml: &str) -> Velocity {
+        let path = temp_path("velocity.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        Self::start_file(path, &[]).await
+    }
+
+    pub async fn start_file(config_path: PathBuf, extra_args: &[&str]) -> Velocity {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_velocity"))
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn velocity");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut v = Velocity { child, addrs: vec![], config_path, output };
+        let start = Instant::now();
+        loop {
+            let addrs = v.listening();
+            if !addrs.is_empty() {
+                v.addrs = addrs;
+                return v;
+            }
+            if let Ok(Some(status)) = v.child.try_wait() {
+                panic!("velocity exited with {status}: {:#?}", v.output.lock().unwrap());
+            }
+            assert!(start.elapsed() < DEADLINE, "velocity did not start: {:#?}", v.output.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn listening(&self) -> Vec<SocketAddr> {
+        self.output
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.split("listening on http://").nth(1))
+            .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
+            .map(|mut a| {
+                // A wildcard listener is reached over loopback.
+                if a.ip().is_unspecified() {
+                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                a
+            })
+            .collect()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.output.lock().unwrap().clone()
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.output.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Velocity {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+/// A response as the client saw it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn backend(&self) -> String {
+        self.headers.get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+    }
+}
+
+/// An HTTP/1.1 client on one keep-alive connection.
+pub struct Client {
+    sender: client_http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.expect("connect to velocity");
+        let (sender, conn) = client_http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        Client { sender }
+    }
+
+    pub async fn request(&mut self, method: &str, host: &str, path: &str, body: &str) -> Resp {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        self.send(req).await
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Resp {
+        self.sender.ready().await.expect("connection ready");
+        let resp = self.sender.send_request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Resp {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str) -> Resp {
+        self.request("GET", host, path, "").await
+    }
+}
+
+/// One GET on a fresh connection.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Resp {
+    Client::connect(addr).await.get(host, path).await
+}
+
+/// Count responses by their `X-Backend`.
+pub fn tally(resps: &[Resp]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in resps {
+        *m.entry(r.backend()).or_insert(0) += 1;
+    }
+    m
+}
