@@ -40,5 +40,8 @@ mod tests {
         assert!(parse_duration("5d").unwrap_err().contains("unit"));
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("1.2.3s").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999999h").unwrap_err().contains("out of range"));
     }
 }

@@ -113,31 +113,32 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
     validate::parse(path, text)
 }
 
-/// One line per service, for `velocity check`.
+/// One line per service, for `velocity check`, such as
+/// `service web: hosts web.local,*.web.local path /api, least_connections over 2 backends (127.0.0.1:9001 w3, 127.0.0.1:9002 w1)`.
 pub fn summary_lines(cfg: &Config) -> Vec<String> {
     cfg.services
         .iter()
         .map(|s| {
             let hosts = if s.hosts.is_empty() {
-                "*".to_string()
+                "*".to_owned()
             } else {
                 s.hosts.iter().map(HostPattern::to_string).collect::<Vec<_>>().join(",")
             };
             let backends: Vec<String> = s.backends.iter().map(|b| format!("{} w{}", b.address, b.weight)).collect();
+            let noun = if backends.len() == 1 { "backend" } else { "backends" };
             format!(
-                "service {}: hosts {} path {}, {} over {} backend{} ({})",
+                "service {}: hosts {hosts} path {}, {} over {} {noun} ({})",
                 s.name,
-                hosts,
                 s.path_prefix,
                 s.algorithm.name(),
-                s.backends.len(),
-                if s.backends.len() == 1 { "" } else { "s" },
+                backends.len(),
                 backends.join(", ")
             )
         })
         .collect()
 }
 
+/// As written in the file: `web.local` or `*.web.local`.
 impl fmt::Display for HostPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -147,40 +148,8 @@ impl fmt::Display for HostPattern {
     }
 }
 
-/// The config in the new YAML format (what `velocity check` prints for a legacy file).
+/// The config as new-format YAML; `parse` of the result gives an equal `Config` (with
+/// `legacy_equivalent` unset).
 pub fn to_yaml(cfg: &Config) -> String {
-    use std::fmt::Write;
-    let mut y = String::new();
-    let listen: Vec<String> = cfg.listen.iter().map(|a| format!("\"{a}\"")).collect();
-    let _ = writeln!(y, "listen: [{}]", listen.join(", "));
-    match &cfg.access_log {
-        AccessLog::Stdout => {}
-        AccessLog::Off => y.push_str("access_log: off\n"),
-        AccessLog::File(p) => {
-            let _ = writeln!(y, "access_log: {:?}", p.display().to_string());
-        }
-    }
-    if cfg.log_format == LogFormat::Json {
-        y.push_str("log_format: json\n");
-    }
-    y.push_str("services:\n");
-    for s in &cfg.services {
-        let _ = writeln!(y, "  - name: {:?}", s.name);
-        if !s.hosts.is_empty() {
-            let hosts: Vec<String> = s.hosts.iter().map(|h| format!("{:?}", h.to_string())).collect();
-            let _ = writeln!(y, "    hosts: [{}]", hosts.join(", "));
-        }
-        if s.path_prefix != "/" {
-            let _ = writeln!(y, "    path_prefix: {:?}", s.path_prefix);
-        }
-        let _ = writeln!(y, "    algorithm: {}", s.algorithm.name());
-        y.push_str("    backends:\n");
-        for b in &s.backends {
-            let _ = writeln!(y, "      - address: {:?}", b.address);
-            if b.weight != 1 {
-                let _ = writeln!(y, "        weight: {}", b.weight);
-            }
-        }
-    }
-    y
+    legacy::to_yaml(cfg)
 }

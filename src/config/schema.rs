@@ -1,56 +1,205 @@
 //! The YAML as written. Values whose meaning is checked later are `Spanned`, so that every
-//! problem can be reported at its line and column, and all of them at once.
+//! problem can be reported at its line and column, and all of them at once. Fields are
+//! `Option` where a missing value is a semantic error, so it does not abort the whole parse.
 
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 pub type S<T> = Spanned<T>;
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// A scalar or a list of scalars (`hosts: web.local` or `hosts: [a, b]`).
+///
+/// Hand-written rather than `#[serde(untagged)]`: untagged buffers its input, which loses the
+/// spans of the list items.
+#[derive(Debug)]
 pub enum OneOrMany {
     One(String),
-    Many(Vec<String>),
+    Many(Vec<S<String>>),
 }
 
 impl OneOrMany {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
+    /// The items with their locations; a single scalar takes the location of the whole value.
+    pub fn into_items(outer: S<OneOrMany>) -> Vec<S<String>> {
+        match outer.value {
+            OneOrMany::One(s) => vec![Spanned { value: s, referenced: outer.referenced, defined: outer.defined }],
             OneOrMany::Many(v) => v,
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_owned()))
+            }
+            // `listen: 8000` is a number to YAML; keep its text so validation can say what is wrong.
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_string()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::Many(Vec::new()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<S<String>>()? {
+                    items.push(item);
+                }
+                Ok(OneOrMany::Many(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A scalar of any type, so that `weight: abc` or `listen_port: "8080"` become semantic errors
+/// (collected with the others) rather than a type error that stops the parse.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    Int(i64),
+    /// A string, as written (quoted or not).
+    Text(String),
+    /// Anything else (float, bool, null, huge integer), as text for messages.
+    Other(String),
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scalar::Int(n) => write!(f, "{n}"),
+            Scalar::Text(s) => write!(f, "{s:?}"),
+            Scalar::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(i64::try_from(v).map_or_else(|_| Scalar::Other(v.to_string()), Scalar::Int))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Other(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Other(v.to_string()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Other("null".into()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Text(v.to_owned()))
+            }
+            // A list or mapping is consumed and reported by validation, at the value's location
+            // (a type error from here would point at the key).
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other("a list".into()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other("a mapping".into()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub listen: Option<S<OneOrMany>>,
     pub access_log: Option<S<String>>,
     pub log_format: Option<S<String>>,
-    pub services: Option<S<Vec<RawService>>>,
+    pub services: Option<S<Vec<S<RawService>>>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
-    pub name: S<String>,
+    pub name: Option<S<String>>,
     pub hosts: Option<S<OneOrMany>>,
     pub path_prefix: Option<S<String>>,
     pub algorithm: Option<S<String>>,
-    pub backends: S<Vec<RawBackend>>,
+    pub backends: Option<S<Vec<S<RawBackend>>>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
-    pub address: S<String>,
-    pub weight: Option<S<i64>>,
+    pub address: Option<S<String>>,
+    pub weight: Option<S<Scalar>>,
 }
 
-/// Just enough to tell the legacy Go format from ours.
+/// Whether a key is present at all, even with a null value (which `Option` would hide).
+#[derive(Debug, Default)]
+pub struct Present(pub bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        IgnoredAny::deserialize(d).map(|_| Present(true))
+    }
+}
+
+/// Just enough to tell the legacy Go format from ours; every other key is ignored.
 #[derive(Debug, Deserialize)]
 pub struct Probe {
-    pub listen_port: Option<serde::de::IgnoredAny>,
-    pub api_port: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub listen_port: Present,
+    #[serde(default)]
+    pub api_port: Present,
+}
+
+impl Probe {
+    pub fn is_legacy(&self) -> bool {
+        self.listen_port.0 || self.api_port.0
+    }
+}
+
+/// The original Go Velocity config. Unknown keys are ignored on purpose: we do not know every
+/// key the Go version accepted, and such files must keep loading.
+#[derive(Debug, Deserialize)]
+pub struct LegacyConfig {
+    pub listen_port: Option<S<Scalar>>,
+    pub api_port: Option<S<Scalar>>,
+    pub services: Option<S<Vec<S<LegacyService>>>>,
+    /// A new-format key in a legacy file is a mix-up worth reporting rather than ignoring.
+    pub listen: Option<S<IgnoredAny>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LegacyService {
+    pub name: Option<S<String>>,
+    pub domain: Option<S<String>>,
+    #[serde(rename = "targetURLs")]
+    pub target_urls: Option<S<Vec<S<String>>>>,
+    /// Spelled this way in the Go version; the correct spelling is accepted too.
+    #[serde(alias = "algorithm")]
+    pub algorythm: Option<S<String>>,
 }

@@ -1,424 +1,749 @@
-//! Raw YAML → validated [`Config`], collecting every problem with its position.
+//! Raw schema → validated model. Every semantic problem is collected (not just the first), each
+//! at the line and column of the value (or key) it is about.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 
-use serde_saphyr::{Location, SnippetMode};
+use serde_saphyr::{Location, MessageFormatter, Spanned};
 
-use super::schema::{Probe, RawBackend, RawConfig, RawService};
-use super::{AccessLog, Algorithm, BackendConfig, Config, ConfigError, HostPattern, LogFormat, ServiceConfig};
+use super::schema::{OneOrMany, Probe, RawBackend, RawConfig, RawService, Scalar, S};
+use super::{legacy, AccessLog, Algorithm, BackendConfig, Config, ConfigError, HostPattern, LogFormat, ServiceConfig};
 
-const MAX_WEIGHT: i64 = 10_000;
+pub const MAX_WEIGHT: i64 = 10_000;
 
 pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
-    let probe: Option<Probe> = serde_saphyr::from_str(text).ok();
-    if probe.is_some_and(|p| p.listen_port.is_some() || p.api_port.is_some()) {
-        return super::legacy::parse(path, text);
+    // The probe tolerates duplicate keys so that the right parse reports them; any other
+    // failure (bad YAML, not a mapping) falls through to the full parse, which reports it.
+    let probe_options = serde_saphyr::options! { duplicate_keys: serde_saphyr::DuplicateKeyPolicy::FirstWins };
+    if serde_saphyr::from_str_with_options::<Probe>(text, probe_options).is_ok_and(|p| p.is_legacy()) {
+        return legacy::parse(path, text);
     }
-    let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| vec![yaml_error(path, &e)])?;
-    validate(path, raw)
+    let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| vec![syntax_error(path, &e)])?;
+    let mut ctx = Ctx::new(path);
+    let cfg = convert(&mut ctx, raw);
+    ctx.finish(cfg)
 }
 
-/// A serde-saphyr error as one `FILE:LINE:COLUMN: message` problem.
-pub(super) fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
-    let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-    let opts = serde_saphyr::render_options! { snippets: SnippetMode::Off };
-    let mut message = e.render_with_options(opts);
-    // The position is already in front; drop the library's " at line L, column C".
-    if let Some(i) = message.rfind(" at line ") {
-        message.truncate(i);
-    }
-    ConfigError { file: path.to_owned(), line, column, message }
+fn convert(ctx: &mut Ctx, raw: RawConfig) -> Config {
+    let listen = match raw.listen {
+        Some(l) => listen(ctx, l),
+        None => {
+            ctx.error_at(1, 1, "missing `listen`: the address to listen on, such as 127.0.0.1:8000");
+            Vec::new()
+        }
+    };
+    let access_log = raw.access_log.map_or(AccessLog::Stdout, |v| access_log(ctx, &v));
+    let log_format = raw.log_format.map_or(LogFormat::Text, |v| log_format(ctx, &v));
+    let services = services(ctx, raw.services);
+    Config { listen, access_log, log_format, services, legacy_equivalent: None }
 }
 
-/// Where problems are gathered while validating.
-pub(super) struct Problems<'a> {
+/// Collects problems for one file.
+pub struct Ctx<'a> {
     file: &'a Path,
-    list: Vec<ConfigError>,
+    errors: Vec<ConfigError>,
+    /// Lower-cased host → first resolved address (port 0), so a host used by many backends is
+    /// looked up once.
+    resolved: HashMap<String, Result<IpAddr, String>>,
 }
 
-impl<'a> Problems<'a> {
-    pub(super) fn new(file: &'a Path) -> Self {
-        Problems { file, list: Vec::new() }
+impl<'a> Ctx<'a> {
+    pub fn new(file: &'a Path) -> Ctx<'a> {
+        Ctx { file, errors: Vec::new(), resolved: HashMap::new() }
     }
 
-    pub(super) fn at(&mut self, loc: &Location, message: impl Into<String>) {
-        let (line, column) = if *loc == Location::UNKNOWN { (1, 1) } else { (loc.line(), loc.column()) };
-        self.list.push(ConfigError { file: self.file.to_owned(), line, column, message: message.into() });
+    pub fn error(&mut self, at: &Location, message: impl Into<String>) {
+        self.error_at(at.line(), at.column(), message);
     }
 
-    pub(super) fn into_list(self) -> Vec<ConfigError> {
-        self.list
+    pub fn error_at(&mut self, line: u64, column: u64, message: impl Into<String>) {
+        self.errors.push(ConfigError { file: self.file.to_owned(), line, column, message: message.into() });
     }
-}
 
-pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
-    let mut p = Problems::new(path);
-    let top = Location::UNKNOWN;
+    pub fn finish<T>(mut self, value: T) -> Result<T, Vec<ConfigError>> {
+        if self.errors.is_empty() {
+            return Ok(value);
+        }
+        // Stable: problems on one line stay in the order they were found.
+        self.errors.sort_by_key(|e| (e.line, e.column));
+        Err(self.errors)
+    }
 
-    let mut listen = Vec::new();
-    match raw.listen {
-        None => p.at(&top, "missing `listen`: the address to accept clients on, such as 127.0.0.1:8000"),
-        Some(l) => {
-            for addr in l.value.into_vec() {
-                match parse_listen(&addr) {
-                    Ok(a) => listen.push(a),
-                    Err(e) => p.at(&l.referenced, e),
+    fn resolve(&mut self, host: &str, port: u16) -> Result<SocketAddr, String> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        let ip = self
+            .resolved
+            .entry(host.to_ascii_lowercase())
+            .or_insert_with(|| match (host, 0).to_socket_addrs() {
+                Ok(addrs) => {
+                    let addrs: Vec<SocketAddr> = addrs.collect();
+                    // Prefer IPv4: `localhost` often resolves to ::1 first, and backends
+                    // commonly listen on 127.0.0.1 only.
+                    addrs
+                        .iter()
+                        .find(|a| a.is_ipv4())
+                        .or(addrs.first())
+                        .map(SocketAddr::ip)
+                        .ok_or_else(|| format!("host {host:?} does not resolve to any address"))
                 }
-            }
-        }
-    }
-
-    let access_log = match raw.access_log {
-        None => AccessLog::Stdout,
-        Some(v) => match v.value.as_str() {
-            "stdout" => AccessLog::Stdout,
-            "off" => AccessLog::Off,
-            path if path.contains('/') => AccessLog::File(path.into()),
-            other => {
-                p.at(
-                    &v.referenced,
-                    format!("access_log must be stdout, off or a file path containing '/', not {other:?}"),
-                );
-                AccessLog::Off
-            }
-        },
-    };
-    let log_format = match raw.log_format {
-        None => LogFormat::Text,
-        Some(v) => match v.value.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                p.at(&v.referenced, format!("log_format must be text or json, not {other:?}"));
-                LogFormat::Text
-            }
-        },
-    };
-
-    let mut services = Vec::new();
-    match raw.services {
-        None => p.at(&top, "missing `services`: at least one service with backends"),
-        Some(s) if s.value.is_empty() => p.at(&s.referenced, "`services` is empty: at least one service is needed"),
-        Some(s) => {
-            let mut names: HashMap<String, ()> = HashMap::new();
-            let mut routes: HashMap<(Option<HostPattern>, String), String> = HashMap::new();
-            for svc in s.value {
-                let name_loc = svc.name.referenced;
-                let name = svc.name.value.clone();
-                if names.insert(name.clone(), ()).is_some() {
-                    p.at(&name_loc, format!("duplicate service name {name:?}"));
-                }
-                let Some(service) = service(&mut p, svc) else { continue };
-                let patterns: Vec<Option<HostPattern>> = if service.hosts.is_empty() {
-                    vec![None]
-                } else {
-                    service.hosts.iter().cloned().map(Some).collect()
-                };
-                for pattern in patterns {
-                    let key = (pattern, service.path_prefix.clone());
-                    if let Some(other) = routes.get(&key) {
-                        p.at(
-                            &name_loc,
-                            format!("service {name:?} has the same host and path_prefix as service {other:?}"),
-                        );
-                        break;
-                    }
-                    routes.insert(key, name.clone());
-                }
-                services.push(service);
-            }
-        }
-    }
-
-    if p.list.is_empty() {
-        Ok(Config { listen, access_log, log_format, services, legacy_equivalent: None })
-    } else {
-        p.list.sort_by_key(|e| (e.line, e.column));
-        Err(p.list)
+                Err(e) => Err(format!("cannot resolve host {host:?}: {e}")),
+            })
+            .clone()?;
+        Ok(SocketAddr::new(ip, port))
     }
 }
 
-/// One service; `None` when it has problems (they are in `p`).
-fn service(p: &mut Problems, raw: RawService) -> Option<ServiceConfig> {
-    let before = p.list.len();
-    let name = raw.name.value;
-    if name.trim().is_empty() {
-        p.at(&raw.name.referenced, "service name is empty");
+/// A serde-saphyr error as one of ours: the bare message (its Display adds a snippet and a
+/// location suffix) at the error's location.
+pub fn syntax_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+    let mut inner = e;
+    while let serde_saphyr::Error::WithSnippet { error, .. } | serde_saphyr::Error::AliasError { error, .. } = inner {
+        inner = error;
     }
-    let mut hosts = Vec::new();
-    if let Some(h) = raw.hosts {
-        for host in h.value.into_vec() {
-            match host_pattern(&host) {
-                Ok(Some(pattern)) => hosts.push(pattern),
-                Ok(None) => {}
-                Err(e) => p.at(&h.referenced, e),
-            }
-        }
-    }
-    let path_prefix = match raw.path_prefix {
-        None => "/".to_string(),
-        Some(v) if v.value.starts_with('/') => v.value,
-        Some(v) => {
-            p.at(&v.referenced, format!("path_prefix must start with '/', got {:?}", v.value));
-            String::new()
-        }
-    };
-    let algorithm = match raw.algorithm {
-        None => Algorithm::RoundRobin,
-        Some(v) => match parse_algorithm(&v.value) {
-            Some(a) => a,
-            None => {
-                p.at(
-                    &v.referenced,
-                    format!(
-                        "unknown algorithm {:?}: expected round_robin, weighted_round_robin or least_connections",
-                        v.value
-                    ),
-                );
-                Algorithm::RoundRobin
-            }
-        },
-    };
-    if raw.backends.value.is_empty() {
-        p.at(&raw.backends.referenced, format!("service {name:?} has no backends"));
-    }
-    let backends: Vec<BackendConfig> = raw.backends.value.into_iter().filter_map(|b| backend(p, b)).collect();
-    (p.list.len() == before).then_some(ServiceConfig { name, hosts, path_prefix, algorithm, backends })
+    let raw = serde_saphyr::DefaultMessageFormatter.format_message(inner);
+    // Messages can quote the input; keep the report on one line.
+    let raw: String = raw.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    ConfigError { file: file.to_owned(), line, column, message: tidy_message(&raw) }
 }
 
-fn backend(p: &mut Problems, raw: RawBackend) -> Option<BackendConfig> {
-    let weight = match raw.weight {
-        None => 1,
-        Some(w) if (1..=MAX_WEIGHT).contains(&w.value) => w.value as u32,
-        Some(w) => {
-            p.at(&w.referenced, format!("weight must be between 1 and {MAX_WEIGHT}, got {}", w.value));
-            return None;
-        }
-    };
-    match parse_backend_address(&raw.address.value) {
-        Ok((authority, addr)) => Some(BackendConfig { address: raw.address.value, addr, authority, weight }),
-        Err(e) => {
-            p.at(&raw.address.referenced, e);
-            None
-        }
+/// Reword serde's messages in the terms of a YAML file.
+fn tidy_message(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
+        let key = rest.split(", set DuplicateKeyPolicy").next().unwrap_or(rest);
+        return format!("duplicate key `{key}`");
     }
-}
-
-pub(super) fn parse_algorithm(name: &str) -> Option<Algorithm> {
-    match name {
-        "round_robin" => Some(Algorithm::RoundRobin),
-        "weighted_round_robin" => Some(Algorithm::WeightedRoundRobin),
-        "least_connections" => Some(Algorithm::LeastConnections),
-        _ => None,
-    }
-}
-
-/// `web.local`, `WEB.local:8080`, `*.web.local`, or `*` (the default service: `None`).
-pub(super) fn host_pattern(host: &str) -> Result<Option<HostPattern>, String> {
-    let h = host.trim().to_ascii_lowercase();
-    if h == "*" {
-        return Ok(None);
-    }
-    let h = match h.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
-        _ => h,
-    };
-    let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
-    if let Some(suffix) = h.strip_prefix('*') {
-        if suffix.starts_with('.') && valid(&suffix[1..]) {
-            return Ok(Some(HostPattern::Wildcard(suffix.to_string())));
-        }
-        return Err(format!("invalid wildcard host {host:?}: write it as *.example.com"));
-    }
-    if valid(&h) {
-        Ok(Some(HostPattern::Exact(h)))
-    } else {
-        Err(format!("invalid host {host:?}"))
-    }
-}
-
-/// `127.0.0.1:9001`, `localhost:9001`, `http://localhost:9001` → (`host:port`, resolved address).
-pub(super) fn parse_backend_address(address: &str) -> Result<(String, SocketAddr), String> {
-    let a = address.trim();
-    let (rest, default_port) = if let Some(rest) = a.strip_prefix("http://") {
-        (rest, Some(80))
-    } else if a.starts_with("https://") {
-        return Err(format!("backend {address:?}: https backends are not supported yet"));
-    } else if a.contains("://") {
-        return Err(format!("backend {address:?}: only http:// URLs are supported"));
-    } else {
-        (a, None)
-    };
-    let authority = match rest.split_once('/') {
-        Some((auth, "")) => auth,
-        Some(_) => return Err(format!("backend {address:?}: a path is not allowed in a backend address")),
-        None => rest,
-    };
-    let (host, port) = split_host_port(authority, default_port)
-        .ok_or_else(|| format!("invalid backend address {address:?}: expected host:port or http://host[:port]"))?;
-    let addr = resolve(host, port).map_err(|e| format!("backend {address:?}: {e}"))?;
-    let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:{port}") };
-    Ok((authority, addr))
-}
-
-/// `127.0.0.1:8000`, `localhost:8000`, `:8000` or `8000` (all interfaces).
-pub(super) fn parse_listen(text: &str) -> Result<SocketAddr, String> {
-    let t = text.trim();
-    let bare = t.strip_prefix(':').unwrap_or(t);
-    if let Ok(port) = bare.parse::<u16>() {
-        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
-    }
-    let (host, port) =
-        split_host_port(t, None).ok_or_else(|| format!("invalid listen address {text:?}: expected host:port"))?;
-    resolve(host, port).map_err(|e| format!("listen address {text:?}: {e}"))
-}
-
-fn split_host_port(authority: &str, default_port: Option<u16>) -> Option<(&str, u16)> {
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        return match after.strip_prefix(':') {
-            Some(port) => Some((host, port.parse().ok()?)),
-            None if after.is_empty() => Some((host, default_port?)),
-            None => None,
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        return match rest.split_once(", expected one of ") {
+            Some((key, allowed)) => format!("unknown key {key}; allowed keys: {allowed}"),
+            None => format!("unknown key {rest}"),
         };
     }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && !host.contains(':') => Some((host, port.parse().ok()?)),
-        Some(_) => None,
-        None if !authority.is_empty() => Some((authority, default_port?)),
-        None => None,
+    if let Some(rest) = msg.strip_prefix("missing field ") {
+        return format!("missing key {rest}");
+    }
+    match msg {
+        "expected sequence start" => "expected a list".to_owned(),
+        "expected mapping start" => "expected a mapping of keys to values".to_owned(),
+        "expected string scalar" => "expected a string".to_owned(),
+        _ => msg.to_owned(),
     }
 }
 
-/// Resolve once, at load; prefer IPv4 (what `localhost` usually means to a backend).
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
-    let addrs: Vec<SocketAddr> =
-        (host, port).to_socket_addrs().map_err(|e| format!("cannot resolve {host:?}: {e}"))?.collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| format!("{host:?} resolves to no address"))
+fn listen(ctx: &mut Ctx, value: S<OneOrMany>) -> Vec<SocketAddr> {
+    let whole = value.referenced;
+    let items = OneOrMany::into_items(value);
+    if items.is_empty() {
+        ctx.error(&whole, "`listen` has no addresses");
+    }
+    let mut seen: HashMap<SocketAddr, u64> = HashMap::new();
+    let mut out = Vec::new();
+    for item in items {
+        let text = item.value.trim();
+        // `8000` and `:8000` mean all interfaces, like the Go version's listen_port.
+        let port_only = text.strip_prefix(':').unwrap_or(text);
+        let parsed = if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
+            port_only
+                .parse::<u16>()
+                .map(|port| SocketAddr::from(([0, 0, 0, 0], port)))
+                .map_err(|_| format!("port {port_only} is out of range (0-65535)"))
+        } else {
+            split_authority(text).and_then(|(host, port)| {
+                check_host(host)?;
+                let port =
+                    port.ok_or_else(|| format!("listen address {text:?} needs a port, such as 127.0.0.1:8000"))?;
+                ctx.resolve(host, port)
+            })
+        };
+        match parsed {
+            Ok(addr) => {
+                if let Some(first) = seen.get(&addr) {
+                    ctx.error(&item.referenced, format!("listen address {addr} is already listed on line {first}"));
+                } else {
+                    seen.insert(addr, item.referenced.line());
+                    out.push(addr);
+                }
+            }
+            Err(msg) => ctx.error(&item.referenced, msg),
+        }
+    }
+    out
+}
+
+fn access_log(ctx: &mut Ctx, v: &S<String>) -> AccessLog {
+    let text = v.value.trim();
+    if text.eq_ignore_ascii_case("stdout") {
+        AccessLog::Stdout
+    } else if text.eq_ignore_ascii_case("off") {
+        AccessLog::Off
+    } else if text.contains('/') {
+        // Only values with a `/` are paths, so a typo such as `stdot` or `none` is reported
+        // instead of silently creating a file by that name.
+        AccessLog::File(PathBuf::from(text))
+    } else {
+        ctx.error(
+            &v.referenced,
+            format!("unknown access_log {text:?}: use stdout, off, or a file path containing \"/\", such as ./{text}"),
+        );
+        AccessLog::Stdout
+    }
+}
+
+fn log_format(ctx: &mut Ctx, v: &S<String>) -> LogFormat {
+    match v.value.trim() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            ctx.error(&v.referenced, format!("unknown log_format {other:?}: use text or json"));
+            LogFormat::Text
+        }
+    }
+}
+
+/// Shared with the legacy format, which maps its services onto `RawService` first.
+pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<ServiceConfig> {
+    let Some(list) = raw else {
+        ctx.error_at(1, 1, "missing `services`: at least one service is needed");
+        return Vec::new();
+    };
+    if list.value.is_empty() {
+        ctx.error(&list.referenced, "`services` is empty: at least one service is needed");
+    }
+    // Name → line of its first definition.
+    let mut names: HashMap<String, u64> = HashMap::new();
+    // (host or None for the default, path prefix) → (service name, line).
+    let mut routes: HashMap<(Option<HostPattern>, String), (String, u64)> = HashMap::new();
+    let mut out = Vec::new();
+    for (index, item) in list.value.into_iter().enumerate() {
+        let at = item.referenced;
+        let raw = item.value;
+        let name = match &raw.name {
+            Some(n) if n.value.trim().is_empty() => {
+                ctx.error(&n.referenced, "service name is empty");
+                format!("#{}", index + 1)
+            }
+            Some(n) => {
+                let name = n.value.trim().to_owned();
+                match names.get(&name) {
+                    Some(first) => ctx.error(
+                        &n.referenced,
+                        format!("duplicate service name {name:?} (first defined on line {first})"),
+                    ),
+                    None => {
+                        names.insert(name.clone(), n.referenced.line());
+                    }
+                }
+                name
+            }
+            None => {
+                ctx.error(&at, "service has no `name`");
+                format!("#{}", index + 1)
+            }
+        };
+        let name_at = raw.name.as_ref().map_or(at, |n| n.referenced);
+
+        let (hosts, hosts_valid) = raw.hosts.map_or((Vec::new(), true), |h| hosts(ctx, h));
+        let path_prefix = match &raw.path_prefix {
+            Some(p) => path_prefix(ctx, p),
+            None => "/".to_owned(),
+        };
+        let algorithm = raw.algorithm.as_ref().map_or(Algorithm::RoundRobin, |a| algorithm(ctx, a));
+        let backends = backends(ctx, &name, raw.backends, name_at);
+
+        // Route conflicts point at the second service's host entry, else its path_prefix,
+        // else its name: whichever makes the route the same.
+        // Hosts that were all invalid must not count as the default route.
+        let keys: Vec<(Option<HostPattern>, Location)> = if !hosts_valid && hosts.is_empty() {
+            Vec::new()
+        } else if hosts.is_empty() {
+            vec![(None, raw.path_prefix.as_ref().map_or(name_at, |p| p.referenced))]
+        } else {
+            hosts.iter().map(|(h, loc)| (Some(h.clone()), *loc)).collect()
+        };
+        for (host, loc) in keys {
+            let key = (host, path_prefix.clone());
+            match routes.get(&key) {
+                Some((other, line)) => {
+                    let host = key.0.as_ref().map_or_else(|| "*".to_owned(), HostPattern::to_string);
+                    ctx.error(
+                        &loc,
+                        format!(
+                            "service {name:?} has the same route as service {other:?} (line {line}): host {host}, path {}",
+                            key.1
+                        ),
+                    );
+                }
+                None => {
+                    routes.insert(key, (name.clone(), loc.line()));
+                }
+            }
+        }
+
+        out.push(ServiceConfig {
+            name,
+            hosts: hosts.into_iter().map(|(h, _)| h).collect(),
+            path_prefix,
+            algorithm,
+            backends,
+        });
+    }
+    out
+}
+
+/// The host patterns with their locations (empty means the default service), and whether all
+/// of them were valid.
+fn hosts(ctx: &mut Ctx, value: S<OneOrMany>) -> (Vec<(HostPattern, Location)>, bool) {
+    let items = OneOrMany::into_items(value);
+    let mut out: Vec<(HostPattern, Location)> = Vec::new();
+    let mut star: Option<Location> = None;
+    let mut valid = true;
+    for item in &items {
+        match host_pattern(&item.value) {
+            Ok(Some(h)) => {
+                // A repeated host in one service is harmless; keep it once.
+                if !out.iter().any(|(seen, _)| *seen == h) {
+                    out.push((h, item.referenced));
+                }
+            }
+            Ok(None) => star = Some(item.referenced),
+            Err(msg) => {
+                valid = false;
+                ctx.error(&item.referenced, msg);
+            }
+        }
+    }
+    if let (Some(at), false) = (star, out.is_empty()) {
+        // The model cannot say "default and also these hosts", and it would mean the same as `*`.
+        ctx.error(&at, "`*` (the default service) cannot be listed together with other hosts");
+    }
+    (out, valid)
+}
+
+/// `None` for `*` (the default service).
+fn host_pattern(text: &str) -> Result<Option<HostPattern>, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    if lower == "*" {
+        return Ok(None);
+    }
+    // A Host header carries a port; routing ignores it, so drop it here.
+    let (host, _port) = split_authority(&lower)?;
+    if let Some(suffix) = host.strip_prefix("*.") {
+        check_host(suffix)?;
+        return Ok(Some(HostPattern::Wildcard(format!(".{suffix}"))));
+    }
+    if host.contains('*') {
+        return Err(format!("invalid host {text:?}: a wildcard must be the whole first label, as in *.example.com"));
+    }
+    check_host(host)?;
+    Ok(Some(HostPattern::Exact(host.to_owned())))
+}
+
+fn path_prefix(ctx: &mut Ctx, p: &S<String>) -> String {
+    let text = p.value.trim();
+    if !text.starts_with('/') {
+        ctx.error(&p.referenced, format!("path_prefix {text:?} must start with \"/\""));
+    } else if text.contains(|c: char| c.is_whitespace() || c == '?' || c == '#') {
+        ctx.error(&p.referenced, format!("path_prefix {text:?} must be a plain path (no spaces, `?` or `#`)"));
+    }
+    text.to_owned()
+}
+
+fn algorithm(ctx: &mut Ctx, a: &S<String>) -> Algorithm {
+    const ALL: [Algorithm; 3] = [Algorithm::RoundRobin, Algorithm::WeightedRoundRobin, Algorithm::LeastConnections];
+    let text = a.value.trim();
+    match ALL.into_iter().find(|alg| alg.name() == text) {
+        Some(alg) => alg,
+        None => {
+            ctx.error(
+                &a.referenced,
+                format!("unknown algorithm {text:?}: use round_robin, weighted_round_robin or least_connections"),
+            );
+            Algorithm::RoundRobin
+        }
+    }
+}
+
+fn backends(ctx: &mut Ctx, service: &str, raw: Option<S<Vec<S<RawBackend>>>>, name_at: Location) -> Vec<BackendConfig> {
+    let list = match raw {
+        Some(list) if !list.value.is_empty() => list,
+        Some(list) => {
+            ctx.error(&list.referenced, format!("service {service:?} has no backends"));
+            return Vec::new();
+        }
+        None => {
+            ctx.error(&name_at, format!("service {service:?} has no backends"));
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for item in list.value {
+        let b = item.value;
+        let weight = match &b.weight {
+            None => Some(1),
+            Some(w) => match w.value {
+                Scalar::Int(n @ 1..=MAX_WEIGHT) => u32::try_from(n).ok(),
+                _ => {
+                    ctx.error(
+                        &w.referenced,
+                        format!("weight must be a whole number from 1 to {MAX_WEIGHT}, got {}", w.value),
+                    );
+                    None
+                }
+            },
+        };
+        let Some(address) = &b.address else {
+            ctx.error(&item.referenced, "backend has no `address`");
+            continue;
+        };
+        let target = parse_backend_address(&address.value).and_then(|(host, port)| ctx.resolve(host, port));
+        match (target, weight) {
+            (Ok(addr), Some(weight)) => out.push(BackendConfig {
+                address: address.value.trim().to_owned(),
+                addr,
+                authority: authority_of(&address.value).to_owned(),
+                weight,
+            }),
+            (Err(msg), _) => ctx.error(&address.referenced, msg),
+            (Ok(_), None) => {}
+        }
+    }
+    out
+}
+
+/// `host:port` of a backend address as written: without the scheme and the trailing `/`.
+fn authority_of(address: &str) -> &str {
+    let text = address.trim();
+    let rest = text.split_once("://").map_or(text, |(_, rest)| rest);
+    rest.split(['/', '?', '#']).next().unwrap_or(rest)
+}
+
+/// Host and port of `host:port` or `http://host[:port][/]` (port 80 by default for a URL).
+fn parse_backend_address(address: &str) -> Result<(&str, u16), String> {
+    let text = address.trim();
+    let default_port = match text.split_once("://") {
+        Some((scheme, rest)) => {
+            if !scheme.eq_ignore_ascii_case("http") {
+                return Err(format!(
+                    "backend address {text:?}: unsupported scheme {scheme}://, only http:// is supported"
+                ));
+            }
+            let path = &rest[authority_of(text).len()..];
+            if !path.is_empty() && path != "/" {
+                return Err(format!(
+                    "backend address {text:?} has a path; only a host and port are allowed (requests keep their own path)"
+                ));
+            }
+            Some(80)
+        }
+        None => None,
+    };
+    let (host, port) = split_authority(authority_of(text)).map_err(|e| format!("backend address {text:?}: {e}"))?;
+    check_host(host).map_err(|e| format!("backend address {text:?}: {e}"))?;
+    match port.or(default_port) {
+        Some(0) => Err(format!("backend address {text:?}: port 0 is not a usable port")),
+        Some(port) => Ok((host, port)),
+        None => Err(format!("backend address {text:?} needs a port, such as 127.0.0.1:9001")),
+    }
+}
+
+/// Split `host:port`, `[v6]:port`, `host` or a bare IPv6 address; brackets are removed.
+fn split_authority(text: &str) -> Result<(&str, Option<u16>), String> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(|| format!("{text:?}: missing `]`"))?;
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(format!("{text:?}: unexpected {after:?} after `]`")),
+            },
+        }
+    } else if text.matches(':').count() > 1 {
+        (text, None)
+    } else {
+        match text.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().map_err(|_| format!("port {p} is out of range (0-65535)"))?)
+        }
+        Some(p) => return Err(format!("invalid port {p:?}")),
+    };
+    if host.is_empty() {
+        return Err(format!("{text:?} has no host"));
+    }
+    Ok((host, port))
+}
+
+/// A host name or IP address (IPv6 without brackets).
+fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let valid_label = |l: &str| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    // A trailing dot (fully qualified name) is allowed.
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if !name.is_empty() && name.split('.').all(valid_label) {
+        Ok(())
+    } else {
+        Err(format!("invalid host name {host:?}"))
+    }
+}
+
+/// Transform a spanned value, keeping its location.
+pub fn map_spanned<T, U>(s: S<T>, f: impl FnOnce(T) -> U) -> S<U> {
+    Spanned { value: f(s.value), referenced: s.referenced, defined: s.defined }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn load(text: &str) -> Result<Config, Vec<String>> {
-        parse(Path::new("t.yaml"), text).map_err(|es| es.iter().map(|e| e.to_string()).collect())
+    fn load(text: &str) -> Result<Config, Vec<ConfigError>> {
+        parse(Path::new("t.yaml"), text)
     }
 
-    #[test]
-    fn full_config() {
-        let cfg = load(
-            "listen: [127.0.0.1:8000, ':8001']
-access_log: off
+    /// The errors as `LINE:COL: message`.
+    fn errors(text: &str) -> Vec<String> {
+        match load(text) {
+            Ok(cfg) => panic!("expected errors, got {cfg:?}"),
+            Err(errors) => errors.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect(),
+        }
+    }
+
+    /// The positions of the errors, `LINE:COL`.
+    fn positions(text: &str) -> Vec<String> {
+        errors(text).iter().map(|e| e.split(": ").next().unwrap_or_default().to_owned()).collect()
+    }
+
+    const FULL: &str = "\
+listen: 127.0.0.1:8000
+access_log: ./access.log
 log_format: json
 services:
   - name: web
-    hosts: [Web.Local, \"*.web.local\"]
+    hosts: [Web.Local, \"*.web.local\", \"web.local:8080\"]
     path_prefix: /api
     algorithm: least_connections
     backends:
       - address: 127.0.0.1:9001
         weight: 3
-      - address: http://localhost:9002
+      - address: http://localhost:9002/
   - name: default
+    hosts: \"*\"
+    algorithm: weighted_round_robin
     backends:
       - address: localhost:9003
-",
-        )
-        .unwrap();
-        assert_eq!(cfg.listen, vec!["127.0.0.1:8000".parse().unwrap(), "0.0.0.0:8001".parse().unwrap()]);
-        assert_eq!(cfg.access_log, AccessLog::Off);
+";
+
+    #[test]
+    fn valid_full_config() {
+        let cfg = load(FULL).unwrap();
+        assert_eq!(cfg.listen, vec!["127.0.0.1:8000".parse().unwrap()]);
+        assert_eq!(cfg.access_log, AccessLog::File(PathBuf::from("./access.log")));
         assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.legacy_equivalent, None);
         let web = &cfg.services[0];
+        assert_eq!(web.name, "web");
         assert_eq!(web.hosts, vec![HostPattern::Exact("web.local".into()), HostPattern::Wildcard(".web.local".into())]);
-        assert_eq!((web.path_prefix.as_str(), web.algorithm), ("/api", Algorithm::LeastConnections));
-        assert_eq!(web.backends[0].weight, 3);
-        assert_eq!(web.backends[1].authority, "localhost:9002");
-        assert_eq!(web.backends[1].addr, "127.0.0.1:9002".parse().unwrap());
-        assert!(cfg.services[1].hosts.is_empty());
-        assert_eq!(cfg.services[1].path_prefix, "/");
+        assert_eq!(web.path_prefix, "/api");
+        assert_eq!(web.algorithm, Algorithm::LeastConnections);
+        assert_eq!(
+            web.backends,
+            vec![
+                BackendConfig {
+                    address: "127.0.0.1:9001".into(),
+                    addr: "127.0.0.1:9001".parse().unwrap(),
+                    authority: "127.0.0.1:9001".into(),
+                    weight: 3,
+                },
+                BackendConfig {
+                    address: "http://localhost:9002/".into(),
+                    addr: "127.0.0.1:9002".parse().unwrap(),
+                    authority: "localhost:9002".into(),
+                    weight: 1,
+                },
+            ]
+        );
+        let default = &cfg.services[1];
+        assert!(default.hosts.is_empty());
+        assert_eq!(default.path_prefix, "/");
+        assert_eq!(default.algorithm, Algorithm::WeightedRoundRobin);
+        assert_eq!(default.backends[0].addr, "127.0.0.1:9003".parse().unwrap());
+        assert_eq!(default.backends[0].authority, "localhost:9003");
     }
 
     #[test]
-    fn every_problem_at_its_position() {
-        let errors = load(
-            "listen: 127.0.0.1:8000
+    fn defaults_and_listen_forms() {
+        let cfg = load(
+            "listen: [127.0.0.1:8000, \"localhost:8001\", \"[::1]:8002\"]\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.listen,
+            vec!["127.0.0.1:8000".parse().unwrap(), "127.0.0.1:8001".parse().unwrap(), "[::1]:8002".parse().unwrap()]
+        );
+        assert_eq!(cfg.access_log, AccessLog::Stdout);
+        assert_eq!(cfg.log_format, LogFormat::Text);
+        let s = &cfg.services[0];
+        assert!(s.hosts.is_empty());
+        assert_eq!((s.path_prefix.as_str(), s.algorithm), ("/", Algorithm::RoundRobin));
+        assert_eq!(s.backends[0].weight, 1);
+
+        let cfg =
+            load("listen: [8000, \":8001\"]\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n")
+                .unwrap();
+        assert_eq!(cfg.listen, vec!["0.0.0.0:8000".parse().unwrap(), "0.0.0.0:8001".parse().unwrap()]);
+
+        let cfg = load("listen: 127.0.0.1:0\naccess_log: off\nservices:\n  - name: a\n    hosts: web.local\n    backends:\n      - address: 127.0.0.1:1\n").unwrap();
+        assert_eq!(cfg.access_log, AccessLog::Off);
+        assert_eq!(cfg.services[0].hosts, vec![HostPattern::Exact("web.local".into())]);
+    }
+
+    fn one_service(service_lines: &str) -> String {
+        format!("listen: 127.0.0.1:8000\nservices:\n  - name: web\n{service_lines}")
+    }
+
+    #[test]
+    fn each_error_kind_at_its_position() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("listen: 127.0.0.1:8000\nservices: []\nbogus: 1\n", "3:1", "unknown key `bogus`; allowed keys: listen"),
+            (&one_service("    backend: []\n"), "4:5", "unknown key `backend`"),
+            ("listen: 127.0.0.1:8000\nservices: web\n", "2:11", "expected a list"),
+            (&one_service("    name: [web]\n"), "4:5", "duplicate key `name`"),
+            ("listen: 127.0.0.1:8000\nservices:\n  - name: [web]\n", "3:11", "expected a string"),
+            (&one_service("    backends:\n      - address: 127.0.0.1:1\n        weight: [1]\n"), "6:17", "got a list"),
+            ("listen: 127.0.0.1:8000\nlisten: 127.0.0.1:8001\nservices: []\n", "2:1", "duplicate key `listen`"),
+            (&one_service("    backends:\n      - address: 127.0.0.1:1\n      - address: 127.0.0.1:2\n        address: 127.0.0.1:3\n"), "7:9", "duplicate key `address`"),
+            (&one_service("    backends: []\n"), "4:15", "service \"web\" has no backends"),
+            (&one_service("    algorithm: round_robin\n"), "3:11", "service \"web\" has no backends"),
+            (&one_service("    backends:\n      - address: 127.0.0.1:1\n        weight: 0\n"), "6:17", "weight must be a whole number from 1 to 10000, got 0"),
+            (&one_service("    backends:\n      - address: 127.0.0.1:1\n        weight: 10001\n"), "6:17", "got 10001"),
+            (&one_service("    backends:\n      - address: 127.0.0.1:1\n        weight: heavy\n"), "6:17", "got \"heavy\""),
+            (&one_service("    backends:\n      - address: 127.0.0.1\n"), "5:18", "needs a port"),
+            (&one_service("    backends:\n      - address: 127.0.0.1:99999\n"), "5:18", "out of range"),
+            (&one_service("    backends:\n      - address: https://127.0.0.1:9001\n"), "5:18", "only http:// is supported"),
+            (&one_service("    backends:\n      - address: http://127.0.0.1:9001/app\n"), "5:18", "has a path"),
+            (&one_service("    backends:\n      - address: bad_host!:80\n"), "5:18", "invalid host name"),
+            (&one_service("    backends:\n      - weight: 2\n"), "5:9", "backend has no `address`"),
+            (&one_service("    algorithm: fastest\n    backends:\n      - address: 127.0.0.1:1\n"), "4:16", "unknown algorithm \"fastest\": use round_robin, weighted_round_robin or least_connections"),
+            (&one_service("    path_prefix: api\n    backends:\n      - address: 127.0.0.1:1\n"), "4:18", "path_prefix \"api\" must start with \"/\""),
+            (&one_service("    hosts: [\"web.*\"]\n    backends:\n      - address: 127.0.0.1:1\n"), "4:13", "wildcard"),
+            ("listen: 127.0.0.1:8000\naccess_log: stderr\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n", "2:13", "unknown access_log \"stderr\""),
+            ("listen: 127.0.0.1:8000\nlog_format: xml\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n", "2:13", "unknown log_format \"xml\": use text or json"),
+            ("listen: 127.0.0.1:8000\nservices: []\n", "2:11", "`services` is empty"),
+            ("listen: 127.0.0.1:8000\n", "1:1", "missing `services`"),
+            ("services:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n", "1:1", "missing `listen`"),
+            ("listen: localhost\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n", "1:9", "needs a port"),
+            ("listen: 70000\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n", "1:9", "out of range"),
+            ("listen: 127.0.0.1:8000\naccess_log: access.log\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n", "2:13", "containing \"/\", such as ./access.log"),
+            ("listen: [127.0.0.1:8000, 127.0.0.1:8000]\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n", "1:26", "already listed on line 1"),
+            ("listen: [a\n", "1:9", "unclosed bracket"),
+        ];
+        for (text, at, message) in cases {
+            let errors = errors(text);
+            assert_eq!(errors.len(), 1, "{text}\n{errors:?}");
+            assert!(errors[0].starts_with(&format!("{at}: ")), "{text}\nexpected at {at}: {errors:?}");
+            assert!(errors[0].contains(message), "{text}\nexpected {message:?}: {errors:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_service_names_and_routes_point_at_the_second() {
+        let text = "\
+listen: 127.0.0.1:8000
 services:
-  - name: a
-    algorithm: fastest
+  - name: web
+    hosts: [a.local, b.local]
+    path_prefix: /x
+    backends: [{address: 127.0.0.1:1}]
+  - name: web
+    hosts: [B.local:80]
+    path_prefix: /x
+    backends: [{address: 127.0.0.1:2}]
+  - name: one
+    backends: [{address: 127.0.0.1:3}]
+  - name: two
+    hosts: \"*\"
+    backends: [{address: 127.0.0.1:4}]
+";
+        assert_eq!(
+            errors(text),
+            vec![
+                "7:11: duplicate service name \"web\" (first defined on line 3)",
+                "8:13: service \"web\" has the same route as service \"web\" (line 4): host b.local, path /x",
+                "13:11: service \"two\" has the same route as service \"one\" (line 11): host *, path /",
+            ]
+        );
+        // The same host with another prefix, or another host, is a different route.
+        assert!(load("listen: 127.0.0.1:8000\nservices:\n  - name: a\n    backends: [{address: 127.0.0.1:1}]\n  - name: b\n    path_prefix: /b\n    backends: [{address: 127.0.0.1:1}]\n  - name: c\n    hosts: c.local\n    backends: [{address: 127.0.0.1:1}]\n").is_ok());
+    }
+
+    #[test]
+    fn several_errors_reported_together_sorted_by_line() {
+        let text = "\
+log_format: yaml
+services:
+  - name: web
+    algorithm: random
     backends:
       - address: 127.0.0.1:9001
         weight: 0
-  - name: a
+      - address: 127.0.0.1
+  - name: web
+    path_prefix: nope
     backends: []
-  - name: b
-    path_prefix: api
-    backends:
-      - address: not an address
-",
-        )
-        .unwrap_err();
+";
         assert_eq!(
-            errors,
-            vec![
-                "t.yaml:4:16: unknown algorithm \"fastest\": expected round_robin, weighted_round_robin or least_connections",
-                "t.yaml:7:17: weight must be between 1 and 10000, got 0",
-                "t.yaml:8:11: duplicate service name \"a\"",
-                "t.yaml:9:15: service \"a\" has no backends",
-                "t.yaml:11:18: path_prefix must start with '/', got \"api\"",
-                "t.yaml:13:18: invalid backend address \"not an address\": expected host:port or http://host[:port]",
-            ]
+            positions(text),
+            vec!["1:1", "1:13", "4:16", "7:17", "8:18", "9:11", "10:18", "11:15"],
+            "{:#?}",
+            errors(text)
         );
     }
 
     #[test]
-    fn structural_errors() {
-        let e = load("listen: 127.0.0.1:8000\nservices:\n  - name: a\n    bogus: 1\n    backends: []\n").unwrap_err();
-        assert_eq!(e.len(), 1);
-        assert!(e[0].starts_with("t.yaml:4:5: unknown field `bogus`"), "{e:?}");
-        let e = load("listen: a:1\nlisten: b:2\nservices: []\n").unwrap_err();
-        assert!(e[0].starts_with("t.yaml:2:1: duplicate mapping key"), "{e:?}");
-        let e = load("listen: 127.0.0.1:8000\nservices:\n  - name: a\n    backends:\n      - address: h:1\n        weight: heavy\n")
-            .unwrap_err();
-        assert!(e[0].starts_with("t.yaml:6:17:"), "{e:?}");
-    }
-
-    #[test]
-    fn missing_and_empty() {
-        assert!(load("services: []\n").unwrap_err().iter().any(|e| e.contains("missing `listen`")));
-        assert!(load("listen: :80\nservices: []\n").unwrap_err()[0].contains("`services` is empty"));
-        assert!(load("listen: :80\naccess_log: stdot\nservices: []\n").unwrap_err()[0]
-            .starts_with("t.yaml:2:13: access_log"));
-    }
-
-    #[test]
-    fn duplicate_routes() {
-        let e = load(
-            "listen: :80\nservices:\n  - name: a\n    hosts: x\n    backends: [{address: 127.0.0.1:1}]\n  - name: b\n    hosts: [X:80]\n    backends: [{address: 127.0.0.1:2}]\n",
-        )
-        .unwrap_err();
-        assert_eq!(e, vec!["t.yaml:6:11: service \"b\" has the same host and path_prefix as service \"a\""]);
-    }
-
-    #[test]
-    fn addresses() {
-        assert_eq!(parse_backend_address("[::1]:90").unwrap().1, "[::1]:90".parse().unwrap());
+    fn duplicate_keys_are_reported_with_their_location() {
         assert_eq!(
-            parse_backend_address("http://127.0.0.1").unwrap(),
-            ("127.0.0.1:80".into(), "127.0.0.1:80".parse().unwrap())
+            errors("listen: 127.0.0.1:8000\nservices: []\nservices: []\n"),
+            vec!["3:1: duplicate key `services`"]
         );
-        assert!(parse_backend_address("https://127.0.0.1").is_err());
-        assert!(parse_backend_address("http://127.0.0.1:80/x").is_err());
-        assert!(parse_backend_address("127.0.0.1").is_err());
-        assert!(parse_backend_address("no-such-host.invalid:80").unwrap_err().contains("cannot resolve"));
-        assert_eq!(host_pattern("*").unwrap(), None);
-        assert!(host_pattern("*web").is_err());
+        // Also in the legacy format, which otherwise ignores keys it does not know.
+        assert_eq!(errors("listen_port: 8080\nlisten_port: 8081\n"), vec!["2:1: duplicate key `listen_port`"]);
+    }
+
+    #[test]
+    fn error_display_is_file_line_column_message() {
+        let e = load("listen: 127.0.0.1:8000\nservices: []\n").unwrap_err();
+        assert_eq!(e[0].to_string(), "t.yaml:2:11: `services` is empty: at least one service is needed");
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(host_pattern("*"), Ok(None));
+        assert_eq!(host_pattern("Web.Local:8080"), Ok(Some(HostPattern::Exact("web.local".into()))));
+        assert_eq!(host_pattern("*.Web.Local"), Ok(Some(HostPattern::Wildcard(".web.local".into()))));
+        assert_eq!(host_pattern("[::1]:80"), Ok(Some(HostPattern::Exact("::1".into()))));
+        assert!(host_pattern("").is_err());
+        assert!(host_pattern("a b").is_err());
+        assert!(host_pattern("*.").is_err());
+    }
+
+    #[test]
+    fn backend_addresses() {
+        assert_eq!(parse_backend_address("http://localhost"), Ok(("localhost", 80)));
+        assert_eq!(parse_backend_address("HTTP://127.0.0.1:81/"), Ok(("127.0.0.1", 81)));
+        assert_eq!(parse_backend_address("[::1]:9000"), Ok(("::1", 9000)));
+        assert_eq!(authority_of("http://localhost:9001/"), "localhost:9001");
+        assert!(parse_backend_address("localhost:0").is_err());
+        assert!(parse_backend_address("localhost:").is_err());
+        assert!(parse_backend_address(":9000").is_err());
+        assert!(parse_backend_address("http://user@localhost:9000").is_err());
     }
 }

@@ -1,0 +1,104 @@
+//! `velocity check -c FILE`: the real binary on real files.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A config file under the temp dir, removed on drop; unique per process and call.
+struct TempConfig(PathBuf);
+
+impl TempConfig {
+    fn new(text: &str) -> TempConfig {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("velocity-check-{}-{n}.yaml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        TempConfig(path)
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Exit code and stdout+stderr of `velocity check -c` on `text`, and the file's path.
+fn check(text: &str) -> (Option<i32>, String, String) {
+    let file = TempConfig::new(text);
+    let out = Command::new(env!("CARGO_BIN_EXE_velocity")).arg("check").arg("-c").arg(&file.0).output().unwrap();
+    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), output, file.0.display().to_string())
+}
+
+#[test]
+fn valid_config_prints_a_summary() {
+    let (code, output, _) = check(
+        "\
+listen: 127.0.0.1:8000
+services:
+  - name: web
+    hosts: [web.local, \"*.web.local\"]
+    path_prefix: /api
+    algorithm: least_connections
+    backends:
+      - address: 127.0.0.1:9001
+        weight: 3
+      - address: localhost:9002
+",
+    );
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains(
+            "service web: hosts web.local,*.web.local path /api, least_connections over 2 backends (127.0.0.1:9001 w3, localhost:9002 w1)"
+        ),
+        "{output}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_its_position() {
+    let (code, output, path) = check(
+        "\
+listen: 127.0.0.1:8000
+services:
+  - name: web
+    algorithm: fastest
+    backends:
+      - address: 127.0.0.1:9001
+        weight: 0
+  - name: web
+    hosts: other.local
+    backends:
+      - address: 127.0.0.1:9002
+",
+    );
+    assert_eq!(code, Some(1), "{output}");
+    let positions: Vec<&str> = output
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{path}:")))
+        .map(|rest| rest.split(": ").next().unwrap_or_default())
+        .collect();
+    assert_eq!(positions, ["4:16", "7:17", "8:11"], "{output}");
+}
+
+#[test]
+fn legacy_go_config_loads_and_shows_the_new_format() {
+    let (code, output, _) = check(
+        "\
+listen_port: 8080
+api_port: 8081
+services:
+  - name: my-service
+    domain: \"localhost:8080\"
+    targetURLs:
+      - \"http://localhost:9001\"
+      - \"http://localhost:9002\"
+    algorythm: RoundRobin
+",
+    );
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.to_lowercase().contains("legacy"), "{output}");
+    assert!(output.contains("listen: 0.0.0.0:8080"), "{output}");
+    assert!(output.contains("api_port 8081"), "{output}");
+}
