@@ -70,8 +70,7 @@ enum AttemptError {
     Sent(hyper::Error),
 }
 
-pub async fn handle(conn: Arc<ConnContext>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
-    let start = Instant::now();
+pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
     let snapshot = conn.state.load_full();
 
     let host = req
@@ -88,7 +87,7 @@ pub async fn handle(conn: Arc<ConnContext>, req: Request<Incoming>) -> Result<Re
             uri: req.uri().clone(),
             status: 0,
             backend: None,
-            start,
+            start: Instant::now(),
             bytes: 0,
             note: None,
         };
@@ -103,16 +102,15 @@ pub async fn handle(conn: Arc<ConnContext>, req: Request<Incoming>) -> Result<Re
     drop(snapshot);
     let lb = service.lb.load_full();
 
-    let (mut parts, body) = req.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
-    headers::add_forwarding(&mut parts.headers, &conn.client_ip, &conn.proto, host.as_ref());
-    if parts.uri.scheme().is_some() {
+    let had_host = req.headers().contains_key(header::HOST);
+    headers::strip_hop_by_hop(req.headers_mut());
+    headers::add_forwarding(req.headers_mut(), &conn.client_ip, &conn.proto, host.as_ref());
+    if req.uri().scheme().is_some() {
         // Absolute-form from the client: backends get origin-form.
-        let pq = parts.uri.path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/"));
-        parts.uri = Uri::from(pq);
+        let pq = req.uri().path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
     }
-    let had_host = parts.headers.contains_key(header::HOST);
-    let mut req = Request::from_parts(parts, RequestBody::Streamed(body));
+    let mut req = req.map(RequestBody::Streamed);
 
     let mut tried = Tried::default();
     let mut last_failure = String::new();
@@ -131,16 +129,14 @@ pub async fn handle(conn: Arc<ConnContext>, req: Request<Incoming>) -> Result<Re
         }
         let in_flight = backend.start_request();
         match attempt(backend, req).await {
-            Ok((resp, pooled)) => {
-                let (mut parts, body) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
+            Ok((mut resp, pooled)) => {
+                headers::strip_hop_by_hop(resp.headers_mut());
                 let log = log.map(|(l, mut r)| {
-                    r.status = parts.status.as_u16();
+                    r.status = resp.status().as_u16();
                     r.backend = Some(backend.clone());
                     (l, r)
                 });
-                let body = UpstreamBody::new(body, pooled, in_flight);
-                return Ok(Response::from_parts(parts, ResponseBody::upstream(body, log)));
+                return Ok(resp.map(|body| ResponseBody::upstream(UpstreamBody::new(body, pooled, in_flight), log)));
             }
             Err(AttemptError::NotSent(back, why)) => {
                 warn!(service = %service.config.name, backend = %backend.name, error = %why, "backend unavailable, trying the next one");

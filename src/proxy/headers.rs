@@ -10,6 +10,11 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Remove hop-by-hop headers (RFC 9110 7.6.1): the fixed list, and any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names first: most messages carry none of these, and a `remove` costs a
+    // hash of the name each time.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // `remove` returns only the first `Connection` value but removes them all; a second
     // `Connection` line naming more headers is rare enough to accept that.
     if let Some(connection) = headers.remove(header::CONNECTION) {
@@ -21,12 +26,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TE);
-    headers.remove(header::TRAILER);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::UPGRADE);
+    for name in
+        [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE]
+    {
+        headers.remove(name);
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
 }
 
 /// Add the forwarding headers NGINX users expect: the client appended to `X-Forwarded-For`,
