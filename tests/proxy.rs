@@ -317,3 +317,49 @@ async fn testserver_answers_with_its_name() {
     let _ = child.wait();
     assert_eq!((r.status, r.body.as_str(), r.backend().as_str()), (200, "alpha\n", "alpha"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = TestBackend::start("a").await;
+    let lb = Velocity::start(&one_service("round_robin", &[&a], &[])).await;
+    for garbage in ["GARBAGE\r\n\r\n", "GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", "\x00\x01\x02\r\n\r\n"] {
+        let mut s = tokio::net::TcpStream::connect(lb.addr()).await.unwrap();
+        s.write_all(garbage.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 400"), "{garbage:?} got {out:?}");
+    }
+    assert_eq!(a.hits(), 0);
+    assert_eq!(get(lb.addr(), "x", "/").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_dying_mid_response_cuts_only_that_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that promises 100 bytes, sends 3 and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc").await;
+        }
+    });
+    let good = TestBackend::start("good").await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\naccess_log: stdout\nservices:\n  - name: liar\n    hosts: liar\n    backends: [{{address: \"{liar}\"}}]\n  - name: good\n    backends: [{{address: \"{}\"}}]\n",
+        good.addr
+    );
+    let lb = Velocity::start(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(lb.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: liar\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("abc"), "{out:?}");
+    eventually("the cut response in the log", DEADLINE, || lb.log_contains("backend_body_error")).await;
+    assert_eq!(get(lb.addr(), "other", "/").await.status, 200);
+}

@@ -49,6 +49,15 @@ impl Body for ResponseBody {
                 }
             }
             Poll::Ready(None) => this.done = true,
+            Poll::Ready(Some(Err(e))) => {
+                // The backend died mid-response; hyper will cut the client connection, which is
+                // all HTTP/1.1 allows once the status line has gone out.
+                if let Some((_, record)) = &mut this.log {
+                    record.note = Some("backend_body_error");
+                }
+                let backend = this.log.as_ref().and_then(|(_, r)| r.backend.as_ref()).map(|b| b.name.as_str());
+                tracing::warn!(backend = backend.unwrap_or("-"), error = %e, "backend failed while sending the response body");
+            }
             _ => {}
         }
         polled
