@@ -1,6 +1,6 @@
 //! Header rewriting between client and backend.
 
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -51,17 +51,23 @@ pub fn add_forwarding(
     proto: &HeaderValue,
     host: Option<&HeaderValue>,
 ) {
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
+    // One hash of the name whether or not the client sent the header.
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Occupied(mut e) => {
+            // Several `X-Forwarded-For` lines are one list (RFC 9110 5.3); keep them all.
+            let mut v = Vec::with_capacity(64);
+            for prev in e.iter() {
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+            }
             v.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
+            let joined = HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone());
+            e.insert(joined);
         }
-        None => client_ip.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), xff);
+        Entry::Vacant(e) => {
+            e.insert(client_ip.clone());
+        }
+    }
     headers.insert(X_FORWARDED_PROTO.clone(), proto.clone());
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
@@ -92,6 +98,10 @@ mod tests {
         let ip = HeaderValue::from_static("127.0.0.1");
         add_forwarding(&mut h, &ip, &HeaderValue::from_static("http"), Some(&HeaderValue::from_static("a")));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        add_forwarding(&mut h, &ip, &HeaderValue::from_static("http"), None);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1, 10.0.0.2, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "a");
     }
