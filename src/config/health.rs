@@ -41,9 +41,7 @@ fn health_check(ctx: &mut Ctx, raw: RawHealthCheck) -> HealthCheckConfig {
             _ if c.kind == CheckKind::Tcp => {
                 ctx.error(&v.referenced, "health_check path applies to http and https checks only")
             }
-            Some(p) if p.starts_with('/') && !p.contains(|ch: char| ch.is_whitespace() || ch == '#') => {
-                c.path = p.to_owned()
-            }
+            Some(p) if p.starts_with('/') && p.parse::<hyper::Uri>().is_ok() => c.path = p.to_owned(),
             _ => ctx.error(&v.referenced, format!("health_check path {} must be a path starting with \"/\"", v.value)),
         }
     }
