@@ -148,13 +148,18 @@ where
     // The connection is driven here rather than spawned, so a check that times out leaves
     // nothing behind.
     let mut conn = std::pin::pin!(conn);
+    let mut send = std::pin::pin!(sender.send_request(req));
     let resp = tokio::select! {
-        r = sender.send_request(req) => r.map_err(|e| format!("request failed: {e}"))?,
-        r = &mut conn => return Err(match r {
-            Ok(()) => "connection closed before a response".to_owned(),
-            Err(e) => format!("connection error: {e}"),
-        }),
-    };
+        biased;
+        r = &mut send => r,
+        r = &mut conn => match r {
+            // With `Connection: close` the connection can finish in the same poll that
+            // delivers the answer: the request future then has it (or the reason it has none).
+            Ok(()) => send.await,
+            Err(e) => return Err(format!("connection error: {e}")),
+        },
+    }
+    .map_err(|e| format!("request failed: {e}"))?;
     let status = resp.status().as_u16();
     let (lo, hi) = probe.cfg.expect_status;
     if (lo..=hi).contains(&status) {
