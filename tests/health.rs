@@ -313,3 +313,80 @@ async fn tcp_check_follows_the_listener() {
     b.restart().await;
     wait_for_line(&lb, &b, "backend is up", start).await;
 }
+
+/// An HTTPS server with a self-signed certificate for `web.local`; counts `/healthz` requests.
+async fn start_tls_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = vec![CertificateDer::from_pem_slice(include_bytes!("data/self-signed.crt")).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(include_bytes!("data/self-signed.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let checks = Arc::new(AtomicUsize::new(0));
+    let counted = checks.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let counted = counted.clone();
+                    async move {
+                        if req.uri().path() == "/healthz" {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok\n"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, checks, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_check_verifies_the_certificate_unless_told_not_to() {
+    let (addr, checks, task) = start_tls_backend().await;
+    let check =
+        "{type: https, host: web.local, interval: 50ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 1";
+    let yaml = format!(
+        "listen: 127.0.0.1:0
+access_log: off
+services:
+  - name: insecure
+    hosts: [insecure.local]
+    health_check: {check}, insecure_skip_verify: true}}
+    backends: [{{address: {addr}}}]
+  - name: verified
+    hosts: [verified.local]
+    health_check: {check}}}
+    backends: [{{address: {addr}}}]
+"
+    );
+    let lb = Velocity::start(&yaml).await;
+    // The verified service refuses the self-signed certificate: down, saying why.
+    eventually("the verified check to fail", DEADLINE, || {
+        lb.log_lines().iter().any(|l| l.contains("service=verified") && l.contains("backend is down"))
+    })
+    .await;
+    let line = lb.log_lines().into_iter().find(|l| l.contains("service=verified")).unwrap_or_default();
+    assert!(line.contains("TLS handshake") && line.contains("certificate"), "{line}");
+    // The insecure one completes its checks over TLS and stays up.
+    eventually("checks over TLS", DEADLINE, || checks.load(Ordering::SeqCst) >= 5).await;
+    assert!(!lb.log_lines().iter().any(|l| l.contains("service=insecure") && l.contains("backend is down")));
+    task.abort();
+}

@@ -52,6 +52,8 @@ struct Probe {
     uri: Uri,
     /// Host header from the config; the backend's `host:port` when unset.
     host: Option<HeaderValue>,
+    /// For https checks; `Err` says why TLS could not be set up (reported by every check).
+    tls: Option<Result<tokio_rustls::TlsConnector, String>>,
 }
 
 impl Probe {
@@ -59,7 +61,8 @@ impl Probe {
         // Both were validated with the config; the fallbacks are for safety only.
         let uri = cfg.path.parse().unwrap_or_else(|_| Uri::from_static("/"));
         let host = cfg.host.as_deref().and_then(|h| HeaderValue::from_str(h).ok());
-        Probe { service: service.to_owned(), cfg: cfg.clone(), uri, host }
+        let tls = (cfg.kind == CheckKind::Https).then(|| super::tls::connector(cfg.insecure_skip_verify));
+        Probe { service: service.to_owned(), cfg: cfg.clone(), uri, host, tls }
     }
 }
 
@@ -128,7 +131,16 @@ async fn check(probe: &Probe, backend: &Backend) -> Result<String, String> {
     match probe.cfg.kind {
         CheckKind::Tcp => Ok("connected".to_owned()),
         CheckKind::Http => http_get(probe, host, stream).await,
-        CheckKind::Https => Err("https checks are not built in yet".to_owned()),
+        CheckKind::Https => {
+            let tls = match &probe.tls {
+                Some(Ok(tls)) => tls,
+                Some(Err(e)) => return Err(e.clone()),
+                None => return Err("TLS is not set up".to_owned()),
+            };
+            let name = super::tls::server_name(host, backend)?;
+            let stream = tls.connect(name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
+            http_get(probe, host, stream).await
+        }
     }
 }
 

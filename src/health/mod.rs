@@ -8,6 +8,7 @@
 pub mod active;
 pub mod passive;
 pub mod retry;
+mod tls;
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
