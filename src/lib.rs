@@ -5,6 +5,7 @@
 
 pub mod balancer;
 pub mod config;
+pub mod health;
 pub mod observe;
 pub mod proxy;
 pub mod server;

@@ -11,6 +11,8 @@ use arc_swap::ArcSwap;
 
 use crate::balancer::{self, Balancer};
 use crate::config::{Config, ServiceConfig};
+use crate::health::active::{self, Checker};
+use crate::health::retry::RetryBudget;
 use crate::observe::AccessLog;
 use crate::proxy::router::Router;
 use crate::upstream::{Backend, Pool};
@@ -39,6 +41,11 @@ pub struct LoadBalancer {
 pub struct Service {
     pub config: ServiceConfig,
     pub lb: ArcSwap<LoadBalancer>,
+    /// Retries allowed as a share of this service's recent requests.
+    pub retry_budget: RetryBudget,
+    /// Active checks of the pool's backends, stopped when the service is dropped (a reload
+    /// that keeps the service starts new ones; the backends keep their state).
+    _checker: Option<Checker>,
 }
 
 impl Service {
@@ -55,7 +62,9 @@ impl Service {
             .collect();
         let pool = Pool::new(backends);
         let balancer = balancer::build(config.algorithm, &pool);
-        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }) }
+        let checker = config.health.check.as_ref().and_then(|c| active::start(&config.name, c, &pool.backends));
+        let retry_budget = RetryBudget::new(config.health.retry.budget_percent);
+        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }), retry_budget, _checker: checker }
     }
 }
 

@@ -102,3 +102,12 @@ services:
     assert!(output.contains("listen: 0.0.0.0:8080"), "{output}");
     assert!(output.contains("api_port 8081"), "{output}");
 }
+
+#[test]
+fn health_example_passes_check() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/health.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_velocity")).args(["check", "-c", path]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.ends_with("health.yaml: ok\n"), "{stdout}");
+}

@@ -91,7 +91,7 @@ fn service(ctx: &mut Ctx, s: LegacyService) -> RawService {
                 .collect()
         })
     });
-    RawService { name: s.name, hosts, path_prefix: None, algorithm, backends }
+    RawService { name: s.name, hosts, path_prefix: None, algorithm, backends, ..RawService::default() }
 }
 
 /// The Go names (`RoundRobin`); case, `_` and `-` are ignored so `round_robin` works too.
@@ -158,6 +158,7 @@ pub fn to_yaml(cfg: &Config) -> String {
                 let _ = writeln!(out, "        weight: {}", b.weight);
             }
         }
+        super::health::to_yaml(&mut out, &s.health);
     }
     out
 }

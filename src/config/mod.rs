@@ -4,6 +4,7 @@
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
 mod duration;
+pub(crate) mod health;
 mod legacy;
 mod schema;
 mod validate;
@@ -11,6 +12,7 @@ mod validate;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use duration::parse_duration;
 
@@ -47,6 +49,8 @@ pub struct ServiceConfig {
     pub path_prefix: String,
     pub algorithm: Algorithm,
     pub backends: Vec<BackendConfig>,
+    /// Issue 3: health checks, passive detection, retries.
+    pub health: HealthConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -83,6 +87,121 @@ pub struct BackendConfig {
     /// `host:port` used as the Host header when the client sent none.
     pub authority: String,
     pub weight: u32,
+}
+
+/// A service's failure handling (issue 3), kept in one struct so other per-service sections
+/// can be added beside it without touching these fields.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HealthConfig {
+    /// `None`: no active checks, every backend is assumed up (passive detection still applies).
+    pub check: Option<HealthCheckConfig>,
+    pub passive: PassiveConfig,
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    Tcp,
+    Http,
+    Https,
+}
+
+impl CheckKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::Https => "https",
+        }
+    }
+}
+
+/// `health_check:` of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub kind: CheckKind,
+    /// Path and query of the check request (http/https); starts with `/`.
+    pub path: String,
+    /// Inclusive range of statuses that pass.
+    pub expect_status: (u16, u16),
+    /// Host header (and TLS server name for https); the backend's `host:port` when unset.
+    pub host: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes for a down backend to come back.
+    pub healthy_threshold: u32,
+    /// Consecutive failures for an up backend to leave.
+    pub unhealthy_threshold: u32,
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            kind: CheckKind::Http,
+            path: "/healthz".into(),
+            expect_status: (200, 399),
+            host: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            insecure_skip_verify: false,
+        }
+    }
+}
+
+/// `passive:` of a service: the circuit breaker fed by live traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassiveConfig {
+    /// Consecutive failures that eject a backend; 0 turns passive detection off.
+    pub consecutive_failures: u32,
+    /// Whether a 5xx answer counts as a failure (connect errors always do).
+    pub on_5xx: bool,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// At most this percentage of a pool is ejected at once.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        PassiveConfig {
+            consecutive_failures: 5,
+            on_5xx: false,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(120),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// `retry:` of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// Retries after the first try (so up to `attempts + 1` tries); 0 turns retries off.
+    pub attempts: u32,
+    /// Backend statuses that are retried (a subset of 502, 503, 504).
+    pub on: Vec<u16>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Request bodies with a Content-Length up to this are buffered so they can be replayed.
+    pub buffer_body_limit: u64,
+    /// Retries allowed as a percentage of recent requests.
+    pub budget_percent: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 2,
+            on: Vec::new(),
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_secs(1),
+            buffer_body_limit: 64 * 1024,
+            budget_percent: 20,
+        }
+    }
 }
 
 /// One problem in a config file, printed as `FILE:LINE:COLUMN: message`.

@@ -148,6 +148,9 @@ pub struct RawService {
     pub path_prefix: Option<S<String>>,
     pub algorithm: Option<S<String>>,
     pub backends: Option<S<Vec<S<RawBackend>>>>,
+    pub health_check: Option<S<RawHealthCheck>>,
+    pub passive: Option<S<RawPassive>>,
+    pub retry: Option<S<RawRetry>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +158,51 @@ pub struct RawService {
 pub struct RawBackend {
     pub address: Option<S<String>>,
     pub weight: Option<S<Scalar>>,
+}
+
+// Issue 3: health checks, passive detection, retries. Values are `Scalar` so that a wrong type
+// (`interval: 2`, `attempts: many`) is reported with the other problems.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    #[serde(rename = "type")]
+    pub kind: Option<S<Scalar>>,
+    pub path: Option<S<Scalar>>,
+    pub expect_status: Option<S<Scalar>>,
+    pub host: Option<S<Scalar>>,
+    pub interval: Option<S<Scalar>>,
+    pub timeout: Option<S<Scalar>>,
+    pub healthy_threshold: Option<S<Scalar>>,
+    pub unhealthy_threshold: Option<S<Scalar>>,
+    pub insecure_skip_verify: Option<S<Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    pub consecutive_failures: Option<S<Scalar>>,
+    pub on_5xx: Option<S<Scalar>>,
+    pub base_ejection: Option<S<Scalar>>,
+    pub max_ejection: Option<S<Scalar>>,
+    pub max_ejected_percent: Option<S<Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: Option<S<Scalar>>,
+    pub on: Option<S<Vec<S<Scalar>>>>,
+    pub backoff: Option<S<RawBackoff>>,
+    pub buffer_body_limit: Option<S<Scalar>>,
+    pub budget_percent: Option<S<Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    pub base: Option<S<Scalar>>,
+    pub max: Option<S<Scalar>>,
 }
 
 /// Whether a key is present at all, even with a null value (which `Option` would hide).

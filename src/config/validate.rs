@@ -252,6 +252,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
         };
         let algorithm = raw.algorithm.as_ref().map_or(Algorithm::RoundRobin, |a| algorithm(ctx, a));
         let backends = backends(ctx, &name, raw.backends, name_at);
+        let health = super::health::convert(ctx, raw.health_check, raw.passive, raw.retry);
 
         // Route conflicts point at the second service's host entry, else its path_prefix,
         // else its name: whichever makes the route the same.
@@ -288,6 +289,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             path_prefix,
             algorithm,
             backends,
+            health,
         });
     }
     out

@@ -6,18 +6,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
-use hyper::{Request, Response, StatusCode, Uri};
-use tracing::warn;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use tracing::{debug, warn};
 
 use super::body::ResponseBody;
 use super::headers;
 use crate::balancer::RequestContext;
+use crate::config::HealthConfig;
+use crate::health::passive::{self, Admission};
+use crate::health::{active, retry};
 use crate::observe::{AccessLog, AccessRecord};
-use crate::state::{Shared, DEFAULT_CONNECT_TIMEOUT};
-use crate::upstream::{Backend, PooledConnection, RequestBody, UpstreamBody};
+use crate::state::{Service, Shared, DEFAULT_CONNECT_TIMEOUT};
+use crate::upstream::{Backend, InFlight, PooledConnection, RequestBody, UpstreamBody};
 
 /// What a client connection's requests share; built once per accepted connection.
 pub struct ConnContext {
@@ -110,57 +114,230 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
         let pq = req.uri().path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(pq);
     }
+    let retry = &service.config.health.retry;
+    let passive_cfg = &service.config.health.passive;
+    service.retry_budget.record_request();
     let mut req = req.map(RequestBody::Streamed);
+    // What it takes to send the request again after a backend received it: idempotent methods
+    // only, and a body we hold (empty, or small enough to buffer). A streamed body is gone once
+    // sent, so such a request is only ever moved when its connection failed before sending.
+    let mut replay = None;
+    if retry.attempts > 0 && retry::idempotent(req.method()) {
+        match Replay::prepare(&mut req, retry.buffer_body_limit).await {
+            Ok(r) => replay = r,
+            Err(e) => {
+                warn!(service = %service.config.name, error = %e, "reading the request body failed");
+                return Ok(local(
+                    StatusCode::BAD_REQUEST,
+                    Bytes::from_static(b"400 bad request body\n"),
+                    log,
+                    "bad_request_body",
+                ));
+            }
+        }
+    }
 
     let mut tried = Tried::default();
     let mut last_failure = String::new();
-    for _ in 0..lb.pool.len() {
-        let ctx = RequestContext {
-            client_ip: conn.client.ip(),
-            method: req.method(),
-            uri: req.uri(),
-            headers: req.headers(),
+    let mut retries = 0u32;
+    let mut attempted = false;
+    // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend takes
+    // the request: if none can, the client gets this answer rather than an error of ours.
+    let mut held: Option<(Response<Incoming>, PooledConnection, InFlight)> = None;
+    loop {
+        let picked = {
+            let ctx = RequestContext {
+                client_ip: conn.client.ip(),
+                method: req.method(),
+                uri: req.uri(),
+                headers: req.headers(),
+            };
+            let pool = &lb.pool;
+            lb.balancer.pick(pool, &ctx, &|i| !tried.contains(i) && pool.backends[i].health.selectable())
         };
-        let Some(i) = lb.balancer.pick(&lb.pool, &ctx, &|i| !tried.contains(i)) else { break };
+        let Some(i) = picked else { break };
         tried.insert(i);
         let backend = &lb.pool.backends[i];
+        let trial = match passive::admit(backend) {
+            Admission::Normal => None,
+            Admission::Trial(t) => Some(t),
+            Admission::Refused => continue,
+        };
+        attempted = true;
         if !had_host {
             req.headers_mut().insert(header::HOST, backend.host_header.clone());
         }
         let in_flight = backend.start_request();
         match attempt(backend, req).await {
-            Ok((mut resp, pooled)) => {
-                headers::strip_hop_by_hop(resp.headers_mut());
-                let log = log.map(|(l, mut r)| {
-                    r.status = resp.status().as_u16();
-                    r.backend = Some(backend.clone());
-                    (l, r)
-                });
-                return Ok(resp.map(|body| ResponseBody::upstream(UpstreamBody::new(body, pooled, in_flight), log)));
+            Ok((resp, pooled)) => {
+                let status = resp.status();
+                if passive_cfg.on_5xx && status.is_server_error() {
+                    let why = StatusReason(status.as_u16());
+                    passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
+                } else {
+                    passive::record_success(backend, trial, &service.config.name);
+                }
+                let again = match &replay {
+                    Some(r) if retry.on.contains(&status.as_u16()) && may_retry(&service, retries) => r,
+                    _ => return Ok(forward(resp, pooled, in_flight, log)),
+                };
+                warn!(service = %service.config.name, backend = %backend.name, status = status.as_u16(), retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
+                held = Some((resp, pooled, in_flight));
+                req = again.request();
             }
             Err(AttemptError::NotSent(back, why)) => {
+                passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
                 warn!(service = %service.config.name, backend = %backend.name, error = %why, "backend unavailable, trying the next one");
                 last_failure = why;
                 req = back;
+                if !may_retry(&service, retries) {
+                    break;
+                }
             }
             Err(AttemptError::Sent(e)) => {
-                warn!(service = %service.config.name, backend = %backend.name, error = %e, "backend failed after the request was sent");
-                let log = log.map(|(l, mut r)| {
-                    r.backend = Some(backend.clone());
-                    (l, r)
-                });
-                return Ok(local(
-                    StatusCode::BAD_GATEWAY,
-                    Bytes::from_static(b"502 bad gateway: the backend failed\n"),
-                    log,
-                    "backend_error",
-                ));
+                // A failure reading the client's body is not the backend's fault.
+                if !e.is_user() {
+                    passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &e);
+                }
+                match &replay {
+                    Some(r) if !e.is_user() && may_retry(&service, retries) => {
+                        warn!(service = %service.config.name, backend = %backend.name, error = %e, retry = retries + 1, "backend failed after the request was sent, retrying on another backend");
+                        req = r.request();
+                    }
+                    _ => {
+                        warn!(service = %service.config.name, backend = %backend.name, error = %e, "backend failed after the request was sent");
+                        if let Some((resp, pooled, in_flight)) = held {
+                            return Ok(forward(resp, pooled, in_flight, log));
+                        }
+                        let log = log.map(|(l, mut r)| {
+                            r.backend = Some(backend.clone());
+                            (l, r)
+                        });
+                        return Ok(local(
+                            StatusCode::BAD_GATEWAY,
+                            Bytes::from_static(b"502 bad gateway: the backend failed\n"),
+                            log,
+                            "backend_error",
+                        ));
+                    }
+                }
             }
         }
+        tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
+        retries += 1;
+    }
+    if let Some((resp, pooled, in_flight)) = held {
+        return Ok(forward(resp, pooled, in_flight, log));
+    }
+    if !attempted {
+        // Nothing was even tried: every backend is down or ejected.
+        warn!(service = %service.config.name, "no healthy backend, request dropped");
+        let body = format!("503 service unavailable: no healthy backend for service {}\n", service.config.name);
+        let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, body.into(), log, "no_healthy_backend");
+        resp.headers_mut().insert(header::RETRY_AFTER, retry_after(&service.config.health));
+        return Ok(resp);
     }
     warn!(service = %service.config.name, last_error = %last_failure, "no backend could take the request");
     let body = format!("502 bad gateway: no backend of service {} is reachable\n", service.config.name);
     Ok(local(StatusCode::BAD_GATEWAY, body.into(), log, "no_backend"))
+}
+
+/// Whether one more try is allowed: attempts left, and room in the service's retry budget.
+fn may_retry(service: &Service, retries: u32) -> bool {
+    if retries >= service.config.health.retry.attempts {
+        return false;
+    }
+    if !service.retry_budget.try_retry() {
+        debug!(service = %service.config.name, "retry budget exhausted, not retrying");
+        return false;
+    }
+    true
+}
+
+/// A backend's answer, on its way to the client.
+fn forward(
+    mut resp: Response<Incoming>,
+    pooled: PooledConnection,
+    in_flight: InFlight,
+    log: Option<(AccessLog, AccessRecord)>,
+) -> Response<ResponseBody> {
+    headers::strip_hop_by_hop(resp.headers_mut());
+    let log = log.map(|(l, mut r)| {
+        r.status = resp.status().as_u16();
+        r.backend = Some(in_flight.backend().clone());
+        (l, r)
+    });
+    resp.map(|body| ResponseBody::upstream(UpstreamBody::new(body, pooled, in_flight), log))
+}
+
+/// Seconds a client should wait when no backend is healthy: about the time for a down backend
+/// to pass enough checks (or for an ejection to end), at least one.
+fn retry_after(health: &HealthConfig) -> HeaderValue {
+    let wait = match &health.check {
+        Some(c) => active::recovery_hint(c),
+        None => health.passive.base_ejection,
+    };
+    HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64)
+}
+
+/// `status 503`, for logs, without formatting on the success path.
+struct StatusReason(u16);
+
+impl std::fmt::Display for StatusReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "status {}", self.0)
+    }
+}
+
+/// The parts of a request needed to send it again.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    /// `None`: no body.
+    body: Option<Bytes>,
+}
+
+impl Replay {
+    /// A replayable copy of `req`, buffering its body first when it has a Content-Length of at
+    /// most `limit`; `None` when the body is streamed (unknown or larger length).
+    async fn prepare(req: &mut Request<RequestBody>, limit: u64) -> Result<Option<Replay>, hyper::Error> {
+        let body = if req.body().is_end_stream() {
+            None
+        } else {
+            match req.body().size_hint().exact() {
+                Some(n) if n <= limit => {
+                    let taken = std::mem::replace(req.body_mut(), RequestBody::Empty(Empty::new()));
+                    // Bounded: the length is known and small, and hyper enforces it.
+                    let bytes = taken.collect().await?.to_bytes();
+                    *req.body_mut() = RequestBody::Buffered(Full::new(bytes.clone()));
+                    Some(bytes)
+                }
+                _ => return Ok(None),
+            }
+        };
+        Ok(Some(Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body,
+        }))
+    }
+
+    fn request(&self) -> Request<RequestBody> {
+        let body = match &self.body {
+            Some(b) => RequestBody::Buffered(Full::new(b.clone())),
+            None => RequestBody::Empty(Empty::new()),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
 }
 
 /// One try at one backend: a pooled connection (or a new one), then the request.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use hyper::header::HeaderValue;
 
 use super::connection::{Idle, PooledConnection};
+use crate::health::HealthState;
 
 /// Idle keep-alive connections kept per backend. Beyond this, a finished connection is closed.
 const MAX_IDLE_PER_BACKEND: usize = 512;
@@ -20,6 +21,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Host header for clients that sent none.
     pub host_header: HeaderValue,
+    /// Up/down and circuit-breaker state; the rules that change it are in `crate::health`.
+    pub health: HealthState,
     in_flight: AtomicUsize,
     requests: AtomicU64,
     connections_opened: AtomicU64,
@@ -35,6 +38,7 @@ impl Backend {
             name,
             addr,
             host_header,
+            health: HealthState::default(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),

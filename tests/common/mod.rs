@@ -3,12 +3,11 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,15 +42,42 @@ pub struct Seen {
 }
 
 /// A real HTTP backend. Answers `NAME\n` with `X-Backend: NAME`; a path starting with `/slow`
-/// waits for `slow` first; `/status/NNN` answers with that status; `/bytes/N` with N bytes.
+/// waits for `slow` first; `/status/NNN` answers with that status; `/bytes/N` with N bytes;
+/// `/reset` reads the request and closes the connection without an answer.
+/// `/healthz` answers `health_status` (not counted in `hits` or `seen`).
 pub struct TestBackend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicU64>,
+    pub knobs: Arc<Knobs>,
     task: Option<tokio::task::JoinHandle<()>>,
     slow: Duration,
+}
+
+/// Switches a test flips on a running backend.
+#[derive(Debug)]
+pub struct Knobs {
+    /// Status of `/healthz`.
+    pub health_status: AtomicU16,
+    /// Alternate `/healthz` between `health_status` and 500, starting with `health_status`.
+    pub health_alternate: AtomicBool,
+    /// `/healthz` requests served.
+    pub health_checks: AtomicUsize,
+    /// When not 0, every other request is answered with this status.
+    pub fail_status: AtomicU16,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            health_status: AtomicU16::new(200),
+            health_alternate: AtomicBool::new(false),
+            health_checks: AtomicUsize::new(0),
+            fail_status: AtomicU16::new(0),
+        }
+    }
 }
 
 impl TestBackend {
@@ -70,9 +96,31 @@ impl TestBackend {
         let hits = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicU64::new(0));
-        let task =
-            tokio::spawn(serve(listener, name.to_string(), slow, hits.clone(), seen.clone(), connections.clone()));
-        TestBackend { name: name.into(), addr, hits, seen, connections, task: Some(task), slow }
+        let knobs = Arc::new(Knobs::default());
+        let task = tokio::spawn(serve(
+            listener,
+            name.to_string(),
+            slow,
+            hits.clone(),
+            seen.clone(),
+            connections.clone(),
+            knobs.clone(),
+        ));
+        TestBackend { name: name.into(), addr, hits, seen, connections, knobs, task: Some(task), slow }
+    }
+
+    /// Set the status `/healthz` answers.
+    pub fn set_health(&self, status: u16) {
+        self.knobs.health_status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answer every request (but `/healthz`) with `status`; 0 to serve normally again.
+    pub fn set_fail_status(&self, status: u16) {
+        self.knobs.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn health_checks(&self) -> usize {
+        self.knobs.health_checks.load(Ordering::SeqCst)
     }
 
     pub fn hits(&self) -> usize {
@@ -118,6 +166,7 @@ async fn serve(
     hits: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<AtomicU64>,
+    knobs: Arc<Knobs>,
 ) {
     // Connections live in this set, so aborting the server task closes them all.
     let mut conns = JoinSet::new();
@@ -126,15 +175,29 @@ async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 connections.fetch_add(1, Ordering::SeqCst);
-                let (name, hits, seen) = (name.clone(), hits.clone(), seen.clone());
+                let (name, hits, seen, knobs) = (name.clone(), hits.clone(), seen.clone(), knobs.clone());
                 conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (name, hits, seen) = (name.clone(), hits.clone(), seen.clone());
+                        let (name, hits, seen, knobs) = (name.clone(), hits.clone(), seen.clone(), knobs.clone());
                         async move {
+                            if req.uri().path() == "/healthz" {
+                                let n = knobs.health_checks.fetch_add(1, Ordering::SeqCst);
+                                let mut status = knobs.health_status.load(Ordering::SeqCst);
+                                if knobs.health_alternate.load(Ordering::SeqCst) && n % 2 == 1 {
+                                    status = 500;
+                                }
+                                let mut resp = Response::new(Full::new(Bytes::from_static(b"health\n")));
+                                *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                                return Ok(resp);
+                            }
                             hits.fetch_add(1, Ordering::SeqCst);
                             let path = req.uri().path().to_string();
                             seen.lock().unwrap().push(Seen { path: path.clone(), headers: req.headers().clone() });
                             let _ = req.into_body().collect().await;
+                            if path.starts_with("/reset") {
+                                // An error from the service makes hyper drop the connection.
+                                return Err(std::io::Error::other("reset"));
+                            }
                             if path.starts_with("/slow") {
                                 tokio::time::sleep(slow).await;
                             }
@@ -145,8 +208,12 @@ async fn serve(
                             if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
                                 *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
                             }
+                            let fail = knobs.fail_status.load(Ordering::SeqCst);
+                            if fail != 0 {
+                                *resp.status_mut() = StatusCode::from_u16(fail).unwrap_or(StatusCode::OK);
+                            }
                             resp.headers_mut().insert("x-backend", HeaderValue::from_str(&name).unwrap());
-                            Ok::<_, Infallible>(resp)
+                            Ok::<_, std::io::Error>(resp)
                         }
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
@@ -314,6 +381,20 @@ impl Client {
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
         }
+    }
+
+    /// Like `send`, but a transport error is returned instead of failing the test.
+    pub async fn try_get(&mut self, host: &str, path: &str) -> Result<Resp, String> {
+        let req = Request::builder().uri(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = self.sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Resp {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
     }
 
     pub async fn get(&mut self, host: &str, path: &str) -> Resp {
