@@ -110,6 +110,7 @@ mod tests {
             path_prefix: prefix.into(),
             algorithm: Algorithm::RoundRobin,
             backends: vec![],
+            limits: Default::default(),
         }
     }
 
