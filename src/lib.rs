@@ -6,6 +6,7 @@
 pub mod balancer;
 pub mod config;
 pub mod observe;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod state;

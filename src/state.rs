@@ -5,18 +5,15 @@
 //! health state, counters and pooled connections.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::balancer::{self, Balancer};
 use crate::config::{Config, ServiceConfig};
 use crate::observe::AccessLog;
+use crate::policy::Queue;
 use crate::proxy::router::Router;
 use crate::upstream::{Backend, Pool};
-
-/// Connect timeout until the timeouts section of the config arrives.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub type Shared = Arc<ArcSwap<Snapshot>>;
 
@@ -39,23 +36,30 @@ pub struct LoadBalancer {
 pub struct Service {
     pub config: ServiceConfig,
     pub lb: ArcSwap<LoadBalancer>,
+    /// Requests waiting for a backend under `max_connections`; carried over by a reload so
+    /// that waiting requests keep their place.
+    pub queue: Arc<Queue>,
 }
 
 impl Service {
     fn new(config: ServiceConfig, previous: Option<&Service>) -> Service {
         let old = previous.map(|s| s.lb.load_full());
+        let queue = previous.map_or_else(Arc::default, |s| s.queue.clone());
         let backends = config
             .backends
             .iter()
             .map(|b| {
                 let kept = old.as_ref().and_then(|lb| lb.pool.backends.iter().find(|x| x.addr == b.addr).cloned());
                 let backend = kept.unwrap_or_else(|| Backend::new(b.address.clone(), b.addr, &b.authority));
+                backend.set_limits(b.max_connections, &queue);
                 (backend, b.weight)
             })
             .collect();
         let pool = Pool::new(backends);
         let balancer = balancer::build(config.algorithm, &pool);
-        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }) }
+        // Limits may have grown or backends been added: let waiting requests look again.
+        queue.wake_all();
+        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }), queue }
     }
 }
 
