@@ -404,3 +404,22 @@ async fn reload_opens_added_listeners_and_closes_removed_ones() {
     // Its open connection drained: it answered its request, then closed.
     assert!(lb.log_contains(&format!("closing listener http://{first}")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_client_connections_the_listener_waits_instead_of_failing() {
+    let a = TestBackend::start("a").await;
+    let lb = Velocity::start(&config("max_client_connections: 2\n", "", &[(&a, "")])).await;
+    let addr = lb.addr();
+    let mut one = Client::connect(addr).await;
+    let mut two = Client::connect(addr).await;
+    assert_eq!(one.get("x", "/").await.status, 200);
+    assert_eq!(two.get("x", "/").await.status, 200);
+    // The third connection is not refused, just not served yet.
+    let third = tokio::spawn(async move { get(addr, "x", "/").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!third.is_finished());
+    drop(one);
+    let r = tokio::time::timeout(DEADLINE, third).await.expect("served once a slot frees").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(lb.log_contains("connection limit reached"));
+}
