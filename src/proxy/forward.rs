@@ -288,6 +288,8 @@ async fn acquire(
     let queue = &service.queue;
     let limits = &service.config.limits.queue;
     let mut ticket: Option<Ticket> = None;
+    // Set on joining: being woken and sent back to the front does not restart the clock.
+    let mut wait_until = deadline;
     loop {
         // Requests already waiting go first: a newcomer may only pick when nobody waits.
         if ticket.is_some() || queue.depth() == 0 {
@@ -310,6 +312,7 @@ async fn acquire(
             None => match queue.join(limits.size) {
                 Ok(t) => {
                     ticket = Some(t);
+                    wait_until = deadline.min(Instant::now() + limits.timeout);
                     // A request may have ended between our pick and the join, waking nobody:
                     // look once more before sleeping.
                     continue;
@@ -317,7 +320,6 @@ async fn acquire(
                 Err(why) => return Acquired::Rejected(why),
             },
         }
-        let wait_until = deadline.min(Instant::now() + limits.timeout);
         if let Some(t) = ticket.as_mut() {
             if let Err(why) = t.wait(wait_until).await {
                 return Acquired::Rejected(why);

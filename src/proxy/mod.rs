@@ -19,7 +19,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::state::Shared;
@@ -113,7 +112,6 @@ pub struct Listener {
     /// `Some(drain_timeout)` once the listener is told to stop.
     stop: watch::Sender<Option<Duration>>,
     limit: Arc<ConnLimit>,
-    task: JoinHandle<()>,
 }
 
 impl Listener {
@@ -123,8 +121,8 @@ impl Listener {
         let max = state.load().config.limits.max_client_connections;
         let limit = Arc::new(ConnLimit { open: AtomicUsize::new(0), max: AtomicUsize::new(max), freed: Notify::new() });
         let (stop, stopped) = watch::channel(None);
-        let task = tokio::spawn(serve(listener, local, state, tracker, limit.clone(), stopped));
-        Listener { configured, local, stop, limit, task }
+        tokio::spawn(serve(listener, local, state, tracker, limit.clone(), stopped));
+        Listener { configured, local, stop, limit }
     }
 
     /// Apply a reloaded `max_client_connections`.
@@ -138,11 +136,6 @@ impl Listener {
     /// Stop accepting (the socket closes) and let open connections finish within `drain`.
     pub fn stop(&self, drain: Duration) {
         self.stop.send_replace(Some(drain));
-    }
-
-    /// Whether the accept loop has ended.
-    pub fn is_stopped(&self) -> bool {
-        self.task.is_finished()
     }
 }
 
