@@ -7,6 +7,7 @@ pub mod balancer;
 pub mod config;
 pub mod health;
 pub mod observe;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod state;

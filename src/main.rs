@@ -22,6 +22,9 @@ enum Command {
     Run {
         #[arg(short, long, default_value = "velocity.yaml")]
         config: PathBuf,
+        /// Reload the config when the file changes (checked every second); SIGHUP always reloads.
+        #[arg(long)]
+        watch: bool,
     },
     /// Validate a config file without running it.
     Check {
@@ -51,10 +54,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => {
+        Command::Run { config, watch } => {
             observe::init_logging();
             match config::load(&config) {
-                Ok(cfg) => block_on(server::run(cfg)),
+                Ok(cfg) => block_on(server::run(cfg, server::Options { config_path: Some(config), watch })),
                 Err(errors) => {
                     for e in errors {
                         eprintln!("{e}");
@@ -140,7 +143,7 @@ fn demo() -> ExitCode {
         println!("  curl -s localhost:8000/                          # weighted round robin: demo-1 gets 3 of 5");
         println!("  curl -s -H 'Host: api.local' localhost:8000/api/  # least connections");
         println!("  Ctrl-C to stop.");
-        server::run(cfg).await
+        server::run(cfg, server::Options::default()).await
     })
 }
 

@@ -1,28 +1,65 @@
-//! Process lifecycle: load the config, open listeners, serve until told to stop.
+//! Process lifecycle: load the config, open listeners, serve; reload on SIGHUP or a file change;
+//! drain and exit on SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::proxy;
+use crate::config::{self, Config};
+use crate::proxy::{Listener, Tracker};
 use crate::state::{Shared, Snapshot};
 
-/// Open every listener of `config` and serve. Returns once the process is asked to stop.
-pub async fn run(config: Config) -> Result<(), String> {
+/// How often `--watch` looks at the config file.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// The file the config came from; reloads read it again. `None`: reload is not possible.
+    pub config_path: Option<PathBuf>,
+    /// Reload when the file's content changes.
+    pub watch: bool,
+}
+
+/// Serve `config` until told to stop. `Ok` after a graceful shutdown (drained, or the drain
+/// timeout passed); `Err` when a second signal cut the drain short.
+pub async fn run(config: Config, options: Options) -> Result<(), String> {
+    // Before any listener: a signal that arrives once "listening" is logged must be handled,
+    // not take the default action (which kills the process, even for SIGHUP).
+    let mut signals = Signals::new()?;
     let listen = config.listen.clone();
     let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log: {e}"))?;
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let tracker = Arc::new(Tracker::default());
+    let mut listeners = Vec::new();
     for addr in listen {
         let listener = bind(addr).await?;
-        tokio::spawn(proxy::serve(listener, state.clone()));
+        listeners.push(Listener::start(addr, listener, state.clone(), tracker.clone()));
     }
-    wait_for_stop().await;
-    info!("stopping");
-    Ok(())
+
+    let mut watch = match (&options.config_path, options.watch) {
+        (Some(path), true) => Some(FileWatch::new(path.clone()).await),
+        _ => None,
+    };
+    let stop_signal = loop {
+        let reload_reason = tokio::select! {
+            sig = signals.next() => match sig {
+                Sig::Stop(name) => break name,
+                Sig::Reload => "SIGHUP",
+            },
+            _ = file_changed(&mut watch) => "file change",
+        };
+        match &options.config_path {
+            Some(path) => reload(path, reload_reason, &state, &mut listeners, &tracker).await,
+            None => warn!("reload ({reload_reason}) ignored: this config was not read from a file"),
+        }
+    };
+
+    shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
@@ -33,23 +70,188 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     Ok(listener)
 }
 
-async fn wait_for_stop() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+/// Load, validate and switch to the config in `path`; on any problem keep the current one.
+async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<Listener>, tracker: &Arc<Tracker>) {
+    let shown = path.display();
+    let new = match config::load(path) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            error!(
+                "reload rejected ({reason}): {} problem(s) in {shown}; still serving the previous config",
+                errors.len()
+            );
+            for e in errors {
+                error!("{e}");
             }
-            Err(e) => {
-                error!(error = %e, "cannot watch SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    // Open added listeners before switching, so a port in use rejects the whole reload.
+    let mut added = Vec::new();
+    for addr in &new.listen {
+        if !listeners.iter().any(|l| l.configured == *addr) {
+            match bind(*addr).await {
+                Ok(l) => added.push((*addr, l)),
+                Err(e) => {
+                    error!("reload rejected ({reason}): {e}; still serving the previous config");
+                    return;
+                }
             }
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    let old = state.load_full();
+    let snapshot = match Snapshot::build(new, Some(&old)) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("reload rejected ({reason}): cannot open the access log: {e}; still serving the previous config");
+            return;
+        }
+    };
+    let cfg = snapshot.config.clone();
+    // One atomic store: a request sees the old snapshot or the new one, never a mix.
+    state.store(Arc::new(snapshot));
+
+    let mut removed = 0;
+    listeners.retain(|l| {
+        if cfg.listen.contains(&l.configured) {
+            l.set_max_connections(cfg.limits.max_client_connections);
+            return true;
+        }
+        info!("closing listener http://{}: removed from the config; its open connections drain", l.local);
+        l.stop(cfg.shutdown.drain_timeout);
+        removed += 1;
+        false
+    });
+    let opened = added.len();
+    for (addr, l) in added {
+        listeners.push(Listener::start(addr, l, state.clone(), tracker.clone()));
+    }
+    info!(
+        "reload ok ({reason}): {shown}: {} service(s), {} listener(s) ({opened} opened, {removed} closed)",
+        cfg.services.len(),
+        listeners.len()
+    );
+}
+
+async fn shutdown(
+    signal: &'static str,
+    signals: &mut Signals,
+    state: &Shared,
+    listeners: &[Listener],
+    tracker: &Tracker,
+) -> Result<(), String> {
+    let drain = state.load().config.shutdown.drain_timeout;
+    info!(
+        "shutdown ({signal}): no longer accepting; draining {} open connection(s), up to {drain:?} (signal again to exit now)",
+        tracker.open()
+    );
+    for l in listeners {
+        l.stop(drain);
+    }
+    // Connections give up at `drain` themselves; the extra second lets them close first.
+    let deadline = tokio::time::sleep(drain + Duration::from_secs(1));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = tracker.wait_idle() => {
+                info!("shutdown: drained, exiting");
+                return Ok(());
+            }
+            _ = &mut deadline => {
+                warn!("shutdown: drain_timeout ({drain:?}) passed with {} connection(s) open; exiting", tracker.open());
+                return Ok(());
+            }
+            sig = signals.next() => match sig {
+                Sig::Stop(name) => {
+                    return Err(format!("shutdown: second signal ({name}): exiting now with {} connection(s) open", tracker.open()));
+                }
+                Sig::Reload => warn!("reload (SIGHUP) ignored: shutting down"),
+            },
+        }
+    }
+}
+
+async fn file_changed(watch: &mut Option<FileWatch>) {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Polls the config file's content; `changed` resolves when it differs from the last seen.
+struct FileWatch {
+    path: PathBuf,
+    last: Option<Vec<u8>>,
+    tick: tokio::time::Interval,
+}
+
+impl FileWatch {
+    async fn new(path: PathBuf) -> FileWatch {
+        let last = tokio::fs::read(&path).await.ok();
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        info!("watching {} for changes", path.display());
+        FileWatch { path, last, tick }
+    }
+
+    async fn changed(&mut self) {
+        loop {
+            self.tick.tick().await;
+            // Content rather than mtime: mtime has coarse resolution on some filesystems, and
+            // the file is small. A missing file (mid-rename) is not a change.
+            let Ok(now) = tokio::fs::read(&self.path).await else { continue };
+            if self.last.as_deref() != Some(&now[..]) {
+                self.last = Some(now);
+                return;
+            }
+        }
+    }
+}
+
+enum Sig {
+    Stop(&'static str),
+    Reload,
+}
+
+#[cfg(unix)]
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let watch = |kind: SignalKind, name: &str| signal(kind).map_err(|e| format!("cannot watch {name}: {e}"));
+        Ok(Signals {
+            term: watch(SignalKind::terminate(), "SIGTERM")?,
+            int: watch(SignalKind::interrupt(), "SIGINT")?,
+            hup: watch(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    async fn next(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.term.recv() => Sig::Stop("SIGTERM"),
+            _ = self.int.recv() => Sig::Stop("SIGINT"),
+            _ = self.hup.recv() => Sig::Reload,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> Result<Signals, String> {
+        Ok(Signals)
+    }
+
+    async fn next(&mut self) -> Sig {
+        let _ = tokio::signal::ctrl_c().await;
+        Sig::Stop("Ctrl-C")
+    }
 }

@@ -5,7 +5,6 @@
 //! health state, counters and pooled connections.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -14,11 +13,9 @@ use crate::config::{Config, ServiceConfig};
 use crate::health::active::{self, Checker};
 use crate::health::retry::RetryBudget;
 use crate::observe::AccessLog;
+use crate::policy::Queue;
 use crate::proxy::router::Router;
 use crate::upstream::{Backend, Pool};
-
-/// Connect timeout until the timeouts section of the config arrives.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub type Shared = Arc<ArcSwap<Snapshot>>;
 
@@ -43,6 +40,9 @@ pub struct Service {
     pub lb: ArcSwap<LoadBalancer>,
     /// Retries allowed as a share of this service's recent requests.
     pub retry_budget: RetryBudget,
+    /// Requests waiting for a backend under `max_connections`; carried over by a reload so
+    /// that waiting requests keep their place.
+    pub queue: Arc<Queue>,
     /// Active checks of the pool's backends, stopped when the service is dropped (a reload
     /// that keeps the service starts new ones; the backends keep their state).
     _checker: Option<Checker>,
@@ -51,12 +51,14 @@ pub struct Service {
 impl Service {
     fn new(config: ServiceConfig, previous: Option<&Service>) -> Service {
         let old = previous.map(|s| s.lb.load_full());
+        let queue = previous.map_or_else(Arc::default, |s| s.queue.clone());
         let backends = config
             .backends
             .iter()
             .map(|b| {
                 let kept = old.as_ref().and_then(|lb| lb.pool.backends.iter().find(|x| x.addr == b.addr).cloned());
                 let backend = kept.unwrap_or_else(|| Backend::new(b.address.clone(), b.addr, &b.authority));
+                backend.set_limits(b.max_connections, &queue);
                 (backend, b.weight)
             })
             .collect();
@@ -64,7 +66,15 @@ impl Service {
         let balancer = balancer::build(config.algorithm, &pool);
         let checker = config.health.check.as_ref().and_then(|c| active::start(&config.name, c, &pool.backends));
         let retry_budget = RetryBudget::new(config.health.retry.budget_percent);
-        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }), retry_budget, _checker: checker }
+        // Limits may have grown or backends been added: let waiting requests look again.
+        queue.wake_all();
+        Service {
+            config,
+            lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }),
+            retry_budget,
+            queue,
+            _checker: checker,
+        }
     }
 }
 

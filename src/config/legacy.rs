@@ -10,7 +10,7 @@ use serde_saphyr::Spanned;
 
 use super::schema::{LegacyConfig, LegacyService, OneOrMany, RawBackend, RawService, Scalar, S};
 use super::validate::{self, map_spanned, Ctx};
-use super::{AccessLog, Algorithm, Config, ConfigError, LogFormat};
+use super::{lifecycle, AccessLog, Algorithm, Config, ConfigError, Limits, LogFormat, Shutdown};
 
 pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
     let raw: LegacyConfig = serde_saphyr::from_str(text).map_err(|e| vec![validate::syntax_error(path, &e)])?;
@@ -41,6 +41,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
         access_log: AccessLog::Stdout,
         log_format: LogFormat::Text,
         services,
+        limits: Limits::default(),
+        shutdown: Shutdown::default(),
         legacy_equivalent: None,
     };
     cfg.legacy_equivalent = Some(equivalent_yaml(&cfg, api_port));
@@ -86,7 +88,7 @@ fn service(ctx: &mut Ctx, s: LegacyService) -> RawService {
                 .map(|u| Spanned {
                     referenced: u.referenced,
                     defined: u.defined,
-                    value: RawBackend { address: Some(u), weight: None },
+                    value: RawBackend { address: Some(u), ..RawBackend::default() },
                 })
                 .collect()
         })
@@ -140,6 +142,7 @@ pub fn to_yaml(cfg: &Config) -> String {
     if cfg.log_format == LogFormat::Json {
         let _ = writeln!(out, "log_format: json");
     }
+    lifecycle::global_yaml(&mut out, cfg);
     let _ = writeln!(out, "services:");
     for s in &cfg.services {
         let _ = writeln!(out, "  - name: {}", quote(&s.name));
@@ -151,11 +154,15 @@ pub fn to_yaml(cfg: &Config) -> String {
             let _ = writeln!(out, "    path_prefix: {}", quote(&s.path_prefix));
         }
         let _ = writeln!(out, "    algorithm: {}", s.algorithm.name());
+        lifecycle::service_yaml(&mut out, s, &cfg.limits.timeouts);
         let _ = writeln!(out, "    backends:");
         for b in &s.backends {
             let _ = writeln!(out, "      - address: {}", quote(&b.address));
             if b.weight != 1 {
                 let _ = writeln!(out, "        weight: {}", b.weight);
+            }
+            if let Some(n) = b.max_connections {
+                let _ = writeln!(out, "        max_connections: {n}");
             }
         }
         super::health::to_yaml(&mut out, &s.health);
@@ -233,6 +240,7 @@ services:
                 addr: "127.0.0.1:9001".parse().unwrap(),
                 authority: "localhost:9001".into(),
                 weight: 1,
+                max_connections: None,
             }
         );
         assert_eq!(s.backends[1].addr, "127.0.0.1:9002".parse().unwrap());

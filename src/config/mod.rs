@@ -6,6 +6,7 @@
 mod duration;
 pub(crate) mod health;
 mod legacy;
+mod lifecycle;
 mod schema;
 mod validate;
 
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use duration::parse_duration;
+pub use lifecycle::parse_size;
 
 /// A fully validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +25,9 @@ pub struct Config {
     pub access_log: AccessLog,
     pub log_format: LogFormat,
     pub services: Vec<ServiceConfig>,
+    /// Listener-wide timeouts and limits (client side), and the defaults services inherit.
+    pub limits: Limits,
+    pub shutdown: Shutdown,
     /// Set when the file was in the original Go Velocity format; holds the equivalent new YAML.
     pub legacy_equivalent: Option<String>,
 }
@@ -51,6 +56,8 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Issue 3: health checks, passive detection, retries.
     pub health: HealthConfig,
+    /// Timeouts, body limit and queue of this service (the global defaults where not overridden).
+    pub limits: ServiceLimits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,6 +94,8 @@ pub struct BackendConfig {
     /// `host:port` used as the Host header when the client sent none.
     pub authority: String,
     pub weight: u32,
+    /// Requests this backend may have in flight; `None`: no limit.
+    pub max_connections: Option<usize>,
 }
 
 /// A service's failure handling (issue 3), kept in one struct so other per-service sections
@@ -271,4 +280,92 @@ impl fmt::Display for HostPattern {
 /// `legacy_equivalent` unset).
 pub fn to_yaml(cfg: &Config) -> String {
     legacy::to_yaml(cfg)
+}
+
+// ---- Timeouts, limits, queueing and shutdown ----
+
+/// Every timeout, resolved. In a service, `client_header` and `client_idle` are the global ones
+/// (they apply before a request is routed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the first byte of a request (or the accept) to the end of its headers: then 408.
+    pub client_header: Duration,
+    /// A keep-alive client connection with no request for this long is closed.
+    pub client_idle: Duration,
+    /// Connecting to a backend.
+    pub connect: Duration,
+    /// From sending the request to the backend's response headers: then 504.
+    pub backend_response: Duration,
+    /// The whole exchange up to the response headers (queueing, connects, retries): then 504.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            client_header: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
+            connect: Duration::from_secs(2),
+            backend_response: Duration::from_secs(30),
+            request: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Top-level limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub timeouts: Timeouts,
+    /// Request line plus headers; beyond it the client gets 431.
+    pub max_header_bytes: usize,
+    /// Open client connections per listener; at the limit the listener stops accepting.
+    pub max_client_connections: usize,
+}
+
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 10_000;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeouts: Timeouts::default(),
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown { drain_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Per-service limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServiceLimits {
+    pub timeouts: Timeouts,
+    /// Request body limit; beyond it the client gets 413. `None`: no limit.
+    pub max_body_bytes: Option<u64>,
+    pub queue: QueueConfig,
+}
+
+/// Where requests wait when every backend is at its `max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Requests that may wait; 0 means none (503 at once).
+    pub size: usize,
+    pub timeout: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { size: 100, timeout: Duration::from_secs(10) }
+    }
 }

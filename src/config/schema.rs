@@ -138,6 +138,10 @@ pub struct RawConfig {
     pub access_log: Option<S<String>>,
     pub log_format: Option<S<String>>,
     pub services: Option<S<Vec<S<RawService>>>>,
+    pub timeouts: Option<S<RawTimeouts>>,
+    pub max_header_bytes: Option<S<Scalar>>,
+    pub max_client_connections: Option<S<Scalar>>,
+    pub shutdown: Option<S<RawShutdown>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,13 +155,43 @@ pub struct RawService {
     pub health_check: Option<S<RawHealthCheck>>,
     pub passive: Option<S<RawPassive>>,
     pub retry: Option<S<RawRetry>>,
+    pub timeouts: Option<S<RawTimeouts>>,
+    pub max_body_bytes: Option<S<Scalar>>,
+    pub queue: Option<S<RawQueue>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub address: Option<S<String>>,
     pub weight: Option<S<Scalar>>,
+    pub max_connections: Option<S<Scalar>>,
+}
+
+// ---- Timeouts, limits, queueing and shutdown ----
+
+/// Durations are `Scalar` so that `connect: 5` is reported as a missing unit, with the others.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub client_header: Option<S<Scalar>>,
+    pub client_idle: Option<S<Scalar>>,
+    pub connect: Option<S<Scalar>>,
+    pub backend_response: Option<S<Scalar>>,
+    pub request: Option<S<Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub size: Option<S<Scalar>>,
+    pub timeout: Option<S<Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    pub drain_timeout: Option<S<Scalar>>,
 }
 
 // Issue 3: health checks, passive detection, retries. Values are `Scalar` so that a wrong type

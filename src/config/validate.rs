@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use serde_saphyr::{Location, MessageFormatter, Spanned};
 
 use super::schema::{OneOrMany, Probe, RawBackend, RawConfig, RawService, Scalar, S};
-use super::{legacy, AccessLog, Algorithm, BackendConfig, Config, ConfigError, HostPattern, LogFormat, ServiceConfig};
+use super::{
+    legacy, lifecycle, AccessLog, Algorithm, BackendConfig, Config, ConfigError, HostPattern, LogFormat, ServiceConfig,
+    Timeouts,
+};
 
 pub const MAX_WEIGHT: i64 = 10_000;
 
@@ -25,7 +28,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
     ctx.finish(cfg)
 }
 
-fn convert(ctx: &mut Ctx, raw: RawConfig) -> Config {
+fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
+    let (limits, shutdown) = lifecycle::global(ctx, &mut raw);
+    ctx.timeouts = limits.timeouts;
     let listen = match raw.listen {
         Some(l) => listen(ctx, l),
         None => {
@@ -36,7 +41,7 @@ fn convert(ctx: &mut Ctx, raw: RawConfig) -> Config {
     let access_log = raw.access_log.map_or(AccessLog::Stdout, |v| access_log(ctx, &v));
     let log_format = raw.log_format.map_or(LogFormat::Text, |v| log_format(ctx, &v));
     let services = services(ctx, raw.services);
-    Config { listen, access_log, log_format, services, legacy_equivalent: None }
+    Config { listen, access_log, log_format, services, limits, shutdown, legacy_equivalent: None }
 }
 
 /// Collects problems for one file.
@@ -46,11 +51,13 @@ pub struct Ctx<'a> {
     /// Lower-cased host → first resolved address (port 0), so a host used by many backends is
     /// looked up once.
     resolved: HashMap<String, Result<IpAddr, String>>,
+    /// The top-level timeouts, which services inherit; set before the services are read.
+    pub timeouts: Timeouts,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(file: &'a Path) -> Ctx<'a> {
-        Ctx { file, errors: Vec::new(), resolved: HashMap::new() }
+        Ctx { file, errors: Vec::new(), resolved: HashMap::new(), timeouts: Timeouts::default() }
     }
 
     pub fn error(&mut self, at: &Location, message: impl Into<String>) {
@@ -219,7 +226,9 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
     let mut out = Vec::new();
     for (index, item) in list.value.into_iter().enumerate() {
         let at = item.referenced;
-        let raw = item.value;
+        let mut raw = item.value;
+        let global_timeouts = ctx.timeouts;
+        let limits = lifecycle::service(ctx, &mut raw, &global_timeouts);
         let name = match &raw.name {
             Some(n) if n.value.trim().is_empty() => {
                 ctx.error(&n.referenced, "service name is empty");
@@ -290,6 +299,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             algorithm,
             backends,
             health,
+            limits,
         });
     }
     out
@@ -400,6 +410,7 @@ fn backends(ctx: &mut Ctx, service: &str, raw: Option<S<Vec<S<RawBackend>>>>, na
             ctx.error(&item.referenced, "backend has no `address`");
             continue;
         };
+        let max_connections = lifecycle::backend(ctx, &b);
         let target = parse_backend_address(&address.value).and_then(|(host, port)| ctx.resolve(host, port));
         match (target, weight) {
             (Ok(addr), Some(weight)) => out.push(BackendConfig {
@@ -407,6 +418,7 @@ fn backends(ctx: &mut Ctx, service: &str, raw: Option<S<Vec<S<RawBackend>>>>, na
                 addr,
                 authority: authority_of(&address.value).to_owned(),
                 weight,
+                max_connections,
             }),
             (Err(msg), _) => ctx.error(&address.referenced, msg),
             (Ok(_), None) => {}
@@ -564,12 +576,14 @@ services:
                     addr: "127.0.0.1:9001".parse().unwrap(),
                     authority: "127.0.0.1:9001".into(),
                     weight: 3,
+                    max_connections: None,
                 },
                 BackendConfig {
                     address: "http://localhost:9002/".into(),
                     addr: "127.0.0.1:9002".parse().unwrap(),
                     authority: "localhost:9002".into(),
                     weight: 1,
+                    max_connections: None,
                 },
             ]
         );

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
+use super::client::BusyGuard;
 use crate::observe::{AccessLog, AccessRecord};
 use crate::upstream::UpstreamBody;
 
@@ -20,15 +21,22 @@ pub struct ResponseBody {
     kind: Kind,
     log: Option<(AccessLog, AccessRecord)>,
     done: bool,
+    /// Keeps the client connection counted as busy (no idle/header timer) until the response ends.
+    busy: Option<BusyGuard>,
 }
 
 impl ResponseBody {
     pub fn upstream(body: UpstreamBody, log: Option<(AccessLog, AccessRecord)>) -> Self {
-        ResponseBody { kind: Kind::Upstream(body), log, done: false }
+        ResponseBody { kind: Kind::Upstream(body), log, done: false, busy: None }
     }
 
     pub fn local(bytes: Bytes, log: Option<(AccessLog, AccessRecord)>) -> Self {
-        ResponseBody { kind: Kind::Local(Some(bytes)), log, done: false }
+        ResponseBody { kind: Kind::Local(Some(bytes)), log, done: false, busy: None }
+    }
+
+    pub fn hold(mut self, busy: BusyGuard) -> Self {
+        self.busy = Some(busy);
+        self
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,12 +17,13 @@ use tracing::{debug, warn};
 use super::body::ResponseBody;
 use super::headers;
 use crate::balancer::RequestContext;
-use crate::config::HealthConfig;
+use crate::config::{HealthConfig, Timeouts};
 use crate::health::passive::{self, Admission};
 use crate::health::{active, retry};
 use crate::observe::{AccessLog, AccessRecord};
-use crate::state::{Service, Shared, DEFAULT_CONNECT_TIMEOUT};
-use crate::upstream::{Backend, InFlight, PooledConnection, RequestBody, UpstreamBody};
+use crate::policy::{QueueRejection, Ticket};
+use crate::state::{LoadBalancer, Service, Shared};
+use crate::upstream::{Backend, BoxError, InFlight, LimitedBody, PooledConnection, RequestBody, UpstreamBody};
 
 /// What a client connection's requests share; built once per accepted connection.
 pub struct ConnContext {
@@ -72,6 +74,19 @@ enum AttemptError {
     NotSent(Request<RequestBody>, String),
     /// The backend failed after the request was sent.
     Sent(hyper::Error),
+    /// No response headers in time: 504.
+    Timeout(TimeoutKind),
+    /// The client's (chunked) body went over `max_body_bytes` while it was being sent: 413.
+    BodyTooLarge,
+}
+
+/// Which deadline ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimeoutKind {
+    /// `backend_response`: the backend took too long to answer this attempt.
+    Backend,
+    /// `request`: the whole exchange took too long.
+    Request,
 }
 
 pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
@@ -105,6 +120,8 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
     let service = snapshot.services[service].clone();
     drop(snapshot);
     let lb = service.lb.load_full();
+    let timeouts = service.config.limits.timeouts;
+    let deadline = Instant::now() + timeouts.request;
 
     let had_host = req.headers().contains_key(header::HOST);
     headers::strip_hop_by_hop(req.headers_mut());
@@ -117,7 +134,9 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
     let retry = &service.config.health.retry;
     let passive_cfg = &service.config.health.passive;
     service.retry_budget.record_request();
-    let mut req = req.map(RequestBody::Streamed);
+    let Some(mut req) = limit_body(req, service.config.limits.max_body_bytes) else {
+        return Ok(body_too_large(&service, log));
+    };
     // What it takes to send the request again after a backend received it: idempotent methods
     // only, and a body we hold (empty, or small enough to buffer). A streamed body is gone once
     // sent, so such a request is only ever moved when its connection failed before sending.
@@ -145,7 +164,7 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
     // the request: if none can, the client gets this answer rather than an error of ours.
     let mut held: Option<(Response<Incoming>, PooledConnection, InFlight)> = None;
     loop {
-        let picked = {
+        let acquired = {
             let ctx = RequestContext {
                 client_ip: conn.client.ip(),
                 method: req.method(),
@@ -153,9 +172,14 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
                 headers: req.headers(),
             };
             let pool = &lb.pool;
-            lb.balancer.pick(pool, &ctx, &|i| !tried.contains(i) && pool.backends[i].health.selectable())
+            let usable = |i: usize| !tried.contains(i) && pool.backends[i].health.selectable();
+            acquire(&service, &lb, &ctx, &usable, deadline).await
         };
-        let Some(i) = picked else { break };
+        let (i, in_flight) = match acquired {
+            Acquired::Backend(i, in_flight) => (i, in_flight),
+            Acquired::NoneUsable => break,
+            Acquired::Rejected(why) => return Ok(queue_rejected(&service, why, log)),
+        };
         tried.insert(i);
         let backend = &lb.pool.backends[i];
         let trial = match passive::admit(backend) {
@@ -167,8 +191,7 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
         if !had_host {
             req.headers_mut().insert(header::HOST, backend.host_header.clone());
         }
-        let in_flight = backend.start_request();
-        match attempt(backend, req).await {
+        match attempt(backend, req, &timeouts, deadline).await {
             Ok((resp, pooled)) => {
                 let status = resp.status();
                 if passive_cfg.on_5xx && status.is_server_error() {
@@ -222,6 +245,22 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
                     }
                 }
             }
+            Err(AttemptError::Timeout(kind)) => {
+                // The request may be half-way through the backend: not retried, but the
+                // backend's slowness counts against it.
+                if kind == TimeoutKind::Backend {
+                    passive::record_failure(
+                        backend,
+                        trial,
+                        passive_cfg,
+                        &lb.pool,
+                        &service.config.name,
+                        &"response timeout",
+                    );
+                }
+                return Ok(timed_out(&service, backend, kind, &timeouts, log));
+            }
+            Err(AttemptError::BodyTooLarge) => return Ok(body_too_large(&service, log)),
         }
         tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
         retries += 1;
@@ -302,7 +341,7 @@ struct Replay {
 impl Replay {
     /// A replayable copy of `req`, buffering its body first when it has a Content-Length of at
     /// most `limit`; `None` when the body is streamed (unknown or larger length).
-    async fn prepare(req: &mut Request<RequestBody>, limit: u64) -> Result<Option<Replay>, hyper::Error> {
+    async fn prepare(req: &mut Request<RequestBody>, limit: u64) -> Result<Option<Replay>, BoxError> {
         let body = if req.body().is_end_stream() {
             None
         } else {
@@ -341,31 +380,214 @@ impl Replay {
 }
 
 /// One try at one backend: a pooled connection (or a new one), then the request.
+/// One try at one backend: a pooled connection (or a new one), then the request, within the
+/// connect timeout, and `backend_response` or the request `deadline`, whichever is sooner.
 async fn attempt(
     backend: &Arc<Backend>,
     req: Request<RequestBody>,
+    timeouts: &Timeouts,
+    deadline: Instant,
 ) -> Result<(Response<Incoming>, PooledConnection), AttemptError> {
-    let mut conn = match backend.checkout(DEFAULT_CONNECT_TIMEOUT).await {
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(AttemptError::Timeout(TimeoutKind::Request));
+    }
+    let connect_timeout = timeouts.connect.min(deadline - now);
+    let over_limit = match req.body() {
+        RequestBody::Limited(b) => Some(b.exceeded()),
+        _ => None,
+    };
+    let mut conn = match backend.checkout(connect_timeout).await {
         Ok(c) => c,
         Err(e) => return Err(AttemptError::NotSent(req, e.to_string())),
     };
-    match conn.send(req).await {
+    match send_within(&mut conn, req, timeouts, deadline, over_limit.as_deref()).await {
         Ok(resp) => Ok((resp, conn)),
-        Err((e, None)) => Err(AttemptError::Sent(e)),
-        Err((e, Some(req))) if !conn.reused => Err(AttemptError::NotSent(req, e.to_string())),
-        Err((_, Some(req))) => {
+        Err(SendError::Failed(_, Some(req))) if conn.reused => {
             // The backend closed an idle connection just as we picked it: one fresh try.
-            let mut fresh = match backend.connect(DEFAULT_CONNECT_TIMEOUT).await {
+            let mut fresh = match backend.connect(connect_timeout).await {
                 Ok(c) => c,
                 Err(e) => return Err(AttemptError::NotSent(req, e.to_string())),
             };
-            match fresh.send(req).await {
+            match send_within(&mut fresh, req, timeouts, deadline, over_limit.as_deref()).await {
                 Ok(resp) => Ok((resp, fresh)),
-                Err((e, Some(req))) => Err(AttemptError::NotSent(req, e.to_string())),
-                Err((e, None)) => Err(AttemptError::Sent(e)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+enum SendError {
+    Failed(hyper::Error, Option<Request<RequestBody>>),
+    Other(AttemptError),
+}
+
+impl From<SendError> for AttemptError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Failed(e, None) => AttemptError::Sent(e),
+            SendError::Failed(e, Some(req)) => AttemptError::NotSent(req, e.to_string()),
+            SendError::Other(e) => e,
+        }
+    }
+}
+
+/// Send on `conn` and wait for the response headers until the sooner of `backend_response`
+/// from now and the request deadline. Dropping the response future on a timeout makes hyper
+/// close that backend connection, so a late answer cannot be taken for the next request's.
+async fn send_within(
+    conn: &mut PooledConnection,
+    req: Request<RequestBody>,
+    timeouts: &Timeouts,
+    deadline: Instant,
+    over_limit: Option<&AtomicBool>,
+) -> Result<Response<Incoming>, SendError> {
+    let backend_deadline = Instant::now() + timeouts.backend_response;
+    let (until, kind) = if backend_deadline < deadline {
+        (backend_deadline, TimeoutKind::Backend)
+    } else {
+        (deadline, TimeoutKind::Request)
+    };
+    match tokio::time::timeout_at(until.into(), conn.send(req)).await {
+        Err(_) => Err(SendError::Other(AttemptError::Timeout(kind))),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(_)) if over_limit.is_some_and(|f| f.load(Ordering::Relaxed)) => {
+            Err(SendError::Other(AttemptError::BodyTooLarge))
+        }
+        Ok(Err((e, req))) => Err(SendError::Failed(e, req)),
+    }
+}
+
+/// What [`acquire`] found.
+enum Acquired {
+    Backend(usize, InFlight),
+    /// No backend is usable (all tried, or none eligible): not a capacity problem.
+    NoneUsable,
+    Rejected(QueueRejection),
+}
+
+/// Pick a usable backend with room under its `max_connections` and count the request on it.
+/// When every usable backend is full, wait in the service's queue (FIFO, at most `queue.size`
+/// requests, at most `queue.timeout` and never past the request deadline).
+async fn acquire(
+    service: &Service,
+    lb: &LoadBalancer,
+    ctx: &RequestContext<'_>,
+    usable: &(dyn Fn(usize) -> bool + Sync),
+    deadline: Instant,
+) -> Acquired {
+    let queue = &service.queue;
+    let limits = &service.config.limits.queue;
+    let mut ticket: Option<Ticket> = None;
+    // Set on joining: being woken and sent back to the front does not restart the clock.
+    let mut wait_until = deadline;
+    loop {
+        // Requests already waiting go first: a newcomer may only pick when nobody waits.
+        if ticket.is_some() || queue.depth() == 0 {
+            let has_room = |i: usize| usable(i) && lb.pool.backends[i].has_capacity();
+            if let Some(i) = lb.balancer.pick(&lb.pool, ctx, &has_room) {
+                if let Some(in_flight) = lb.pool.backends[i].try_start_request() {
+                    if let Some(t) = ticket.take() {
+                        t.done();
+                    }
+                    return Acquired::Backend(i, in_flight);
+                }
+                // Another request took the last slot between the check and the count.
+            } else if !(0..lb.pool.len()).any(usable) {
+                return Acquired::NoneUsable;
+            }
+        }
+        match ticket.as_mut() {
+            // Woken, but the slot went to someone else: back to the front.
+            Some(t) => t.requeue_front(),
+            None => match queue.join(limits.size) {
+                Ok(t) => {
+                    ticket = Some(t);
+                    wait_until = deadline.min(Instant::now() + limits.timeout);
+                    // A request may have ended between our pick and the join, waking nobody:
+                    // look once more before sleeping.
+                    continue;
+                }
+                Err(why) => return Acquired::Rejected(why),
+            },
+        }
+        if let Some(t) = ticket.as_mut() {
+            if let Err(why) = t.wait(wait_until).await {
+                return Acquired::Rejected(why);
             }
         }
     }
+}
+
+/// The request with its body limit applied: `None` when its Content-Length is already over.
+/// A body of unknown length is counted as it streams.
+fn limit_body(req: Request<Incoming>, max: Option<u64>) -> Option<Request<RequestBody>> {
+    let Some(max) = max else { return Some(req.map(RequestBody::Streamed)) };
+    match req.body().size_hint().exact() {
+        // hyper enforces a Content-Length, so a body within it needs no counting.
+        Some(len) if len > max => None,
+        Some(_) => Some(req.map(RequestBody::Streamed)),
+        None => Some(req.map(|b| RequestBody::Limited(LimitedBody::new(b, max)))),
+    }
+}
+
+fn body_too_large(service: &Service, log: Option<(AccessLog, AccessRecord)>) -> Response<ResponseBody> {
+    let max = service.config.limits.max_body_bytes.unwrap_or(0);
+    let body = format!("413 content too large: the limit is {max} bytes\n");
+    let mut resp = local(StatusCode::PAYLOAD_TOO_LARGE, body.into(), log, "body_too_large");
+    // The rest of the body is never read, so the connection cannot be reused.
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+fn queue_rejected(
+    service: &Service,
+    why: QueueRejection,
+    log: Option<(AccessLog, AccessRecord)>,
+) -> Response<ResponseBody> {
+    let q = service.config.limits.queue;
+    warn!(
+        service = %service.config.name,
+        reason = why.note(),
+        queue_size = q.size,
+        queue_timeout = ?q.timeout,
+        "every backend is at max_connections and the request could not wait: 503"
+    );
+    let mut resp = local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from_static(b"503 service unavailable: all backends are busy, retry later\n"),
+        log,
+        why.note(),
+    );
+    // About the longest a queued request would have waited.
+    let secs = q.timeout.as_secs_f64().ceil().max(1.0) as u64;
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+fn timed_out(
+    service: &Service,
+    backend: &Arc<Backend>,
+    kind: TimeoutKind,
+    timeouts: &Timeouts,
+    log: Option<(AccessLog, AccessRecord)>,
+) -> Response<ResponseBody> {
+    let (what, limit, note) = match kind {
+        TimeoutKind::Backend => ("backend_response", timeouts.backend_response, "backend_timeout"),
+        TimeoutKind::Request => ("request", timeouts.request, "request_timeout"),
+    };
+    warn!(service = %service.config.name, backend = %backend.name, timeout = what, limit = ?limit, "no response headers in time: 504");
+    let log = log.map(|(l, mut r)| {
+        r.backend = Some(backend.clone());
+        (l, r)
+    });
+    local(
+        StatusCode::GATEWAY_TIMEOUT,
+        Bytes::from_static(b"504 gateway timeout: the backend did not answer in time\n"),
+        log,
+        note,
+    )
 }
 
 fn local(

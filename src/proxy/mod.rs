@@ -1,29 +1,162 @@
 //! HTTP listeners and the per-request path.
 
 mod body;
+mod client;
 mod forward;
 mod headers;
 pub mod router;
 
+use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
 
 use crate::state::Shared;
+use client::{Activity, ClientIo};
 pub use forward::ConnContext;
 
-/// Accept connections on `listener` forever, serving each on its own task.
-pub async fn serve(listener: TcpListener, state: Shared) {
-    let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10)).keep_alive(true);
+/// Counts open client connections (of every listener) so that shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+impl Tracker {
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let mut closed = pin!(self.closed.notified());
+            closed.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    fn enter(self: &Arc<Self>) -> TrackGuard {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        TrackGuard(self.clone())
+    }
+}
+
+struct TrackGuard(Arc<Tracker>);
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
+/// `max_client_connections` of one listener: the accept loop waits while `open` is at `max`.
+/// A counter rather than a semaphore so that a reload can lower the limit under load.
+#[derive(Debug)]
+struct ConnLimit {
+    open: AtomicUsize,
+    max: AtomicUsize,
+    freed: Notify,
+}
+
+struct LimitGuard(Arc<ConnLimit>);
+
+impl Drop for LimitGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.freed.notify_one();
+    }
+}
+
+impl ConnLimit {
+    /// Wait for room, then count a connection. Only the accept loop calls this.
+    async fn admit(self: &Arc<Self>, local: SocketAddr) -> LimitGuard {
+        let mut warned = false;
+        loop {
+            let mut freed = pin!(self.freed.notified());
+            freed.as_mut().enable();
+            let max = self.max.load(Ordering::SeqCst);
+            if self.open.load(Ordering::SeqCst) < max {
+                self.open.fetch_add(1, Ordering::SeqCst);
+                return LimitGuard(self.clone());
+            }
+            if !warned {
+                warn!(listener = %local, max_client_connections = max, "connection limit reached: not accepting until a connection closes");
+                warned = true;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// A running listener: its accept loop and the switch that stops it.
+pub struct Listener {
+    /// The address as configured (`127.0.0.1:0` stays that, whatever port it got).
+    pub configured: SocketAddr,
+    pub local: SocketAddr,
+    /// `Some(drain_timeout)` once the listener is told to stop.
+    stop: watch::Sender<Option<Duration>>,
+    limit: Arc<ConnLimit>,
+}
+
+impl Listener {
+    /// Start accepting on `listener`.
+    pub fn start(configured: SocketAddr, listener: TcpListener, state: Shared, tracker: Arc<Tracker>) -> Listener {
+        let local = listener.local_addr().unwrap_or(configured);
+        let max = state.load().config.limits.max_client_connections;
+        let limit = Arc::new(ConnLimit { open: AtomicUsize::new(0), max: AtomicUsize::new(max), freed: Notify::new() });
+        let (stop, stopped) = watch::channel(None);
+        tokio::spawn(serve(listener, local, state, tracker, limit.clone(), stopped));
+        Listener { configured, local, stop, limit }
+    }
+
+    /// Apply a reloaded `max_client_connections`.
+    pub fn set_max_connections(&self, max: usize) {
+        if self.limit.max.swap(max, Ordering::SeqCst) != max {
+            // A raised limit frees room at once.
+            self.limit.freed.notify_one();
+        }
+    }
+
+    /// Stop accepting (the socket closes) and let open connections finish within `drain`.
+    pub fn stop(&self, drain: Duration) {
+        self.stop.send_replace(Some(drain));
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    local: SocketAddr,
+    state: Shared,
+    tracker: Arc<Tracker>,
+    limit: Arc<ConnLimit>,
+    mut stopped: watch::Receiver<Option<Duration>>,
+) {
     loop {
-        let (stream, client) = match listener.accept().await {
+        let admitted = tokio::select! {
+            g = limit.admit(local) => g,
+            _ = stopped.wait_for(Option::is_some) => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped.wait_for(Option::is_some) => break,
+        };
+        let (stream, client) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -35,14 +168,60 @@ pub async fn serve(listener: TcpListener, state: Shared) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let ctx = Arc::new(ConnContext::new(state.clone(), client));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service_fn(move |req| forward::handle(ctx.clone(), req)))
-            .with_upgrades();
+        let tracked = tracker.enter();
+        let state = state.clone();
+        let stopped = stopped.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%client, error = %e, "client connection ended with an error");
-            }
+            serve_connection(stream, client, state, stopped).await;
+            drop((admitted, tracked));
         });
+    }
+    // Dropping the socket here refuses new connections while the open ones drain.
+    debug!(listener = %local, "stopped accepting");
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    client: SocketAddr,
+    state: Shared,
+    mut stopped: watch::Receiver<Option<Duration>>,
+) {
+    // Connection-level settings come from the config current at accept; a reload applies to
+    // new connections.
+    let limits = state.load().config.limits;
+    let activity = Arc::new(Activity::default());
+    let io = ClientIo::new(stream, activity.clone(), limits.timeouts.client_header, limits.timeouts.client_idle);
+    let mut builder = http1::Builder::new();
+    // hyper's header timer answers nothing and also runs on idle keep-alive connections;
+    // ClientIo does both jobs instead.
+    builder.header_read_timeout(None).max_header_size(limits.max_header_bytes).keep_alive(true);
+    let ctx = Arc::new(ConnContext::new(state, client));
+    let service = service_fn(move |req| {
+        let busy = activity.busy();
+        let handled = forward::handle(ctx.clone(), req);
+        async move {
+            let resp = handled.await?;
+            Ok::<_, Infallible>(resp.map(|body| body.hold(busy)))
+        }
+    });
+    let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        drain = async { stopped.wait_for(Option::is_some).await.map(|d| d.unwrap_or_default()) } => {
+            // A closed channel means the listener is gone without a word: drain with no wait.
+            let drain = drain.unwrap_or_default();
+            // Idle: closes now. Busy: the response goes out with `Connection: close`.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(drain, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!(%client, "drain_timeout passed with a request still in progress: closing the connection");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(%client, error = %e, "client connection ended with an error");
     }
 }

@@ -111,6 +111,7 @@ mod tests {
             algorithm: Algorithm::RoundRobin,
             backends: vec![],
             health: Default::default(),
+            limits: Default::default(),
         }
     }
 

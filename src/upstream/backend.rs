@@ -1,12 +1,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use hyper::header::HeaderValue;
 
 use super::connection::{Idle, PooledConnection};
 use crate::health::HealthState;
+use crate::policy::Queue;
 
 /// Idle keep-alive connections kept per backend. Beyond this, a finished connection is closed.
 const MAX_IDLE_PER_BACKEND: usize = 512;
@@ -29,6 +30,10 @@ pub struct Backend {
     /// Idle connections, most recently used last. A per-backend lock held for a push or a pop:
     /// no lock is shared between backends, and none is held across an await.
     idle: Mutex<Vec<Idle>>,
+    /// `max_connections` from the config (0: no limit); a reload may change it.
+    max_in_flight: AtomicUsize,
+    /// The queue of the service this backend belongs to, woken when a request here ends.
+    queue: OnceLock<Arc<Queue>>,
 }
 
 impl Backend {
@@ -43,6 +48,8 @@ impl Backend {
             requests: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
+            max_in_flight: AtomicUsize::new(0),
+            queue: OnceLock::new(),
         })
     }
 
@@ -64,6 +71,33 @@ impl Backend {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight { backend: self.clone() }
+    }
+
+    /// Set the in-flight limit (`None`: no limit) and the service queue to wake when a request
+    /// ends. A backend carried over by a reload keeps its queue (the service's is carried too).
+    pub fn set_limits(&self, max_connections: Option<usize>, queue: &Arc<Queue>) {
+        self.max_in_flight.store(max_connections.unwrap_or(0), Ordering::Relaxed);
+        let _ = self.queue.set(queue.clone());
+    }
+
+    /// Whether a request could start now without going over `max_connections`.
+    pub fn has_capacity(&self) -> bool {
+        let max = self.max_in_flight.load(Ordering::Relaxed);
+        max == 0 || self.in_flight() < max
+    }
+
+    /// Like [`Backend::start_request`], but only within `max_connections`: the check and the
+    /// count are one atomic step, so concurrent requests cannot overshoot the limit.
+    pub fn try_start_request(self: &Arc<Self>) -> Option<InFlight> {
+        let max = self.max_in_flight.load(Ordering::Relaxed);
+        if max == 0 {
+            return Some(self.start_request());
+        }
+        // SeqCst pairs with the queue depth: a request that queues after seeing this backend
+        // full, and a request that ends here, cannot both miss each other.
+        self.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).ok()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight { backend: self.clone() })
     }
 
     pub(super) fn note_connection_opened(&self) {
@@ -114,6 +148,10 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(queue) = self.backend.queue.get() {
+            // One atomic load when nobody waits.
+            queue.wake_one();
+        }
     }
 }

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -26,17 +27,23 @@ use super::backend::{Backend, InFlight};
 #[derive(Debug)]
 pub enum RequestBody {
     Streamed(Incoming),
+    /// A streamed body of unknown length (chunked) counted against `max_body_bytes`.
+    Limited(LimitedBody),
     Buffered(Full<Bytes>),
     Empty(Empty<Bytes>),
 }
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    // Not `hyper::Error`: a body over its limit must fail with an error of our own.
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::Limited(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Buffered(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             RequestBody::Empty(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         }
@@ -45,6 +52,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Streamed(b) => b.is_end_stream(),
+            RequestBody::Limited(b) => b.inner.is_end_stream(),
             RequestBody::Buffered(b) => b.is_end_stream(),
             RequestBody::Empty(b) => b.is_end_stream(),
         }
@@ -53,9 +61,59 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Streamed(b) => b.size_hint(),
+            RequestBody::Limited(b) => b.inner.size_hint(),
             RequestBody::Buffered(b) => b.size_hint(),
             RequestBody::Empty(b) => b.size_hint(),
         }
+    }
+}
+
+/// A client body that fails once it passes `max_body_bytes`, so the backend never gets a
+/// request that looks complete; `exceeded` tells the request path to answer 413 rather than 502.
+#[derive(Debug)]
+pub struct LimitedBody {
+    inner: Incoming,
+    remaining: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+/// The error a [`LimitedBody`] fails with.
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body larger than max_body_bytes")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+impl LimitedBody {
+    pub fn new(inner: Incoming, max: u64) -> Self {
+        LimitedBody { inner, remaining: max, exceeded: Arc::default() }
+    }
+
+    /// Set once the body went over its limit.
+    pub fn exceeded(&self) -> Arc<AtomicBool> {
+        self.exceeded.clone()
+    }
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other.map_err(Into::into),
+        };
+        if let Some(data) = polled.data_ref() {
+            let len = data.len() as u64;
+            if len > this.remaining {
+                this.exceeded.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+            }
+            this.remaining -= len;
+        }
+        Poll::Ready(Some(Ok(polled)))
     }
 }
 

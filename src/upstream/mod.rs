@@ -9,5 +9,5 @@ mod connection;
 mod pool;
 
 pub use backend::{Backend, InFlight};
-pub use connection::{ConnectError, PooledConnection, RequestBody, UpstreamBody};
+pub use connection::{BodyTooLarge, BoxError, ConnectError, LimitedBody, PooledConnection, RequestBody, UpstreamBody};
 pub use pool::Pool;
