@@ -12,6 +12,11 @@
 //!   request path has its own deadlines.
 //!
 //! A slow client costs one task and one timer; nothing here is shared between connections.
+//!
+//! The timer is lazy: a phase change only records its deadline, and the timer (whose reset
+//! takes the runtime's timer lock) is moved only when it fires before that deadline or must
+//! fire sooner. A request whose head arrives in one read never touches it, so a busy keep-alive
+//! connection pays for no timer work per request.
 
 use std::future::Future;
 use std::io;
@@ -81,6 +86,10 @@ pub struct ClientIo {
     header_timeout: Duration,
     idle_timeout: Duration,
     phase: Phase,
+    /// When the current phase times out.
+    deadline: Instant,
+    /// When `timer` fires; may be earlier than `deadline` (it then re-arms) but never later.
+    armed: Instant,
     timer: Pin<Box<Sleep>>,
     /// hyper holds unwritten response bytes; a 408 written now could land in the middle.
     write_blocked: bool,
@@ -89,8 +98,41 @@ pub struct ClientIo {
 impl ClientIo {
     pub fn new(inner: TcpStream, activity: Arc<Activity>, header_timeout: Duration, idle_timeout: Duration) -> Self {
         // A new connection gets `client_header` for its first request, as in NGINX.
-        let timer = Box::pin(tokio::time::sleep(header_timeout));
-        ClientIo { inner, activity, header_timeout, idle_timeout, phase: Phase::Waiting, timer, write_blocked: false }
+        let deadline = Instant::now() + header_timeout;
+        let timer = Box::pin(tokio::time::sleep_until(deadline));
+        ClientIo {
+            inner,
+            activity,
+            header_timeout,
+            idle_timeout,
+            phase: Phase::Waiting,
+            deadline,
+            armed: deadline,
+            timer,
+            write_blocked: false,
+        }
+    }
+
+    /// Ready when `deadline` has passed; re-arms the timer when it fired early.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.armed > self.deadline {
+            self.arm(self.deadline);
+        }
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if self.armed >= self.deadline {
+                return Poll::Ready(());
+            }
+            // Fired for an older, earlier deadline: wait on for the current one.
+            self.arm(self.deadline);
+        }
+    }
+
+    fn arm(&mut self, at: Instant) {
+        self.timer.as_mut().reset(at);
+        self.armed = at;
     }
 }
 
@@ -114,21 +156,21 @@ impl AsyncRead for ClientIo {
         if this.phase == Phase::Busy {
             // The response just ended: the connection is idle until the next request begins.
             this.phase = Phase::Waiting;
-            this.timer.as_mut().reset(Instant::now() + this.idle_timeout);
+            this.deadline = Instant::now() + this.idle_timeout;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if this.phase == Phase::Waiting && buf.filled().len() > before {
                     this.phase = Phase::Head;
-                    this.timer.as_mut().reset(Instant::now() + this.header_timeout);
+                    this.deadline = Instant::now() + this.header_timeout;
                 }
                 return Poll::Ready(Ok(()));
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
         }
-        if this.timer.as_mut().poll(cx).is_pending() {
+        if this.poll_deadline(cx).is_pending() {
             return Poll::Pending;
         }
         if this.phase == Phase::Head {
@@ -142,7 +184,7 @@ impl AsyncRead for ClientIo {
             // FIN after the 408 (a shutdown of the write side completes at once).
             let _ = Pin::new(&mut this.inner).poll_shutdown(cx);
             this.phase = Phase::Closing;
-            this.timer.as_mut().reset(Instant::now() + LINGER);
+            this.deadline = Instant::now() + LINGER;
             return this.poll_linger(cx);
         }
         // Idle: end the read as EOF, which hyper takes as the client closing.
@@ -163,7 +205,7 @@ impl ClientIo {
                 Poll::Pending => break,
             }
         }
-        match self.timer.as_mut().poll(cx) {
+        match self.poll_deadline(cx) {
             Poll::Ready(()) => Poll::Ready(Err(timed_out())),
             Poll::Pending => Poll::Pending,
         }
