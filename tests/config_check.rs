@@ -104,10 +104,19 @@ services:
 }
 
 #[test]
-fn health_example_passes_check() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/health.yaml");
-    let out = Command::new(env!("CARGO_BIN_EXE_velocity")).args(["check", "-c", path]).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.ends_with("health.yaml: ok\n"), "{stdout}");
+fn every_example_passes_check() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            continue;
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_velocity")).arg("check").arg("-c").arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}: {stdout}", path.display());
+        assert!(stdout.ends_with(": ok\n"), "{}: {stdout}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} examples found");
 }
