@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config};
@@ -62,8 +62,20 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await
 }
 
+/// Pending connections the kernel queues for us (it caps this at `net.core.somaxconn`). The
+/// standard library's 128 overflows under a burst of connects, and every dropped SYN costs the
+/// client a 1 s retransmit; NGINX uses 511, HAProxy its maxconn.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        // A restarted Velocity can bind at once while the old sockets sit in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    let listener = listen().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     // Tests and scripts read this line to learn the port when the config says `:0`.
     info!("listening on http://{local}");

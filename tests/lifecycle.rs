@@ -423,3 +423,18 @@ async fn at_max_client_connections_the_listener_waits_instead_of_failing() {
     assert_eq!(r.status, 200);
     assert!(lb.log_contains("connection limit reached"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_keepalive_connection_outlives_client_header() {
+    // client_header times a request's head, not the connection: a keep-alive client sending a
+    // request every 50 ms for well over client_header keeps its connection.
+    let a = TestBackend::start("a").await;
+    let lb = Velocity::start(&config("access_log: off\ntimeouts: {client_header: 300ms}\n", "", &[(&a, "")])).await;
+    let mut client = Client::connect(lb.addr()).await;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1200) {
+        let r = client.try_get("x", "/").await.expect("kept connection still open");
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

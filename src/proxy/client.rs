@@ -21,7 +21,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -42,6 +42,10 @@ const REQUEST_TIMEOUT_RESPONSE: &[u8] =
 #[derive(Debug, Default)]
 pub struct Activity {
     busy: AtomicBool,
+    /// Requests started on this connection. hyper may serve a whole request without polling
+    /// the socket in between, so the reader cannot rely on seeing `busy` to know that the
+    /// request whose head it timed has been served.
+    started: AtomicU64,
     /// The connection task, to wake when the response ends: hyper may have polled the socket
     /// (with no timer armed) before that, and would otherwise not poll it again until the
     /// client sends something, so the idle timer would never start. A per-connection lock,
@@ -52,6 +56,7 @@ pub struct Activity {
 impl Activity {
     /// Mark a request as being served until the guard is dropped (with its response body).
     pub fn busy(self: &Arc<Self>) -> BusyGuard {
+        self.started.fetch_add(1, Ordering::Relaxed);
         self.busy.store(true, Ordering::Relaxed);
         BusyGuard(self.clone())
     }
@@ -86,6 +91,8 @@ pub struct ClientIo {
     header_timeout: Duration,
     idle_timeout: Duration,
     phase: Phase,
+    /// `Activity::started` when the reader last looked.
+    seen: u64,
     /// When the current phase times out.
     deadline: Instant,
     /// When `timer` fires; may be earlier than `deadline` (it then re-arms) but never later.
@@ -106,6 +113,7 @@ impl ClientIo {
             header_timeout,
             idle_timeout,
             phase: Phase::Waiting,
+            seen: 0,
             deadline,
             armed: deadline,
             timer,
@@ -153,8 +161,10 @@ impl AsyncRead for ClientIo {
             }
             return polled;
         }
-        if this.phase == Phase::Busy {
-            // The response just ended: the connection is idle until the next request begins.
+        let started = this.activity.started.load(Ordering::Relaxed);
+        if this.phase == Phase::Busy || started != this.seen {
+            // A response just ended: the connection is idle until the next request begins.
+            this.seen = started;
             this.phase = Phase::Waiting;
             this.deadline = Instant::now() + this.idle_timeout;
         }
