@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::header::HeaderValue;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -22,9 +22,12 @@ pub async fn serve(listener: TcpListener, name: String, delay: Duration) {
         let _ = stream.set_nodelay(true);
         let (body, header) = (body.clone(), header.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (body, header) = (body.clone(), header.clone());
                 async move {
+                    // Read the request body before answering, as a real application does: an
+                    // answer to an unread body makes hyper close the connection with a reset.
+                    let _ = req.into_body().collect().await;
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
