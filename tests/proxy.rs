@@ -363,3 +363,59 @@ async fn backend_dying_mid_response_cuts_only_that_response() {
     eventually("the cut response in the log", DEADLINE, || lb.log_contains("backend_body_error")).await;
     assert_eq!(get(lb.addr(), "other", "/").await.status, 200);
 }
+
+/// A raw backend: answers every request with a chunked 200 whose chunks `"x"` come every
+/// `every`, `chunks` of them, then (if `finish`) the last chunk; otherwise it stalls, open.
+async fn trickling_backend(every: Duration, chunks: usize, finish: bool) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").await;
+                for _ in 0..chunks {
+                    tokio::time::sleep(every).await;
+                    if s.write_all(b"1\r\nx\r\n").await.is_err() {
+                        return;
+                    }
+                }
+                if finish {
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                }
+                // Hold the connection open until the proxy gives up on it.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_response_body_is_cut_after_backend_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stalls = trickling_backend(Duration::from_millis(10), 2, false).await;
+    let steady = trickling_backend(Duration::from_millis(100), 8, true).await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\naccess_log: off\ntimeouts: {{backend_response: 300ms}}\nservices:\n  - name: stalls\n    hosts: stalls\n    backends: [{{address: \"{stalls}\"}}]\n  - name: steady\n    backends: [{{address: \"{steady}\"}}]\n"
+    );
+    let lb = Velocity::start(&yaml).await;
+
+    // A body that stops: the client gets what came, then the connection closes.
+    let start = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(lb.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: stalls\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await.expect("the stalled response was never cut").unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200") && out.contains("\r\n1\r\nx\r\n"), "{out:?}");
+    assert!(!out.ends_with("0\r\n\r\n"), "a cut body must not look complete: {out:?}");
+    assert!(start.elapsed() >= Duration::from_millis(250), "{:?}", start.elapsed());
+    eventually("the stall in the log", DEADLINE, || lb.log_contains("sent no response data")).await;
+
+    // A body that keeps coming, each piece within the timeout, is never cut.
+    let r = get(lb.addr(), "other", "/").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "xxxxxxxx"));
+}

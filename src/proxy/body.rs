@@ -10,7 +10,7 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::client::BusyGuard;
 use crate::observe::{AccessLog, AccessRecord};
-use crate::upstream::UpstreamBody;
+use crate::upstream::{BoxError, UpstreamBody};
 
 enum Kind {
     Upstream(UpstreamBody),
@@ -42,9 +42,9 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -202,7 +202,7 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
                 }
                 let again = match &replay {
                     Some(r) if retry.on.contains(&status.as_u16()) && may_retry(&service, retries) => r,
-                    _ => return Ok(forward(resp, pooled, in_flight, log)),
+                    _ => return Ok(forward(resp, pooled, in_flight, timeouts.backend_response, log)),
                 };
                 warn!(service = %service.config.name, backend = %backend.name, status = status.as_u16(), retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
                 held = Some((resp, pooled, in_flight));
@@ -230,7 +230,7 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
                     _ => {
                         warn!(service = %service.config.name, backend = %backend.name, error = %e, "backend failed after the request was sent");
                         if let Some((resp, pooled, in_flight)) = held {
-                            return Ok(forward(resp, pooled, in_flight, log));
+                            return Ok(forward(resp, pooled, in_flight, timeouts.backend_response, log));
                         }
                         let log = log.map(|(l, mut r)| {
                             r.backend = Some(backend.clone());
@@ -266,7 +266,7 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
         retries += 1;
     }
     if let Some((resp, pooled, in_flight)) = held {
-        return Ok(forward(resp, pooled, in_flight, log));
+        return Ok(forward(resp, pooled, in_flight, timeouts.backend_response, log));
     }
     if !attempted {
         // Nothing was even tried: every backend is down or ejected.
@@ -298,6 +298,7 @@ fn forward(
     mut resp: Response<Incoming>,
     pooled: PooledConnection,
     in_flight: InFlight,
+    read_timeout: Duration,
     log: Option<(AccessLog, AccessRecord)>,
 ) -> Response<ResponseBody> {
     headers::strip_hop_by_hop(resp.headers_mut());
@@ -306,7 +307,7 @@ fn forward(
         r.backend = Some(in_flight.backend().clone());
         (l, r)
     });
-    resp.map(|body| ResponseBody::upstream(UpstreamBody::new(body, pooled, in_flight), log))
+    resp.map(|body| ResponseBody::upstream(UpstreamBody::new(body, pooled, in_flight, read_timeout), log))
 }
 
 /// Seconds a client should wait when no backend is healthy: about the time for a down backend

@@ -6,6 +6,7 @@
 //! `try_send_request` hands back a request that never reached the wire.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -203,15 +204,43 @@ impl Backend {
 
 /// A backend's response body. Keeps the request counted in flight until it ends, then returns
 /// the connection to the pool so the next request reuses it.
+///
+/// A backend that stops sending halfway is given up on after `read_timeout` without data
+/// (NGINX's `proxy_read_timeout`): the client's response is cut, as HTTP/1.1 allows no better
+/// once the status went out. The timer exists only while the body waits on the backend, so a
+/// response that arrives with its head costs no timer work.
 pub struct UpstreamBody {
     inner: Incoming,
     conn: Option<PooledConnection>,
     in_flight: Option<InFlight>,
+    read_timeout: Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the last poll found no data (the stall timer is counting).
+    waiting: bool,
 }
 
+/// The backend sent nothing for the body's read timeout.
+#[derive(Debug)]
+pub struct BodyStalled(pub Duration);
+
+impl fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the backend sent no response data for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
 impl UpstreamBody {
-    pub fn new(inner: Incoming, conn: PooledConnection, in_flight: InFlight) -> Self {
-        let mut body = UpstreamBody { inner, conn: Some(conn), in_flight: Some(in_flight) };
+    pub fn new(inner: Incoming, conn: PooledConnection, in_flight: InFlight, read_timeout: Duration) -> Self {
+        let mut body = UpstreamBody {
+            inner,
+            conn: Some(conn),
+            in_flight: Some(in_flight),
+            read_timeout,
+            stall: None,
+            waiting: false,
+        };
         if body.inner.is_end_stream() {
             body.finish();
         }
@@ -223,26 +252,52 @@ impl UpstreamBody {
             in_flight.backend().put_idle(Idle { sender: conn.sender, since: Instant::now() });
         }
     }
+
+    /// The connection is broken or given up on: let it close instead of returning it.
+    fn abandon(&mut self) {
+        self.conn = None;
+        self.in_flight = None;
+    }
+
+    /// No data yet: (re)start the stall timer when this wait began, fail once it passes.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        let timer = match &mut self.stall {
+            Some(t) => {
+                if !self.waiting {
+                    t.as_mut().reset(deadline);
+                }
+                t
+            }
+            None => self.stall.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.waiting = true;
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.abandon();
+        Poll::Ready(Some(Err(Box::new(BodyStalled(self.read_timeout)))))
+    }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => return this.poll_stall(cx),
+            Poll::Ready(polled) => polled,
+        };
+        this.waiting = false;
         match &polled {
-            Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
-            Poll::Ready(Some(Err(_))) => {
-                // The connection is broken: let it close instead of returning it.
-                this.conn = None;
-                this.in_flight = None;
-            }
+            None => this.finish(),
+            Some(Ok(_)) if this.inner.is_end_stream() => this.finish(),
+            Some(Err(_)) => this.abandon(),
             _ => {}
         }
-        polled
+        Poll::Ready(polled.map(|r| r.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
