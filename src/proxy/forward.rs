@@ -141,7 +141,8 @@ pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Resul
     // only, and a body we hold (empty, or small enough to buffer). A streamed body is gone once
     // sent, so such a request is only ever moved when its connection failed before sending.
     let mut replay = None;
-    if retry.attempts > 0 && retry::idempotent(req.method()) {
+    // A retry goes to another backend: with one backend there is nothing to replay for.
+    if retry.attempts > 0 && lb.pool.len() > 1 && retry::idempotent(req.method()) {
         match Replay::prepare(&mut req, retry.buffer_body_limit).await {
             Ok(r) => replay = r,
             Err(e) => {
