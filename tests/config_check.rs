@@ -41,16 +41,19 @@ services:
     hosts: [web.local, \"*.web.local\"]
     path_prefix: /api
     algorithm: least_connections
+    health_check: {type: tcp, interval: 5s}
     backends:
       - address: 127.0.0.1:9001
         weight: 3
+        max_connections: 10
       - address: localhost:9002
 ",
     );
     assert_eq!(code, Some(0), "{output}");
     assert!(
         output.contains(
-            "service web: hosts web.local,*.web.local path /api, least_connections over 2 backends (127.0.0.1:9001 w3, localhost:9002 w1)"
+            "service web: hosts web.local,*.web.local path /api, least_connections over 2 backends \
+             (127.0.0.1:9001 w3 max 10, localhost:9002 w1); tcp check every 5s; 2 retries; queue 100 for 10s"
         ),
         "{output}"
     );

@@ -252,16 +252,33 @@ pub fn summary_lines(cfg: &Config) -> Vec<String> {
             } else {
                 s.hosts.iter().map(HostPattern::to_string).collect::<Vec<_>>().join(",")
             };
-            let backends: Vec<String> = s.backends.iter().map(|b| format!("{} w{}", b.address, b.weight)).collect();
+            let backends: Vec<String> = s
+                .backends
+                .iter()
+                .map(|b| match b.max_connections {
+                    Some(max) => format!("{} w{} max {max}", b.address, b.weight),
+                    None => format!("{} w{}", b.address, b.weight),
+                })
+                .collect();
             let noun = if backends.len() == 1 { "backend" } else { "backends" };
-            format!(
+            let mut line = format!(
                 "service {}: hosts {hosts} path {}, {} over {} {noun} ({})",
                 s.name,
                 s.path_prefix,
                 s.algorithm.name(),
                 backends.len(),
                 backends.join(", ")
-            )
+            );
+            // What else governs the service, so `check` shows the settings that took effect.
+            if let Some(c) = &s.health.check {
+                line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
+            }
+            line += &format!("; {} retries", s.health.retry.attempts);
+            if s.backends.iter().any(|b| b.max_connections.is_some()) {
+                let q = s.limits.queue;
+                line += &format!("; queue {} for {:?}", q.size, q.timeout);
+            }
+            line
         })
         .collect()
 }
