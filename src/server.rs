@@ -167,10 +167,12 @@ async fn shutdown(
         tokio::select! {
             _ = tracker.wait_idle() => {
                 info!("shutdown: drained, exiting");
+                flush_access_log(state).await;
                 return Ok(());
             }
             _ = &mut deadline => {
                 warn!("shutdown: drain_timeout ({drain:?}) passed with {} connection(s) open; exiting", tracker.open());
+                flush_access_log(state).await;
                 return Ok(());
             }
             sig = signals.next() => match sig {
@@ -180,6 +182,13 @@ async fn shutdown(
                 Sig::Reload => warn!("reload (SIGHUP) ignored: shutting down"),
             },
         }
+    }
+}
+
+/// The last requests' lines are still with the writer thread: get them out before exiting.
+async fn flush_access_log(state: &Shared) {
+    if let Some(log) = state.load().access_log.clone() {
+        let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
     }
 }
 

@@ -264,6 +264,9 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     assert!(try_get(&mut idle, "/").await.is_err());
     assert!(lb.log_contains("shutdown (SIGTERM): no longer accepting"), "{:#?}", lb.log_lines());
     assert!(lb.log_contains("shutdown: drained, exiting"), "{:#?}", lb.log_lines());
+    // The access log (stdout here) was flushed before the exit: the last request is in it.
+    let line = " GET x /slow 200 ";
+    eventually("the drained request's access-log line", DEADLINE, || lb.log_contains(line)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

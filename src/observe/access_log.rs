@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::header::HeaderValue;
 use hyper::{Method, Uri};
@@ -36,10 +36,18 @@ pub struct AccessRecord {
     pub note: Option<&'static str>,
 }
 
+/// What the writer thread receives.
+#[derive(Debug)]
+enum Msg {
+    Record(AccessRecord, u64),
+    /// Write out everything before this, then answer.
+    Flush(SyncSender<()>),
+}
+
 /// Handle to the access log writer; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: SyncSender<(AccessRecord, u64)>,
+    tx: SyncSender<Msg>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -57,8 +65,17 @@ impl AccessLog {
     }
 
     pub fn log(&self, record: AccessRecord, duration_us: u64) {
-        if self.tx.try_send((record, duration_us)).is_err() {
+        if self.tx.try_send(Msg::Record(record, duration_us)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Write out every line logged so far, waiting at most `wait` (at exit: the writer is a
+    /// thread of its own, and the process ending would lose what it has not written).
+    pub fn flush(&self, wait: Duration) {
+        let (ack, done) = mpsc::sync_channel(1);
+        if self.tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(wait);
         }
     }
 
@@ -68,20 +85,28 @@ impl AccessLog {
     }
 }
 
-fn write_loop(rx: Receiver<(AccessRecord, u64)>, sink: Box<dyn Write + Send>, format: LogFormat) {
+fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat) {
     let mut out = io::BufWriter::with_capacity(64 * 1024, sink);
     let mut line = String::with_capacity(256);
-    // Block for the first record of a batch, then drain without blocking, then flush.
+    // Block for the first message of a batch, then drain without blocking, then flush.
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
-        while let Some((record, us)) = next.take() {
-            line.clear();
-            format_record(&mut line, &record, us, format);
-            if out.write_all(line.as_bytes()).is_err() {
-                return;
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Record(record, us) => {
+                    line.clear();
+                    format_record(&mut line, &record, us, format);
+                    if out.write_all(line.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+                Msg::Flush(ack) => {
+                    let _ = out.flush();
+                    let _ = ack.send(());
+                }
             }
             match rx.try_recv() {
-                Ok(r) => next = Some(r),
+                Ok(m) => next = Some(m),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     let _ = out.flush();
