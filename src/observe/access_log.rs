@@ -37,6 +37,8 @@ pub struct AccessRecord {
 }
 
 /// What the writer thread receives.
+// Records are nearly every message; boxing them would cost an allocation per line.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Msg {
     Record(AccessRecord, u64),
