@@ -30,6 +30,8 @@ enum Command {
     Check {
         #[arg(short, long, default_value = "velocity.yaml")]
         config: PathBuf,
+        /// The file to check, as `nginx -t` users expect (`velocity check FILE`); wins over -c.
+        file: Option<PathBuf>,
     },
     /// Start three demo backends and the balancer on 127.0.0.1:8000.
     Demo,
@@ -53,7 +55,7 @@ const DEMO_BACKENDS: [(&str, &str); 3] =
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, file } => check(&file.unwrap_or(config)),
         Command::Run { config, watch } => {
             observe::init_logging();
             match config::load(&config) {

@@ -107,6 +107,15 @@ services:
 }
 
 #[test]
+fn the_file_may_also_be_given_without_c() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/basic.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_velocity")).args(["check", path]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.ends_with("basic.yaml: ok\n"), "{stdout}");
+}
+
+#[test]
 fn every_example_passes_check() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
     let mut checked = 0;
