@@ -6,6 +6,7 @@
 pub mod balancer;
 pub mod config;
 pub mod health;
+pub mod http1;
 pub mod observe;
 pub mod policy;
 pub mod proxy;

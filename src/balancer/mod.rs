@@ -10,9 +10,8 @@ mod weighted_round_robin;
 use std::fmt::Debug;
 use std::net::IpAddr;
 
-use hyper::{HeaderMap, Method, Uri};
-
 use crate::config::Algorithm;
+use crate::http1::RequestHead;
 use crate::upstream::Pool;
 
 pub use least_connections::LeastConnections;
@@ -23,9 +22,8 @@ pub use weighted_round_robin::WeightedRoundRobin;
 #[derive(Debug, Clone, Copy)]
 pub struct RequestContext<'a> {
     pub client_ip: IpAddr,
-    pub method: &'a Method,
-    pub uri: &'a Uri,
-    pub headers: &'a HeaderMap,
+    /// Method, target, path and headers (`head.header("cookie")`), as the client sent them.
+    pub head: &'a RequestHead,
 }
 
 pub trait Balancer: Send + Sync + Debug {
@@ -48,17 +46,14 @@ pub(crate) mod test_support {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::sync::{Arc, LazyLock};
 
-    use hyper::{HeaderMap, Method, Uri};
-
     use super::RequestContext;
+    use crate::http1::RequestHead;
     use crate::upstream::{Backend, Pool};
 
-    static METHOD: Method = Method::GET;
-    static URI: LazyLock<Uri> = LazyLock::new(|| Uri::from_static("/"));
-    static HEADERS: LazyLock<HeaderMap> = LazyLock::new(HeaderMap::new);
+    static HEAD: LazyLock<RequestHead> = LazyLock::new(RequestHead::default);
 
     pub fn ctx() -> RequestContext<'static> {
-        RequestContext { client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), method: &METHOD, uri: &URI, headers: &HEADERS }
+        RequestContext { client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), head: &HEAD }
     }
 
     pub fn pool(weights: &[u32]) -> Pool {

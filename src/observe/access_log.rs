@@ -11,8 +11,8 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::header::HeaderValue;
-use hyper::{Method, Uri};
+use bytes::Bytes;
+use hyper::Method;
 
 use crate::config::{AccessLog as Target, LogFormat};
 use crate::upstream::Backend;
@@ -25,8 +25,9 @@ const QUEUE: usize = 64 * 1024;
 pub struct AccessRecord {
     pub client: SocketAddr,
     pub method: Method,
-    pub host: Option<HeaderValue>,
-    pub uri: Uri,
+    /// As the client sent them (shared with the request's head buffer: no copy).
+    pub host: Option<Bytes>,
+    pub target: Bytes,
     pub status: u16,
     pub backend: Option<Arc<Backend>>,
     pub start: Instant,
@@ -122,8 +123,8 @@ fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat)
 }
 
 fn format_record(out: &mut String, r: &AccessRecord, us: u64, format: LogFormat) {
-    let host = r.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-");
-    let path = r.uri.path_and_query().map_or("/", |p| p.as_str());
+    let host = r.host.as_ref().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("-");
+    let path = std::str::from_utf8(&r.target).unwrap_or("-");
     let backend = r.backend.as_ref().map_or("-", |b| b.name.as_str());
     let ms = us as f64 / 1000.0;
     match format {
@@ -190,8 +191,8 @@ mod tests {
         AccessRecord {
             client: "127.0.0.1:5000".parse().unwrap(),
             method: Method::GET,
-            host: Some(HeaderValue::from_static("we\"b")),
-            uri: Uri::from_static("/a?q=1"),
+            host: Some(Bytes::from_static(b"we\"b")),
+            target: Bytes::from_static(b"/a?q=1"),
             status: 200,
             backend: None,
             start: Instant::now(),

@@ -1,45 +1,29 @@
-//! The per-request path: route, pick a backend, forward, stream the answer back.
+//! The per-request path: route, pick a backend, send the request, stream the answer back.
+//!
+//! Everything for one request runs in its client connection's task: the backend connection is
+//! written and read right here, so a request costs no task hand-off and no channel.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::IoSlice;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Incoming};
-use hyper::header::{self, HeaderValue};
-use hyper::http::uri::PathAndQuery;
-use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use bytes::{Buf, Bytes};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::body::ResponseBody;
-use super::headers;
+use super::client::{read_more, ClientConn, Drain};
 use crate::balancer::RequestContext;
 use crate::config::{HealthConfig, Timeouts};
 use crate::health::passive::{self, Admission};
 use crate::health::{active, retry};
+use crate::http1::{ChunkedScanner, ClientFraming, Forwarding, Framing, RequestHead, ResponseHead};
 use crate::observe::{AccessLog, AccessRecord};
 use crate::policy::{QueueRejection, Ticket};
-use crate::state::{LoadBalancer, Service, Shared};
-use crate::upstream::{Backend, BoxError, InFlight, LimitedBody, PooledConnection, RequestBody, UpstreamBody};
+use crate::state::{LoadBalancer, Service};
+use crate::upstream::{write_all_vectored, Backend, BackendConn, InFlight};
 
-/// What a client connection's requests share; built once per accepted connection.
-pub struct ConnContext {
-    pub state: Shared,
-    pub client: SocketAddr,
-    /// The client's IP as a header value, made once per connection for `X-Forwarded-For`.
-    client_ip: HeaderValue,
-    proto: HeaderValue,
-}
-
-impl ConnContext {
-    pub fn new(state: Shared, client: SocketAddr) -> Self {
-        let client_ip = HeaderValue::from_str(&client.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnContext { state, client, client_ip, proto: HeaderValue::from_static("http") }
-    }
-}
+/// A backend's response head may not be larger than this: 502.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// Backends already tried for this request.
 #[derive(Default)]
@@ -66,18 +50,35 @@ impl Tried {
     }
 }
 
-/// Why one attempt at one backend failed.
-// The request travels by value: boxing it would cost an allocation on every failed attempt.
-#[allow(clippy::large_enum_variant)]
+/// The request body, as far as it has been read from the client.
+enum ReqBody {
+    None,
+    /// Read whole before the first try, so a retry can send it again.
+    Buffered(Bytes),
+    /// Streamed from the client while it is sent: bytes still to come.
+    Length(u64),
+    Chunked(ChunkedScanner),
+}
+
+impl ReqBody {
+    /// Whether the request can be sent again as it was.
+    fn replayable(&self) -> bool {
+        matches!(self, ReqBody::None | ReqBody::Buffered(_))
+    }
+}
+
+/// Why one exchange with one backend failed.
 enum AttemptError {
-    /// The request never reached the backend; it is handed back for the next backend.
-    NotSent(Request<RequestBody>, String),
-    /// The backend failed after the request was sent.
-    Sent(hyper::Error),
+    /// Nothing reached the backend: the request may go to the next one.
+    NotSent(String),
+    /// The backend failed after (part of) the request was sent.
+    Sent(String),
     /// No response headers in time: 504.
     Timeout(TimeoutKind),
     /// The client's (chunked) body went over `max_body_bytes` while it was being sent: 413.
     BodyTooLarge,
+    /// The client's body ended early or was malformed: nothing more can be done.
+    ClientBody(&'static str),
 }
 
 /// Which deadline ran out.
@@ -89,197 +90,613 @@ enum TimeoutKind {
     Request,
 }
 
-pub async fn handle(conn: Arc<ConnContext>, mut req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
-    let snapshot = conn.state.load_full();
+/// The access-log line of a request, written when it is dropped (so every way out logs it).
+struct LogLine(Option<(AccessLog, AccessRecord)>);
 
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    let host_str = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
-    let log = snapshot.access_log.as_ref().map(|log| {
-        let record = AccessRecord {
-            client: conn.client,
-            method: req.method().clone(),
-            host: host.clone(),
-            uri: req.uri().clone(),
-            status: 0,
-            backend: None,
-            start: Instant::now(),
-            bytes: 0,
-            note: None,
-        };
-        (log.clone(), record)
-    });
-
-    let Some(service) = snapshot.router.route(host_str, req.uri().path()) else {
-        let body = format!("no service for host {host_str:?}\n");
-        return Ok(local(StatusCode::NOT_FOUND, body.into(), log, "no_route"));
-    };
-    let service = snapshot.services[service].clone();
-    drop(snapshot);
-    let lb = service.lb.load_full();
-    let timeouts = service.config.limits.timeouts;
-    let deadline = Instant::now() + timeouts.request;
-
-    let had_host = req.headers().contains_key(header::HOST);
-    headers::strip_hop_by_hop(req.headers_mut());
-    headers::add_forwarding(req.headers_mut(), &conn.client_ip, &conn.proto, host.as_ref());
-    if req.uri().scheme().is_some() {
-        // Absolute-form from the client: backends get origin-form.
-        let pq = req.uri().path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(pq);
-    }
-    let retry = &service.config.health.retry;
-    let passive_cfg = &service.config.health.passive;
-    service.retry_budget.record_request();
-    let Some(mut req) = limit_body(req, service.config.limits.max_body_bytes) else {
-        return Ok(body_too_large(&service, log));
-    };
-    // What it takes to send the request again after a backend received it: idempotent methods
-    // only, and a body we hold (empty, or small enough to buffer). A streamed body is gone once
-    // sent, so such a request is only ever moved when its connection failed before sending.
-    let mut replay = None;
-    // A retry goes to another backend: with one backend there is nothing to replay for.
-    if retry.attempts > 0 && lb.pool.len() > 1 && retry::idempotent(req.method()) {
-        match Replay::prepare(&mut req, retry.buffer_body_limit).await {
-            Ok(r) => replay = r,
-            Err(e) => {
-                warn!(service = %service.config.name, error = %e, "reading the request body failed");
-                return Ok(local(
-                    StatusCode::BAD_REQUEST,
-                    Bytes::from_static(b"400 bad request body\n"),
-                    log,
-                    "bad_request_body",
-                ));
+impl LogLine {
+    fn set(&mut self, status: u16, note: Option<&'static str>, backend: Option<&Arc<Backend>>) {
+        if let Some((_, r)) = &mut self.0 {
+            r.status = status;
+            if note.is_some() {
+                r.note = note;
+            }
+            if let Some(b) = backend {
+                r.backend = Some(b.clone());
             }
         }
     }
 
-    let mut tried = Tried::default();
-    let mut last_failure = String::new();
-    let mut retries = 0u32;
-    let mut attempted = false;
-    // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend takes
-    // the request: if none can, the client gets this answer rather than an error of ours.
-    let mut held: Option<(Response<Incoming>, PooledConnection, InFlight)> = None;
-    loop {
-        let acquired = {
-            let ctx = RequestContext {
-                client_ip: conn.client.ip(),
-                method: req.method(),
-                uri: req.uri(),
-                headers: req.headers(),
+    fn note(&mut self, note: &'static str) {
+        if let Some((_, r)) = &mut self.0 {
+            r.note = Some(note);
+        }
+    }
+
+    fn bytes(&mut self, n: u64) {
+        if let Some((_, r)) = &mut self.0 {
+            r.bytes += n;
+        }
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if let Some((log, record)) = self.0.take() {
+            let us = record.start.elapsed().as_micros() as u64;
+            log.log(record, us);
+        }
+    }
+}
+
+/// Serve one request whose head has been read. Returns whether the connection may carry
+/// another request.
+pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bool {
+    let start = Instant::now();
+    let host = head.host().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
+    let path = std::str::from_utf8(head.path()).unwrap_or("");
+    let (routed, log) = {
+        let snapshot = c.state.load();
+        let log = snapshot.access_log.as_ref().map(|log| {
+            let record = AccessRecord {
+                client: c.client,
+                method: head.method.clone(),
+                host: head.host_bytes(),
+                target: head.target_bytes(),
+                status: 0,
+                backend: None,
+                start: start.into_std(),
+                bytes: 0,
+                note: None,
             };
-            let pool = &lb.pool;
-            let usable = |i: usize| !tried.contains(i) && pool.backends[i].health.selectable();
-            acquire(&service, &lb, &ctx, &usable, deadline).await
-        };
-        let (i, in_flight) = match acquired {
-            Acquired::Backend(i, in_flight) => (i, in_flight),
-            Acquired::NoneUsable => break,
-            Acquired::Rejected(why) => return Ok(queue_rejected(&service, why, log)),
-        };
-        tried.insert(i);
-        let backend = &lb.pool.backends[i];
-        let trial = match passive::admit(backend) {
-            Admission::Normal => None,
-            Admission::Trial(t) => Some(t),
-            Admission::Refused => continue,
-        };
-        attempted = true;
-        if !had_host {
-            req.headers_mut().insert(header::HOST, backend.host_header.clone());
+            (log.clone(), record)
+        });
+        (snapshot.router.route(host, path).map(|i| snapshot.services[i].clone()), log)
+    };
+    let mut log = LogLine(log);
+    let mut req = Exchange { head, drain, log: &mut log, body_pending: head.has_body(), continued: false };
+    let Some(service) = routed else {
+        let body = format!("no service for host {host:?}\n");
+        return req.local(c, 404, &[], body.as_bytes(), "no_route").await;
+    };
+    req.serve(c, &service, start).await
+}
+
+/// One request on its way through.
+struct Exchange<'a> {
+    head: &'a RequestHead,
+    drain: &'a Drain,
+    log: &'a mut LogLine,
+    /// Body bytes the client has still to send (and that Velocity has not read).
+    body_pending: bool,
+    /// `100 Continue` sent.
+    continued: bool,
+}
+
+impl Exchange<'_> {
+    async fn serve(&mut self, c: &mut ClientConn, service: &Arc<Service>, start: Instant) -> bool {
+        let head = self.head;
+        let lb = service.lb.load_full();
+        let timeouts = service.config.limits.timeouts;
+        let deadline = start + timeouts.request;
+        let retry = &service.config.health.retry;
+        let passive_cfg = &service.config.health.passive;
+        let max_body = service.config.limits.max_body_bytes;
+        if let (Some(max), Some(len)) = (max_body, head.content_length()) {
+            if len > max {
+                return self.body_too_large(c, max).await;
+            }
         }
-        match attempt(backend, req, &timeouts, deadline).await {
-            Ok((resp, pooled)) => {
-                let status = resp.status();
-                if passive_cfg.on_5xx && status.is_server_error() {
-                    let why = StatusReason(status.as_u16());
+        service.retry_budget.record_request();
+
+        let mut body = match head.content_length() {
+            _ if head.is_chunked() => ReqBody::Chunked(ChunkedScanner::new()),
+            Some(n) if n > 0 => ReqBody::Length(n),
+            _ => ReqBody::None,
+        };
+        // Sending again after a backend received the request: idempotent methods only, and a
+        // body held whole (a streamed one is gone once sent). With one backend there is
+        // nowhere to send it again.
+        let may_replay = retry.attempts > 0 && lb.pool.len() > 1 && retry::idempotent(&head.method);
+        if let (true, ReqBody::Length(n)) = (may_replay, &body) {
+            if *n <= retry.buffer_body_limit {
+                match self.read_whole_body(c, *n as usize, deadline).await {
+                    Ok(bytes) => body = ReqBody::Buffered(bytes),
+                    Err(why) => {
+                        warn!(service = %service.config.name, error = why, "reading the request body failed");
+                        return self.local(c, 400, &[], b"400 bad request body\n", "bad_request_body").await;
+                    }
+                }
+            }
+        }
+
+        let mut tried = Tried::default();
+        let mut last_failure = String::new();
+        let mut retries = 0u32;
+        let mut attempted = false;
+        let mut now = start;
+        // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend
+        // takes the request: if none can, the client gets this answer rather than an error.
+        let mut held: Option<(BackendConn, ResponseHead, InFlight)> = None;
+        loop {
+            let acquired = {
+                let ctx = RequestContext { client_ip: c.client.ip(), head };
+                let pool = &lb.pool;
+                let usable = |i: usize| !tried.contains(i) && pool.backends[i].health.selectable();
+                acquire(service, &lb, &ctx, &usable, deadline.into_std()).await
+            };
+            let (i, in_flight) = match acquired {
+                Acquired::Backend(i, in_flight) => (i, in_flight),
+                Acquired::NoneUsable => break,
+                Acquired::Rejected(why) => return self.queue_rejected(c, service, why).await,
+            };
+            tried.insert(i);
+            let backend = &lb.pool.backends[i];
+            let trial = match passive::admit(backend) {
+                Admission::Normal => None,
+                Admission::Trial(t) => Some(t),
+                Admission::Refused => continue,
+            };
+            attempted = true;
+            if retries > 0 {
+                now = Instant::now();
+            }
+            match self.attempt(c, &mut body, backend, &timeouts, deadline, now, max_body).await {
+                Ok(conn) => {
+                    let status = c.resp.status;
+                    if passive_cfg.on_5xx && (500..600).contains(&status) {
+                        let why = StatusReason(status);
+                        passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
+                    } else {
+                        passive::record_success(backend, trial, &service.config.name);
+                    }
+                    if retry.on.contains(&status) && may_replay && body.replayable() && may_retry(service, retries) {
+                        warn!(service = %service.config.name, backend = %backend.name, status, retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
+                        held = Some((conn, std::mem::take(&mut c.resp), in_flight));
+                    } else {
+                        return self.relay(c, conn, in_flight, timeouts.backend_response).await;
+                    }
+                }
+                Err(AttemptError::NotSent(why)) => {
                     passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
-                } else {
-                    passive::record_success(backend, trial, &service.config.name);
-                }
-                let again = match &replay {
-                    Some(r) if retry.on.contains(&status.as_u16()) && may_retry(&service, retries) => r,
-                    _ => return Ok(forward(resp, pooled, in_flight, timeouts.backend_response, log)),
-                };
-                warn!(service = %service.config.name, backend = %backend.name, status = status.as_u16(), retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
-                held = Some((resp, pooled, in_flight));
-                req = again.request();
-            }
-            Err(AttemptError::NotSent(back, why)) => {
-                passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
-                warn!(service = %service.config.name, backend = %backend.name, error = %why, "backend unavailable, trying the next one");
-                last_failure = why;
-                req = back;
-                if !may_retry(&service, retries) {
-                    break;
-                }
-            }
-            Err(AttemptError::Sent(e)) => {
-                // A failure reading the client's body is not the backend's fault.
-                if !e.is_user() {
-                    passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &e);
-                }
-                match &replay {
-                    Some(r) if !e.is_user() && may_retry(&service, retries) => {
-                        warn!(service = %service.config.name, backend = %backend.name, error = %e, retry = retries + 1, "backend failed after the request was sent, retrying on another backend");
-                        req = r.request();
+                    warn!(service = %service.config.name, backend = %backend.name, error = %why, "backend unavailable, trying the next one");
+                    last_failure = why;
+                    if !may_retry(service, retries) {
+                        break;
                     }
-                    _ => {
-                        warn!(service = %service.config.name, backend = %backend.name, error = %e, "backend failed after the request was sent");
-                        if let Some((resp, pooled, in_flight)) = held {
-                            return Ok(forward(resp, pooled, in_flight, timeouts.backend_response, log));
+                }
+                Err(AttemptError::Sent(why)) => {
+                    passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
+                    if may_replay && body.replayable() && may_retry(service, retries) {
+                        warn!(service = %service.config.name, backend = %backend.name, error = %why, retry = retries + 1, "backend failed after the request was sent, retrying on another backend");
+                    } else {
+                        warn!(service = %service.config.name, backend = %backend.name, error = %why, "backend failed after the request was sent");
+                        if let Some((conn, resp, in_flight)) = held {
+                            c.resp = resp;
+                            return self.relay(c, conn, in_flight, timeouts.backend_response).await;
                         }
-                        let log = log.map(|(l, mut r)| {
-                            r.backend = Some(backend.clone());
-                            (l, r)
-                        });
-                        return Ok(local(
-                            StatusCode::BAD_GATEWAY,
-                            Bytes::from_static(b"502 bad gateway: the backend failed\n"),
-                            log,
-                            "backend_error",
-                        ));
+                        self.log.set(0, None, Some(backend));
+                        return self
+                            .local(c, 502, &[], b"502 bad gateway: the backend failed\n", "backend_error")
+                            .await;
                     }
                 }
-            }
-            Err(AttemptError::Timeout(kind)) => {
-                // The request may be half-way through the backend: not retried, but the
-                // backend's slowness counts against it.
-                if kind == TimeoutKind::Backend {
-                    passive::record_failure(
-                        backend,
-                        trial,
-                        passive_cfg,
-                        &lb.pool,
-                        &service.config.name,
-                        &"response timeout",
-                    );
+                Err(AttemptError::Timeout(kind)) => {
+                    // The request may be half-way through the backend: not retried, but the
+                    // backend's slowness counts against it.
+                    if kind == TimeoutKind::Backend {
+                        let why = "response timeout";
+                        passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
+                    }
+                    return self.timed_out(c, service, backend, kind, &timeouts).await;
                 }
-                return Ok(timed_out(&service, backend, kind, &timeouts, log));
+                Err(AttemptError::BodyTooLarge) => {
+                    return self.body_too_large(c, max_body.unwrap_or(0)).await;
+                }
+                Err(AttemptError::ClientBody(why)) => {
+                    debug!(client = %c.client, error = why, "the client's request body failed");
+                    self.log.set(400, Some("bad_request_body"), Some(backend));
+                    self.body_pending = true;
+                    return self.local(c, 400, &[], b"400 bad request body\n", "bad_request_body").await;
+                }
             }
-            Err(AttemptError::BodyTooLarge) => return Ok(body_too_large(&service, log)),
+            tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
+            retries += 1;
         }
-        tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
-        retries += 1;
+        if let Some((conn, resp, in_flight)) = held {
+            c.resp = resp;
+            return self.relay(c, conn, in_flight, timeouts.backend_response).await;
+        }
+        if !attempted {
+            // Nothing was even tried: every backend is down or ejected.
+            warn!(service = %service.config.name, "no healthy backend, request dropped");
+            let body = format!("503 service unavailable: no healthy backend for service {}\n", service.config.name);
+            let wait = retry_after(&service.config.health).to_string();
+            let extra = [("retry-after", wait.as_bytes())];
+            return self.local(c, 503, &extra, body.as_bytes(), "no_healthy_backend").await;
+        }
+        warn!(service = %service.config.name, last_error = %last_failure, "no backend could take the request");
+        let body = format!("502 bad gateway: no backend of service {} is reachable\n", service.config.name);
+        self.local(c, 502, &[], body.as_bytes(), "no_backend").await
     }
-    if let Some((resp, pooled, in_flight)) = held {
-        return Ok(forward(resp, pooled, in_flight, timeouts.backend_response, log));
+
+    /// Tell a client that waits for it (`Expect: 100-continue`) to send its body.
+    async fn send_continue(&mut self, c: &mut ClientConn) -> Result<(), &'static str> {
+        if self.head.expects_continue() && !self.continued {
+            self.continued = true;
+            let continue_line: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+            c.write_all(&mut [IoSlice::new(continue_line)]).await.map_err(|_| "client went away")?;
+        }
+        Ok(())
     }
-    if !attempted {
-        // Nothing was even tried: every backend is down or ejected.
-        warn!(service = %service.config.name, "no healthy backend, request dropped");
-        let body = format!("503 service unavailable: no healthy backend for service {}\n", service.config.name);
-        let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, body.into(), log, "no_healthy_backend");
-        resp.headers_mut().insert(header::RETRY_AFTER, retry_after(&service.config.health));
-        return Ok(resp);
+
+    /// Read a body of `len` bytes whole, within the request deadline.
+    async fn read_whole_body(
+        &mut self,
+        c: &mut ClientConn,
+        len: usize,
+        deadline: Instant,
+    ) -> Result<Bytes, &'static str> {
+        self.send_continue(c).await?;
+        while c.buf.len() < len {
+            match c.timer.within(|| deadline, read_more(&mut c.stream, &mut c.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Err("client closed the connection during the body"),
+                Err(_) => return Err("request timeout while reading the body"),
+            }
+        }
+        self.body_pending = false;
+        Ok(c.buf.split_to(len).freeze())
     }
-    warn!(service = %service.config.name, last_error = %last_failure, "no backend could take the request");
-    let body = format!("502 bad gateway: no backend of service {} is reachable\n", service.config.name);
-    Ok(local(StatusCode::BAD_GATEWAY, body.into(), log, "no_backend"))
+
+    /// One try at one backend: a pooled connection (or a new one), then the exchange. A pooled
+    /// connection that the backend had closed fails without an answer; the request is then
+    /// sent once more on a fresh connection if it can be.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &mut self,
+        c: &mut ClientConn,
+        body: &mut ReqBody,
+        backend: &Arc<Backend>,
+        timeouts: &Timeouts,
+        deadline: Instant,
+        now: Instant,
+        max_body: Option<u64>,
+    ) -> Result<BackendConn, AttemptError> {
+        if now >= deadline {
+            return Err(AttemptError::Timeout(TimeoutKind::Request));
+        }
+        let connect_timeout = timeouts.connect.min(deadline - now);
+        let mut conn = match backend.checkout(connect_timeout, now.into_std()).await {
+            Ok(conn) => conn,
+            Err(e) => return Err(AttemptError::NotSent(e.to_string())),
+        };
+        let (until, kind) = response_deadline(now, timeouts, deadline);
+        match self.exchange(c, body, backend, &mut conn, until, kind, deadline, max_body).await {
+            Ok(()) => Ok(conn),
+            // Only when nothing was sent: a backend that read the request and then closed may
+            // have acted on it, and that is for the retry policy to judge.
+            Err(AttemptError::NotSent(_)) if conn.reused && body.replayable() => {
+                let mut fresh = match backend.connect(connect_timeout).await {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(AttemptError::NotSent(e.to_string())),
+                };
+                self.exchange(c, body, backend, &mut fresh, until, kind, deadline, max_body).await.map(|()| fresh)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Send the request on `conn` and read the response head into `c.resp`.
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &mut self,
+        c: &mut ClientConn,
+        body: &mut ReqBody,
+        backend: &Backend,
+        conn: &mut BackendConn,
+        until: Instant,
+        kind: TimeoutKind,
+        deadline: Instant,
+        max_body: Option<u64>,
+    ) -> Result<(), AttemptError> {
+        let fwd = Forwarding { client_ip: &c.client_ip, proto: b"http" };
+        self.head.encode_for_backend(&mut c.out, &fwd, backend.host_header.as_bytes());
+        let sent = match body {
+            ReqBody::None => c.timer.within(|| until, conn.write_all_vectored(&mut [IoSlice::new(&c.out)])).await,
+            ReqBody::Buffered(b) => {
+                let parts = &mut [IoSlice::new(&c.out), IoSlice::new(b)];
+                c.timer.within(|| until, conn.write_all_vectored(parts)).await
+            }
+            ReqBody::Length(_) | ReqBody::Chunked(_) => {
+                self.send_continue(c).await.map_err(AttemptError::ClientBody)?;
+                return self.stream_body(c, body, conn, until, kind, deadline, max_body).await;
+            }
+        };
+        match sent {
+            Err(_) => return Err(AttemptError::Timeout(kind)),
+            Ok(Err((e, 0))) => return Err(AttemptError::NotSent(e.to_string())),
+            Ok(Err((e, _))) => return Err(AttemptError::Sent(e.to_string())),
+            Ok(Ok(())) => {}
+        }
+        read_response_head(c, conn, until, kind).await
+    }
+
+    /// Send the head and a streamed body, the body read from the client as it goes.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_body(
+        &mut self,
+        c: &mut ClientConn,
+        body: &mut ReqBody,
+        conn: &mut BackendConn,
+        until: Instant,
+        kind: TimeoutKind,
+        deadline: Instant,
+        max_body: Option<u64>,
+    ) -> Result<(), AttemptError> {
+        let mut head_sent = false;
+        loop {
+            // The part of the body already read.
+            let ready = match body {
+                ReqBody::Length(remaining) => (*remaining).min(c.buf.len() as u64) as usize,
+                ReqBody::Chunked(scanner) => {
+                    let n =
+                        scanner.scan(&c.buf, None).map_err(|_| AttemptError::ClientBody("malformed chunked body"))?;
+                    if max_body.is_some_and(|max| scanner.payload_len() > max) {
+                        return Err(AttemptError::BodyTooLarge);
+                    }
+                    n
+                }
+                _ => 0,
+            };
+            if ready > 0 || !head_sent {
+                let head_part: &[u8] = if head_sent { &[] } else { &c.out };
+                let parts = &mut [IoSlice::new(head_part), IoSlice::new(&c.buf[..ready])];
+                match c.timer.within(|| deadline, conn.write_all_vectored(parts)).await {
+                    Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
+                    Ok(Err((e, 0))) if !head_sent => return Err(AttemptError::NotSent(e.to_string())),
+                    Ok(Err((e, _))) => {
+                        // The backend may have answered early and closed (a 413, say): take
+                        // that answer if it is there. The client's body stays unread.
+                        return match read_response_head(c, conn, until, kind).await {
+                            Ok(()) => Ok(()),
+                            Err(_) => Err(AttemptError::Sent(e.to_string())),
+                        };
+                    }
+                    Ok(Ok(())) => {}
+                }
+                head_sent = true;
+                c.buf.advance(ready);
+            }
+            let done = match body {
+                ReqBody::Length(remaining) => {
+                    *remaining -= ready as u64;
+                    *remaining == 0
+                }
+                ReqBody::Chunked(scanner) => scanner.is_done(),
+                _ => true,
+            };
+            if done {
+                self.body_pending = false;
+                break;
+            }
+            match c.timer.within(|| deadline, read_more(&mut c.stream, &mut c.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Err(AttemptError::ClientBody("client closed the connection during the body")),
+                Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
+            }
+        }
+        // From here the request cannot be sent again: its body is gone.
+        *body = ReqBody::Length(0);
+        read_response_head(c, conn, until, kind).await
+    }
+
+    /// Stream the response whose head is in `c.resp` to the client.
+    async fn relay(
+        &mut self,
+        c: &mut ClientConn,
+        mut conn: BackendConn,
+        in_flight: InFlight,
+        stall_timeout: Duration,
+    ) -> bool {
+        let head = self.head;
+        let backend = in_flight.backend().clone();
+        let framing = c.resp.framing(&head.method);
+        // An HTTP/1.0 client cannot take chunks: the body goes out decoded, ended by the close.
+        let decode = framing == Framing::Chunked && head.version == 0;
+        let close = !head.keep_alive()
+            || self.body_pending
+            || self.drain.is_draining()
+            || framing == Framing::UntilClose
+            || decode;
+        let client_framing = ClientFraming {
+            chunked: framing == Framing::Chunked && !decode,
+            close,
+            keep_alive_10: head.version == 0 && !close,
+        };
+        c.resp.encode_for_client(&conn.buf, &mut c.out, client_framing);
+        conn.buf.advance(c.resp.len);
+        self.log.set(c.resp.status, None, Some(&backend));
+        let reusable = c.resp.backend_keeps_alive();
+
+        let mut head_out = true;
+        let mut remaining = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut scanner = ChunkedScanner::new();
+        let mut ranges = Vec::new();
+        loop {
+            let (ready, done) = match framing {
+                Framing::None => (0, true),
+                Framing::Length(_) => {
+                    let n = remaining.min(conn.buf.len() as u64);
+                    remaining -= n;
+                    (n as usize, remaining == 0)
+                }
+                Framing::Chunked => match scanner.scan(&conn.buf, decode.then_some(&mut ranges)) {
+                    Ok(n) => (n, scanner.is_done()),
+                    Err(e) => {
+                        warn!(backend = %backend.name, error = %e, "backend sent a malformed chunked body");
+                        self.log.note("backend_body_error");
+                        return false;
+                    }
+                },
+                Framing::UntilClose => (conn.buf.len(), false),
+            };
+            if ready > 0 || head_out {
+                let head_part: &[u8] = if head_out { &c.out } else { &[] };
+                let written = if decode {
+                    let mut parts = Vec::with_capacity(ranges.len() + 1);
+                    parts.push(IoSlice::new(head_part));
+                    parts.extend(ranges.iter().map(|r| IoSlice::new(&conn.buf[r.clone()])));
+                    let n: usize = ranges.iter().map(|r| r.len()).sum();
+                    write_all_vectored(&mut c.stream, &mut parts).await.map(|()| n)
+                } else {
+                    write_all_vectored(&mut c.stream, &mut [IoSlice::new(head_part), IoSlice::new(&conn.buf[..ready])])
+                        .await
+                        .map(|()| ready)
+                };
+                ranges.clear();
+                match written {
+                    Ok(n) => self.log.bytes(n as u64),
+                    Err((e, _)) => {
+                        debug!(client = %c.client, error = %e, "client went away during the response");
+                        self.log.note("client_aborted");
+                        return false;
+                    }
+                }
+                head_out = false;
+                conn.buf.advance(ready);
+            }
+            if done {
+                break;
+            }
+            match c.timer.within(|| Instant::now() + stall_timeout, conn.read_more()).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(_)) if framing == Framing::UntilClose => return false,
+                Ok(result) => {
+                    let why = match result {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "the backend closed the connection".to_string(),
+                    };
+                    warn!(backend = %backend.name, error = %why, "backend failed while sending the response body");
+                    self.log.note("backend_body_error");
+                    return false;
+                }
+                Err(_) => {
+                    warn!(backend = %backend.name, timeout = ?stall_timeout, "the backend sent no response data in time: response cut");
+                    self.log.note("backend_body_error");
+                    return false;
+                }
+            }
+        }
+        if reusable {
+            backend.put_idle(conn, std::time::Instant::now());
+        }
+        drop(in_flight);
+        !close
+    }
+
+    /// Answer with one of Velocity's own responses.
+    async fn local(
+        &mut self,
+        c: &mut ClientConn,
+        status: u16,
+        extra: &[(&str, &[u8])],
+        body: &[u8],
+        note: &'static str,
+    ) -> bool {
+        self.log.set(status, Some(note), None);
+        // An unread body would be taken for the next request.
+        let close = self.body_pending || !self.head.keep_alive() || self.drain.is_draining();
+        c.write_local(status, extra, body, close, self.head.version).await;
+        self.log.bytes(body.len() as u64);
+        !close
+    }
+
+    async fn body_too_large(&mut self, c: &mut ClientConn, max: u64) -> bool {
+        let body = format!("413 content too large: the limit is {max} bytes\n");
+        // The rest of the body is never read, so the connection cannot be reused.
+        self.body_pending = true;
+        self.local(c, 413, &[], body.as_bytes(), "body_too_large").await
+    }
+
+    async fn queue_rejected(&mut self, c: &mut ClientConn, service: &Service, why: QueueRejection) -> bool {
+        let q = service.config.limits.queue;
+        warn!(
+            service = %service.config.name,
+            reason = why.note(),
+            queue_size = q.size,
+            queue_timeout = ?q.timeout,
+            "every backend is at max_connections and the request could not wait: 503"
+        );
+        // About the longest a queued request would have waited.
+        let secs = q.timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let wait = secs.to_string();
+        let body = b"503 service unavailable: all backends are busy, retry later\n";
+        self.local(c, 503, &[("retry-after", wait.as_bytes())], body, why.note()).await
+    }
+
+    async fn timed_out(
+        &mut self,
+        c: &mut ClientConn,
+        service: &Service,
+        backend: &Arc<Backend>,
+        kind: TimeoutKind,
+        timeouts: &Timeouts,
+    ) -> bool {
+        let (what, limit, note) = match kind {
+            TimeoutKind::Backend => ("backend_response", timeouts.backend_response, "backend_timeout"),
+            TimeoutKind::Request => ("request", timeouts.request, "request_timeout"),
+        };
+        warn!(service = %service.config.name, backend = %backend.name, timeout = what, limit = ?limit, "no response headers in time: 504");
+        self.log.set(0, None, Some(backend));
+        // Whatever the client has not sent of its body is not read any more.
+        let body = b"504 gateway timeout: the backend did not answer in time\n";
+        self.local(c, 504, &[], body, note).await
+    }
+}
+
+/// When the response head must have arrived: `backend_response` after sending, but never past
+/// the request's deadline.
+fn response_deadline(now: Instant, timeouts: &Timeouts, deadline: Instant) -> (Instant, TimeoutKind) {
+    let backend = now + timeouts.backend_response;
+    if backend < deadline {
+        (backend, TimeoutKind::Backend)
+    } else {
+        (deadline, TimeoutKind::Request)
+    }
+}
+
+/// Read the backend's response head into `c.resp`, past any interim (1xx) answers.
+async fn read_response_head(
+    c: &mut ClientConn,
+    conn: &mut BackendConn,
+    until: Instant,
+    kind: TimeoutKind,
+) -> Result<(), AttemptError> {
+    loop {
+        if !conn.buf.is_empty() {
+            match c.resp.parse(&conn.buf, MAX_RESPONSE_HEAD) {
+                Ok(true) if c.resp.is_interim() => {
+                    conn.buf.advance(c.resp.len);
+                    continue;
+                }
+                Ok(true) if c.resp.status == 101 => {
+                    return Err(AttemptError::Sent("switching protocols without an upgrade".into()));
+                }
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(AttemptError::Sent(format!("invalid response: {}", e.message()))),
+            }
+        }
+        match c.timer.within(|| until, conn.read_more()).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(_)) => return Err(AttemptError::Sent("the backend closed the connection".into())),
+            Ok(Err(e)) => return Err(AttemptError::Sent(e.to_string())),
+            Err(_) => return Err(AttemptError::Timeout(kind)),
+        }
+    }
 }
 
 /// Whether one more try is allowed: attempts left, and room in the service's retry budget.
@@ -294,31 +711,14 @@ fn may_retry(service: &Service, retries: u32) -> bool {
     true
 }
 
-/// A backend's answer, on its way to the client.
-fn forward(
-    mut resp: Response<Incoming>,
-    pooled: PooledConnection,
-    in_flight: InFlight,
-    read_timeout: Duration,
-    log: Option<(AccessLog, AccessRecord)>,
-) -> Response<ResponseBody> {
-    headers::strip_hop_by_hop(resp.headers_mut());
-    let log = log.map(|(l, mut r)| {
-        r.status = resp.status().as_u16();
-        r.backend = Some(in_flight.backend().clone());
-        (l, r)
-    });
-    resp.map(|body| ResponseBody::upstream(UpstreamBody::new(body, pooled, in_flight, read_timeout), log))
-}
-
 /// Seconds a client should wait when no backend is healthy: about the time for a down backend
 /// to pass enough checks (or for an ejection to end), at least one.
-fn retry_after(health: &HealthConfig) -> HeaderValue {
+fn retry_after(health: &HealthConfig) -> u64 {
     let wait = match &health.check {
         Some(c) => active::recovery_hint(c),
         None => health.passive.base_ejection,
     };
-    HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64)
+    wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// `status 503`, for logs, without formatting on the success path.
@@ -327,137 +727,6 @@ struct StatusReason(u16);
 impl std::fmt::Display for StatusReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "status {}", self.0)
-    }
-}
-
-/// The parts of a request needed to send it again.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    /// `None`: no body.
-    body: Option<Bytes>,
-}
-
-impl Replay {
-    /// A replayable copy of `req`, buffering its body first when it has a Content-Length of at
-    /// most `limit`; `None` when the body is streamed (unknown or larger length).
-    async fn prepare(req: &mut Request<RequestBody>, limit: u64) -> Result<Option<Replay>, BoxError> {
-        let body = if req.body().is_end_stream() {
-            None
-        } else {
-            match req.body().size_hint().exact() {
-                Some(n) if n <= limit => {
-                    let taken = std::mem::replace(req.body_mut(), RequestBody::Empty(Empty::new()));
-                    // Bounded: the length is known and small, and hyper enforces it.
-                    let bytes = taken.collect().await?.to_bytes();
-                    *req.body_mut() = RequestBody::Buffered(Full::new(bytes.clone()));
-                    Some(bytes)
-                }
-                _ => return Ok(None),
-            }
-        };
-        Ok(Some(Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-            body,
-        }))
-    }
-
-    fn request(&self) -> Request<RequestBody> {
-        let body = match &self.body {
-            Some(b) => RequestBody::Buffered(Full::new(b.clone())),
-            None => RequestBody::Empty(Empty::new()),
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
-
-/// One try at one backend: a pooled connection (or a new one), then the request.
-/// One try at one backend: a pooled connection (or a new one), then the request, within the
-/// connect timeout, and `backend_response` or the request `deadline`, whichever is sooner.
-async fn attempt(
-    backend: &Arc<Backend>,
-    req: Request<RequestBody>,
-    timeouts: &Timeouts,
-    deadline: Instant,
-) -> Result<(Response<Incoming>, PooledConnection), AttemptError> {
-    let now = Instant::now();
-    if now >= deadline {
-        return Err(AttemptError::Timeout(TimeoutKind::Request));
-    }
-    let connect_timeout = timeouts.connect.min(deadline - now);
-    let over_limit = match req.body() {
-        RequestBody::Limited(b) => Some(b.exceeded()),
-        _ => None,
-    };
-    let mut conn = match backend.checkout(connect_timeout).await {
-        Ok(c) => c,
-        Err(e) => return Err(AttemptError::NotSent(req, e.to_string())),
-    };
-    match send_within(&mut conn, req, timeouts, deadline, over_limit.as_deref()).await {
-        Ok(resp) => Ok((resp, conn)),
-        Err(SendError::Failed(_, Some(req))) if conn.reused => {
-            // The backend closed an idle connection just as we picked it: one fresh try.
-            let mut fresh = match backend.connect(connect_timeout).await {
-                Ok(c) => c,
-                Err(e) => return Err(AttemptError::NotSent(req, e.to_string())),
-            };
-            match send_within(&mut fresh, req, timeouts, deadline, over_limit.as_deref()).await {
-                Ok(resp) => Ok((resp, fresh)),
-                Err(e) => Err(e.into()),
-            }
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-enum SendError {
-    Failed(hyper::Error, Option<Request<RequestBody>>),
-    Other(AttemptError),
-}
-
-impl From<SendError> for AttemptError {
-    fn from(e: SendError) -> Self {
-        match e {
-            SendError::Failed(e, None) => AttemptError::Sent(e),
-            SendError::Failed(e, Some(req)) => AttemptError::NotSent(req, e.to_string()),
-            SendError::Other(e) => e,
-        }
-    }
-}
-
-/// Send on `conn` and wait for the response headers until the sooner of `backend_response`
-/// from now and the request deadline. Dropping the response future on a timeout makes hyper
-/// close that backend connection, so a late answer cannot be taken for the next request's.
-async fn send_within(
-    conn: &mut PooledConnection,
-    req: Request<RequestBody>,
-    timeouts: &Timeouts,
-    deadline: Instant,
-    over_limit: Option<&AtomicBool>,
-) -> Result<Response<Incoming>, SendError> {
-    let backend_deadline = Instant::now() + timeouts.backend_response;
-    let (until, kind) = if backend_deadline < deadline {
-        (backend_deadline, TimeoutKind::Backend)
-    } else {
-        (deadline, TimeoutKind::Request)
-    };
-    match tokio::time::timeout_at(until.into(), conn.send(req)).await {
-        Err(_) => Err(SendError::Other(AttemptError::Timeout(kind))),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(_)) if over_limit.is_some_and(|f| f.load(Ordering::Relaxed)) => {
-            Err(SendError::Other(AttemptError::BodyTooLarge))
-        }
-        Ok(Err((e, req))) => Err(SendError::Failed(e, req)),
     }
 }
 
@@ -477,7 +746,7 @@ async fn acquire(
     lb: &LoadBalancer,
     ctx: &RequestContext<'_>,
     usable: &(dyn Fn(usize) -> bool + Sync),
-    deadline: Instant,
+    deadline: std::time::Instant,
 ) -> Acquired {
     let queue = &service.queue;
     let limits = &service.config.limits.queue;
@@ -506,7 +775,7 @@ async fn acquire(
             None => match queue.join(limits.size) {
                 Ok(t) => {
                     ticket = Some(t);
-                    wait_until = deadline.min(Instant::now() + limits.timeout);
+                    wait_until = deadline.min(std::time::Instant::now() + limits.timeout);
                     // A request may have ended between our pick and the join, waking nobody:
                     // look once more before sleeping.
                     continue;
@@ -520,91 +789,4 @@ async fn acquire(
             }
         }
     }
-}
-
-/// The request with its body limit applied: `None` when its Content-Length is already over.
-/// A body of unknown length is counted as it streams.
-fn limit_body(req: Request<Incoming>, max: Option<u64>) -> Option<Request<RequestBody>> {
-    let Some(max) = max else { return Some(req.map(RequestBody::Streamed)) };
-    match req.body().size_hint().exact() {
-        // hyper enforces a Content-Length, so a body within it needs no counting.
-        Some(len) if len > max => None,
-        Some(_) => Some(req.map(RequestBody::Streamed)),
-        None => Some(req.map(|b| RequestBody::Limited(LimitedBody::new(b, max)))),
-    }
-}
-
-fn body_too_large(service: &Service, log: Option<(AccessLog, AccessRecord)>) -> Response<ResponseBody> {
-    let max = service.config.limits.max_body_bytes.unwrap_or(0);
-    let body = format!("413 content too large: the limit is {max} bytes\n");
-    let mut resp = local(StatusCode::PAYLOAD_TOO_LARGE, body.into(), log, "body_too_large");
-    // The rest of the body is never read, so the connection cannot be reused.
-    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-fn queue_rejected(
-    service: &Service,
-    why: QueueRejection,
-    log: Option<(AccessLog, AccessRecord)>,
-) -> Response<ResponseBody> {
-    let q = service.config.limits.queue;
-    warn!(
-        service = %service.config.name,
-        reason = why.note(),
-        queue_size = q.size,
-        queue_timeout = ?q.timeout,
-        "every backend is at max_connections and the request could not wait: 503"
-    );
-    let mut resp = local(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from_static(b"503 service unavailable: all backends are busy, retry later\n"),
-        log,
-        why.note(),
-    );
-    // About the longest a queued request would have waited.
-    let secs = q.timeout.as_secs_f64().ceil().max(1.0) as u64;
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    resp
-}
-
-fn timed_out(
-    service: &Service,
-    backend: &Arc<Backend>,
-    kind: TimeoutKind,
-    timeouts: &Timeouts,
-    log: Option<(AccessLog, AccessRecord)>,
-) -> Response<ResponseBody> {
-    let (what, limit, note) = match kind {
-        TimeoutKind::Backend => ("backend_response", timeouts.backend_response, "backend_timeout"),
-        TimeoutKind::Request => ("request", timeouts.request, "request_timeout"),
-    };
-    warn!(service = %service.config.name, backend = %backend.name, timeout = what, limit = ?limit, "no response headers in time: 504");
-    let log = log.map(|(l, mut r)| {
-        r.backend = Some(backend.clone());
-        (l, r)
-    });
-    local(
-        StatusCode::GATEWAY_TIMEOUT,
-        Bytes::from_static(b"504 gateway timeout: the backend did not answer in time\n"),
-        log,
-        note,
-    )
-}
-
-fn local(
-    status: StatusCode,
-    body: Bytes,
-    log: Option<(AccessLog, AccessRecord)>,
-    note: &'static str,
-) -> Response<ResponseBody> {
-    let log = log.map(|(l, mut r)| {
-        r.status = status.as_u16();
-        r.note = Some(note);
-        (l, r)
-    });
-    let mut resp = Response::new(ResponseBody::local(body, log));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    resp
 }

@@ -1,12 +1,10 @@
 //! HTTP listeners and the per-request path.
 
-mod body;
 mod client;
 mod forward;
-mod headers;
 pub mod router;
+mod timer;
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -14,16 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
 
 use crate::state::Shared;
-use client::{Activity, ClientIo};
-pub use forward::ConnContext;
+use client::Drain;
 
 /// Counts open client connections (of every listener) so that shutdown can wait for them.
 #[derive(Debug, Default)]
@@ -186,42 +180,22 @@ async fn serve_connection(
     state: Shared,
     mut stopped: watch::Receiver<Option<Duration>>,
 ) {
-    // Connection-level settings come from the config current at accept; a reload applies to
-    // new connections.
-    let limits = state.load().config.limits;
-    let activity = Arc::new(Activity::default());
-    let io = ClientIo::new(stream, activity.clone(), limits.timeouts.client_header, limits.timeouts.client_idle);
-    let mut builder = http1::Builder::new();
-    // hyper's header timer answers nothing and also runs on idle keep-alive connections;
-    // ClientIo does both jobs instead.
-    builder.header_read_timeout(None).max_header_size(limits.max_header_bytes).keep_alive(true);
-    let ctx = Arc::new(ConnContext::new(state, client));
-    let service = service_fn(move |req| {
-        let busy = activity.busy();
-        let handled = forward::handle(ctx.clone(), req);
-        async move {
-            let resp = handled.await?;
-            Ok::<_, Infallible>(resp.map(|body| body.hold(busy)))
-        }
-    });
-    let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        drain = async { stopped.wait_for(Option::is_some).await.map(|d| d.unwrap_or_default()) } => {
+    let drain = Drain::default();
+    let mut conn = pin!(client::serve(stream, client, state, &drain));
+    tokio::select! {
+        biased;
+        () = conn.as_mut() => {}
+        drain_timeout = async { stopped.wait_for(Option::is_some).await.map(|d| d.unwrap_or_default()) } => {
+            // Idle: close now. Busy: the response goes out with `Connection: close`.
+            if drain.idle.load(Ordering::Relaxed) {
+                return;
+            }
+            drain.draining.store(true, Ordering::Relaxed);
             // A closed channel means the listener is gone without a word: drain with no wait.
-            let drain = drain.unwrap_or_default();
-            // Idle: closes now. Busy: the response goes out with `Connection: close`.
-            conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(drain, conn.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => {
-                    warn!(%client, "drain_timeout passed with a request still in progress: closing the connection");
-                    return;
-                }
+            let drain_timeout = drain_timeout.unwrap_or_default();
+            if tokio::time::timeout(drain_timeout, conn.as_mut()).await.is_err() {
+                warn!(%client, "drain_timeout passed with a request still in progress: closing the connection");
             }
         }
-    };
-    if let Err(e) = result {
-        debug!(%client, error = %e, "client connection ended with an error");
     }
 }

@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use hyper::header::HeaderValue;
 
-use super::connection::{Idle, PooledConnection};
+use super::connection::BackendConn;
 use crate::health::HealthState;
 use crate::policy::Queue;
 
 /// Idle keep-alive connections kept per backend. Beyond this, a finished connection is closed.
-const MAX_IDLE_PER_BACKEND: usize = 512;
+pub(super) const MAX_IDLE_PER_BACKEND: usize = 512;
 /// An idle connection older than this is not reused (the backend may be about to close it).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One backend server and everything the data plane knows about it.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub struct Backend {
     connections_opened: AtomicU64,
     /// Idle connections, most recently used last. A per-backend lock held for a push or a pop:
     /// no lock is shared between backends, and none is held across an await.
-    idle: Mutex<Vec<Idle>>,
+    pub(super) idle: Mutex<Vec<BackendConn>>,
     /// `max_connections` from the config (0: no limit); a reload may change it.
     max_in_flight: AtomicUsize,
     /// The queue of the service this backend belongs to, woken when a request here ends.
@@ -102,26 +102,6 @@ impl Backend {
 
     pub(super) fn note_connection_opened(&self) {
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Take a reusable idle connection, newest first (it is the least likely to have timed out).
-    pub(super) fn take_idle(&self) -> Option<PooledConnection> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(conn) = idle.pop() {
-            if conn.since.elapsed() < IDLE_TIMEOUT && !conn.sender.is_closed() {
-                return Some(PooledConnection::reused(conn.sender));
-            }
-        }
-        None
-    }
-
-    pub(super) fn put_idle(&self, conn: Idle) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() >= MAX_IDLE_PER_BACKEND {
-            // Drop the oldest: it is the most likely to be closed by the backend soon.
-            idle.remove(0);
-        }
-        idle.push(conn);
     }
 
     /// Close every idle connection (used when a backend leaves the config or goes down).
