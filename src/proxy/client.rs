@@ -182,7 +182,7 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
             None if waiting => Instant::now() + idle,
             None => Instant::now() + timeouts.client_header,
         };
-        let read = conn.timer.within(deadline, read_more(&mut conn.stream, &mut conn.buf)).await;
+        let read = conn.timer.within(deadline, read_more(&mut conn.stream, &mut conn.buf, READ_BUFFER)).await;
         drain.idle.store(false, Ordering::Relaxed);
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
@@ -201,9 +201,14 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
     }
 }
 
-pub(super) async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_BUFFER / 4 {
-        buf.reserve(READ_BUFFER);
+/// Read more from the client into `buf`, asking for at least `want` bytes of room (heads:
+/// `READ_BUFFER`; bodies: more, so that an upload moves in few system calls).
+pub(super) async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < want / 4 {
+        buf.reserve(want);
     }
     stream.read_buf(buf).await
 }
+
+/// Room asked for when reading a request body.
+pub(super) const BODY_READ: usize = 64 * 1024;

@@ -11,7 +11,7 @@ use bytes::{Buf, Bytes};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::client::{read_more, ClientConn, Drain};
+use super::client::{read_more, ClientConn, Drain, BODY_READ};
 use crate::balancer::RequestContext;
 use crate::config::{HealthConfig, Timeouts};
 use crate::health::passive::{self, Admission};
@@ -338,7 +338,7 @@ impl Exchange<'_> {
     ) -> Result<Bytes, &'static str> {
         self.send_continue(c).await?;
         while c.buf.len() < len {
-            match c.timer.within(|| deadline, read_more(&mut c.stream, &mut c.buf)).await {
+            match c.timer.within(|| deadline, read_more(&mut c.stream, &mut c.buf, BODY_READ)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Err("client closed the connection during the body"),
                 Err(_) => return Err("request timeout while reading the body"),
@@ -479,7 +479,7 @@ impl Exchange<'_> {
                 self.body_pending = false;
                 break;
             }
-            match c.timer.within(|| deadline, read_more(&mut c.stream, &mut c.buf)).await {
+            match c.timer.within(|| deadline, read_more(&mut c.stream, &mut c.buf, BODY_READ)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Err(AttemptError::ClientBody("client closed the connection during the body")),
                 Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
@@ -523,6 +523,9 @@ impl Exchange<'_> {
             Framing::Length(n) => n,
             _ => 0,
         };
+        if remaining > conn.buf.len() as u64 {
+            conn.expect(remaining - conn.buf.len() as u64);
+        }
         let mut scanner = ChunkedScanner::new();
         let mut ranges = Vec::new();
         loop {

@@ -17,8 +17,11 @@ use tokio::net::TcpStream;
 
 use super::backend::Backend;
 
-/// Read buffer of a backend connection; grows for large heads, streams bodies through.
+/// What one read from a backend asks for at first: a small response comes whole.
 const READ_BUFFER: usize = 16 * 1024;
+/// The most one read asks for: a large body moves in few system calls (NGINX's default
+/// `proxy_buffers` hold 64-128 KiB per request) without a large buffer per idle connection.
+const MAX_READ: usize = 128 * 1024;
 
 /// Why a connection to a backend could not be made. No request bytes were sent.
 #[derive(Debug)]
@@ -44,6 +47,8 @@ pub struct BackendConn {
     stream: TcpStream,
     /// Bytes read from the backend and not yet forwarded.
     pub buf: BytesMut,
+    /// How much the next read asks for: doubles while reads fill it, up to `MAX_READ`.
+    read_size: usize,
     /// Whether it came from the idle pool: a backend may close an idle connection just as it
     /// is reused, so a failure with no response byte is worth one try on a fresh connection.
     pub reused: bool,
@@ -53,15 +58,29 @@ pub struct BackendConn {
 
 impl BackendConn {
     fn new(stream: TcpStream) -> Self {
-        BackendConn { stream, buf: BytesMut::with_capacity(READ_BUFFER), reused: false, since: Instant::now() }
+        BackendConn {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            read_size: READ_BUFFER,
+            reused: false,
+            since: Instant::now(),
+        }
     }
 
     /// Read more from the backend into `buf`; `Ok(0)` is the backend closing.
     pub async fn read_more(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_BUFFER / 4 {
-            self.buf.reserve(READ_BUFFER);
+        self.buf.reserve(self.read_size);
+        let room = self.buf.capacity() - self.buf.len();
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        if n == room {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
         }
-        self.stream.read_buf(&mut self.buf).await
+        Ok(n)
+    }
+
+    /// Expect about `n` more bytes: the next reads ask for that much (within `MAX_READ`).
+    pub fn expect(&mut self, n: u64) {
+        self.read_size = (n.min(MAX_READ as u64) as usize).max(self.read_size);
     }
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -153,6 +172,11 @@ impl Backend {
             return;
         }
         conn.since = now;
+        if conn.read_size > READ_BUFFER {
+            // A large body went through: do not keep its buffer while idle.
+            conn.read_size = READ_BUFFER;
+            conn.buf = BytesMut::new();
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() >= super::backend::MAX_IDLE_PER_BACKEND {
             // Drop the oldest: it is the most likely to be closed by the backend soon.
