@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::forward;
 use super::timer::LazyTimer;
@@ -137,7 +137,7 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
                     HeadError::UnsupportedEncoding => (501, "501 not implemented: transfer-encoding\n".to_string()),
                     HeadError::Malformed(why) => (400, format!("400 bad request: {why}\n")),
                 };
-                debug!(%client, status, error = e.message(), "malformed request");
+                info!(%client, status, error = e.message(), "malformed request answered and closed");
                 conn.write_local(status, &[], body.as_bytes(), true, 1).await;
                 conn.close_gracefully().await;
                 return;

@@ -1,3 +1,4 @@
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,9 +28,9 @@ pub struct Backend {
     in_flight: AtomicUsize,
     requests: AtomicU64,
     connections_opened: AtomicU64,
-    /// Idle connections, most recently used last. A per-backend lock held for a push or a pop:
+    /// Idle connections, most recently used at the back. A per-backend lock held for a push or a pop:
     /// no lock is shared between backends, and none is held across an await.
-    pub(super) idle: Mutex<Vec<BackendConn>>,
+    pub(super) idle: Mutex<VecDeque<BackendConn>>,
     /// `max_connections` from the config (0: no limit); a reload may change it.
     max_in_flight: AtomicUsize,
     /// The queue of the service this backend belongs to, woken when a request here ends.
@@ -47,7 +48,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             max_in_flight: AtomicUsize::new(0),
             queue: OnceLock::new(),
         })

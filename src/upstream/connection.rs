@@ -93,6 +93,11 @@ impl BackendConn {
         write_all_vectored(&mut self.stream, parts).await
     }
 
+    /// Whether an idle connection may carry a request: not idle too long, not closed.
+    fn usable(&mut self, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) < super::backend::IDLE_TIMEOUT && !self.is_stale()
+    }
+
     /// Whether the backend closed (or wrote to) this idle connection: both make it unusable.
     /// Looks only at the readiness the runtime already has, so a live connection costs no
     /// system call.
@@ -156,8 +161,8 @@ impl Backend {
     /// Take a reusable idle connection, newest first (it is the least likely to have timed out).
     fn take_idle(&self, now: Instant) -> Option<BackendConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(mut conn) = idle.pop() {
-            if now.saturating_duration_since(conn.since) < super::backend::IDLE_TIMEOUT && !conn.is_stale() {
+        while let Some(mut conn) = idle.pop_back() {
+            if conn.usable(now) {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -178,10 +183,62 @@ impl Backend {
             conn.buf = BytesMut::new();
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Connections at the front are only reached after a burst; without a task of their
+        // own they would hold a socket the backend closed. Close a couple per return, so the
+        // work stays constant.
+        for _ in 0..2 {
+            if idle.front_mut().is_some_and(|oldest| !oldest.usable(now)) {
+                idle.pop_front();
+            } else {
+                break;
+            }
+        }
         if idle.len() >= super::backend::MAX_IDLE_PER_BACKEND {
             // Drop the oldest: it is the most likely to be closed by the backend soon.
-            idle.remove(0);
+            idle.pop_front();
         }
-        idle.push(conn);
+        idle.push_back(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_connections_the_backend_closed_are_dropped_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = Backend::new("b".into(), addr, &addr.to_string());
+        let mut server_side = Vec::new();
+        for _ in 0..3 {
+            let conn = backend.connect(Duration::from_secs(1)).await.unwrap();
+            server_side.push(listener.accept().await.unwrap().0);
+            backend.put_idle(conn, Instant::now());
+        }
+        assert_eq!(backend.idle_connections(), 3);
+        // The backend closes the oldest and the newest; the runtime sees each close as
+        // readiness once it polls, so wait for it.
+        drop(server_side.remove(2));
+        drop(server_side.remove(0));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stale = {
+                let mut idle = backend.idle.lock().unwrap();
+                idle.iter_mut().map(|c| c.is_stale()).filter(|stale| *stale).count()
+            };
+            if stale == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "closes not seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Taking skips the closed newest one; returning prunes the closed oldest one.
+        let conn = backend.checkout(Duration::from_secs(1), Instant::now()).await.unwrap();
+        assert!(conn.reused);
+        assert_eq!(backend.idle_connections(), 1);
+        backend.put_idle(conn, Instant::now());
+        assert_eq!(backend.idle_connections(), 1);
+        assert_eq!(backend.connections_opened(), 3);
     }
 }
