@@ -90,6 +90,17 @@ enum TimeoutKind {
     Request,
 }
 
+/// What bounds one exchange with a backend.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    /// When the response head must have come, and which timeout that is.
+    response: Instant,
+    kind: TimeoutKind,
+    /// The request's deadline (sending the body counts against it).
+    request: Instant,
+    max_body: Option<u64>,
+}
+
 /// The access-log line of a request, written when it is dropped (so every way out logs it).
 struct LogLine(Option<(AccessLog, AccessRecord)>);
 
@@ -370,8 +381,9 @@ impl Exchange<'_> {
             Ok(conn) => conn,
             Err(e) => return Err(AttemptError::NotSent(e.to_string())),
         };
-        let (until, kind) = response_deadline(now, timeouts, deadline);
-        match self.exchange(c, body, backend, &mut conn, until, kind, deadline, max_body).await {
+        let (response, kind) = response_deadline(now, timeouts, deadline);
+        let bounds = Bounds { response, kind, request: deadline, max_body };
+        match self.exchange(c, body, backend, &mut conn, bounds).await {
             Ok(()) => Ok(conn),
             // Only when nothing was sent: a backend that read the request and then closed may
             // have acted on it, and that is for the retry policy to judge.
@@ -380,25 +392,22 @@ impl Exchange<'_> {
                     Ok(conn) => conn,
                     Err(e) => return Err(AttemptError::NotSent(e.to_string())),
                 };
-                self.exchange(c, body, backend, &mut fresh, until, kind, deadline, max_body).await.map(|()| fresh)
+                self.exchange(c, body, backend, &mut fresh, bounds).await.map(|()| fresh)
             }
             Err(e) => Err(e),
         }
     }
 
     /// Send the request on `conn` and read the response head into `c.resp`.
-    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &mut self,
         c: &mut ClientConn,
         body: &mut ReqBody,
         backend: &Backend,
         conn: &mut BackendConn,
-        until: Instant,
-        kind: TimeoutKind,
-        deadline: Instant,
-        max_body: Option<u64>,
+        bounds: Bounds,
     ) -> Result<(), AttemptError> {
+        let Bounds { response: until, kind, .. } = bounds;
         let fwd = Forwarding { client_ip: &c.client_ip, proto: b"http" };
         self.head.encode_for_backend(&mut c.out, &fwd, backend.host_header.as_bytes());
         let sent = match body {
@@ -409,7 +418,7 @@ impl Exchange<'_> {
             }
             ReqBody::Length(_) | ReqBody::Chunked(_) => {
                 self.send_continue(c).await.map_err(AttemptError::ClientBody)?;
-                return self.stream_body(c, body, conn, until, kind, deadline, max_body).await;
+                return self.stream_body(c, body, conn, bounds).await;
             }
         };
         match sent {
@@ -422,17 +431,14 @@ impl Exchange<'_> {
     }
 
     /// Send the head and a streamed body, the body read from the client as it goes.
-    #[allow(clippy::too_many_arguments)]
     async fn stream_body(
         &mut self,
         c: &mut ClientConn,
         body: &mut ReqBody,
         conn: &mut BackendConn,
-        until: Instant,
-        kind: TimeoutKind,
-        deadline: Instant,
-        max_body: Option<u64>,
+        bounds: Bounds,
     ) -> Result<(), AttemptError> {
+        let Bounds { response: until, kind, request: deadline, max_body } = bounds;
         let mut head_sent = false;
         loop {
             // The part of the body already read.
