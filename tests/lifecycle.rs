@@ -165,6 +165,24 @@ async fn slow_backend_gets_504_and_is_logged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_response_counts_from_the_end_of_a_slow_upload() {
+    let a = TestBackend::start("a").await;
+    let lb = Velocity::start(&config("", "    timeouts: {backend_response: 300ms}\n", &[(&a, "")])).await;
+    let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    // The client takes 4 x 150 ms to send its body, twice `backend_response`; the backend
+    // answers as soon as it has it.
+    for piece in ["5\r\nhello\r\n", "1\r\n \r\n", "5\r\nworld\r\n", "0\r\n\r\n"] {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.write_all(piece.as_bytes()).await.unwrap();
+    }
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut out)).await.unwrap().unwrap();
+    let out = String::from_utf8_lossy(&out[..n]);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_timeout_bounds_the_whole_exchange() {
     let a = TestBackend::start_slow("a", Duration::from_secs(3)).await;
     let lb = Velocity::start(&config("timeouts: {request: 300ms}\n", "", &[(&a, "")])).await;

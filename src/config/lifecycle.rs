@@ -10,8 +10,8 @@ use super::schema::{RawBackend, RawConfig, RawQueue, RawService, RawShutdown, Ra
 use super::validate::Ctx;
 use super::{Config, Limits, QueueConfig, ServiceConfig, ServiceLimits, Shutdown, Timeouts};
 
-/// `max_header_bytes` bounds: hyper needs room for a request line, and its read buffer (about
-/// 400 KiB) caps what a larger value could mean.
+/// `max_header_bytes` bounds: room for a request line at least; at most what NGINX's largest
+/// usual `large_client_header_buffers` hold, as a head is kept whole in memory.
 const MIN_HEADER_BYTES: u64 = 1024;
 const MAX_HEADER_BYTES: u64 = 256 * 1024;
 const MAX_CONNECTIONS: i64 = 1_000_000;

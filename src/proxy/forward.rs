@@ -93,9 +93,11 @@ enum TimeoutKind {
 /// What bounds one exchange with a backend.
 #[derive(Debug, Clone, Copy)]
 struct Bounds {
-    /// When the response head must have come, and which timeout that is.
+    /// When the response head must have come, and which timeout that is (for a streamed body,
+    /// `backend_response` is counted again from the end of the upload).
     response: Instant,
     kind: TimeoutKind,
+    backend_response: Duration,
     /// The request's deadline (sending the body counts against it).
     request: Instant,
     max_body: Option<u64>,
@@ -381,8 +383,9 @@ impl Exchange<'_> {
             Ok(conn) => conn,
             Err(e) => return Err(AttemptError::NotSent(e.to_string())),
         };
-        let (response, kind) = response_deadline(now, timeouts, deadline);
-        let bounds = Bounds { response, kind, request: deadline, max_body };
+        let (response, kind) = response_deadline(now, timeouts.backend_response, deadline);
+        let bounds =
+            Bounds { response, kind, backend_response: timeouts.backend_response, request: deadline, max_body };
         match self.exchange(c, body, backend, &mut conn, bounds).await {
             Ok(()) => Ok(conn),
             // Only when nothing was sent: a backend that read the request and then closed may
@@ -438,7 +441,7 @@ impl Exchange<'_> {
         conn: &mut BackendConn,
         bounds: Bounds,
     ) -> Result<(), AttemptError> {
-        let Bounds { response: until, kind, request: deadline, max_body } = bounds;
+        let Bounds { response: until, kind, request: deadline, max_body, .. } = bounds;
         let mut head_sent = false;
         loop {
             // The part of the body already read.
@@ -493,6 +496,8 @@ impl Exchange<'_> {
         }
         // From here the request cannot be sent again: its body is gone.
         *body = ReqBody::Length(0);
+        // `backend_response` counts from the end of the upload, however long that took.
+        let (until, kind) = response_deadline(Instant::now(), bounds.backend_response, deadline);
         read_response_head(c, conn, until, kind).await
     }
 
@@ -668,8 +673,8 @@ impl Exchange<'_> {
 
 /// When the response head must have arrived: `backend_response` after sending, but never past
 /// the request's deadline.
-fn response_deadline(now: Instant, timeouts: &Timeouts, deadline: Instant) -> (Instant, TimeoutKind) {
-    let backend = now + timeouts.backend_response;
+fn response_deadline(now: Instant, backend_response: Duration, deadline: Instant) -> (Instant, TimeoutKind) {
+    let backend = now + backend_response;
     if backend < deadline {
         (backend, TimeoutKind::Backend)
     } else {
