@@ -12,7 +12,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::backend::Backend;
@@ -115,7 +115,10 @@ impl BackendConn {
 }
 
 /// `write_all` for a gather list: one system call for a head and a body that are in two buffers.
-pub async fn write_all_vectored(stream: &mut TcpStream, parts: &mut [IoSlice<'_>]) -> Result<(), (io::Error, usize)> {
+pub async fn write_all_vectored<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    parts: &mut [IoSlice<'_>],
+) -> Result<(), (io::Error, usize)> {
     let mut parts = parts;
     let mut written = 0;
     while !parts.is_empty() {
