@@ -183,6 +183,24 @@ async fn backend_response_counts_from_the_end_of_a_slow_upload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_abandons_the_backend_request() {
+    let a = TestBackend::start_slow("a", Duration::from_secs(5)).await;
+    let yaml = config("access_log: stdout\n", "", &[(&a, "")]);
+    let lb = Velocity::start(&yaml).await;
+    let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    eventually("the request at the backend", DEADLINE, || a.hits() == 1).await;
+    let start = Instant::now();
+    drop(s);
+    // Logged as NGINX does (499), at once rather than when the backend would have answered.
+    eventually("the abort in the access log", DEADLINE, || {
+        lb.log_contains(" 499 ") && lb.log_contains("client_aborted")
+    })
+    .await;
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_timeout_bounds_the_whole_exchange() {
     let a = TestBackend::start_slow("a", Duration::from_secs(3)).await;
     let lb = Velocity::start(&config("timeouts: {request: 300ms}\n", "", &[(&a, "")])).await;

@@ -4,10 +4,12 @@
 //! written and read right here, so a request costs no task hand-off and no channel.
 
 use std::io::IoSlice;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -24,6 +26,9 @@ use crate::upstream::{write_all_vectored, Backend, BackendConn, InFlight};
 
 /// A backend's response head may not be larger than this: 502.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Bytes of the client's next requests read while a response is awaited; beyond this the
+/// client is no longer watched (TCP holds the rest back).
+const MAX_PIPELINED: usize = 64 * 1024;
 
 /// Backends already tried for this request.
 #[derive(Default)]
@@ -79,6 +84,8 @@ enum AttemptError {
     BodyTooLarge,
     /// The client's body ended early or was malformed: nothing more can be done.
     ClientBody(&'static str),
+    /// The client closed its connection while waiting for the answer.
+    ClientGone,
 }
 
 /// Which deadline ran out.
@@ -304,6 +311,12 @@ impl Exchange<'_> {
                 }
                 Err(AttemptError::BodyTooLarge) => {
                     return self.body_too_large(c, max_body.unwrap_or(0)).await;
+                }
+                Err(AttemptError::ClientGone) => {
+                    // Not the backend's fault; dropping its connection tells it the request is off.
+                    debug!(client = %c.client, backend = %backend.name, "client closed the connection before the answer came");
+                    self.log.set(499, Some("client_aborted"), Some(backend));
+                    return false;
                 }
                 Err(AttemptError::ClientBody(why)) => {
                     debug!(client = %c.client, error = why, "the client's request body failed");
@@ -704,11 +717,47 @@ async fn read_response_head(
                 Err(e) => return Err(AttemptError::Sent(format!("invalid response: {}", e.message()))),
             }
         }
-        match c.timer.within(|| until, conn.read_more()).await {
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(Ok(_)) => return Err(AttemptError::Sent("the backend closed the connection".into())),
-            Ok(Err(e)) => return Err(AttemptError::Sent(e.to_string())),
+        match c.timer.within(|| until, backend_or_client(&mut c.stream, &mut c.buf, conn)).await {
+            Ok(Waited::Backend(Ok(n))) if n > 0 => {}
+            Ok(Waited::Backend(Ok(_))) => return Err(AttemptError::Sent("the backend closed the connection".into())),
+            Ok(Waited::Backend(Err(e))) => return Err(AttemptError::Sent(e.to_string())),
+            Ok(Waited::ClientGone) => return Err(AttemptError::ClientGone),
             Err(_) => return Err(AttemptError::Timeout(kind)),
+        }
+    }
+}
+
+/// What ended a wait for the backend.
+enum Waited {
+    Backend(std::io::Result<usize>),
+    ClientGone,
+}
+
+/// Read from the backend, watching the client meanwhile: a client that closes while its
+/// answer is awaited gets its backend request abandoned, as NGINX does (`499` in the log),
+/// rather than holding a backend connection until the answer comes. Bytes the client sends
+/// meanwhile (a pipelined request) are kept, up to a bound.
+async fn backend_or_client(client: &mut TcpStream, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
+    let mut backend = pin!(conn.read_more());
+    loop {
+        if buf.len() >= MAX_PIPELINED {
+            return Waited::Backend(backend.await);
+        }
+        tokio::select! {
+            biased;
+            read = backend.as_mut() => return Waited::Backend(read),
+            ready = client.readable() => {
+                if ready.is_err() {
+                    return Waited::ClientGone;
+                }
+                buf.reserve(4096);
+                match client.try_read_buf(buf) {
+                    Ok(0) => return Waited::ClientGone,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Waited::ClientGone,
+                }
+            }
         }
     }
 }
