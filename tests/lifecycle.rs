@@ -201,6 +201,30 @@ async fn a_client_that_leaves_before_the_answer_abandons_the_backend_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_client_send() {
+    let a = TestBackend::start("a").await;
+    let lb = Velocity::start(&config("access_log: stdout\ntimeouts: {client_send: 300ms}\n", "", &[(&a, "")])).await;
+    let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+    // 32 MiB: far more than the socket buffers between Velocity and this client hold.
+    s.write_all(b"GET /bytes/33554432 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    eventually("the cut in the logs", DEADLINE, || {
+        lb.log_contains("client took no response data in time") && lb.log_contains("client_timeout")
+    })
+    .await;
+    // The connection is closed: reading what was buffered ends, short of the whole body.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(DEADLINE, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got += n,
+            _ => break,
+        }
+    }
+    assert!(got < 32 << 20, "{got}");
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_timeout_bounds_the_whole_exchange() {
     let a = TestBackend::start_slow("a", Duration::from_secs(3)).await;
     let lb = Velocity::start(&config("timeouts: {request: 300ms}\n", "", &[(&a, "")])).await;

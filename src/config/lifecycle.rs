@@ -89,11 +89,12 @@ pub fn backend(ctx: &mut Ctx, raw: &RawBackend) -> Option<usize> {
 }
 
 fn timeouts(ctx: &mut Ctx, raw: RawTimeouts, base: &Timeouts, top_level: bool) -> Timeouts {
-    let RawTimeouts { client_header, client_idle, connect, backend_response, request } = raw;
+    let RawTimeouts { client_header, client_idle, client_send, connect, backend_response, request } = raw;
     let mut out = *base;
     for (key, value, slot) in [
         ("client_header", client_header, &mut out.client_header),
         ("client_idle", client_idle, &mut out.client_idle),
+        ("client_send", client_send, &mut out.client_send),
         ("connect", connect, &mut out.connect),
         ("backend_response", backend_response, &mut out.backend_response),
         ("request", request, &mut out.request),
@@ -198,6 +199,7 @@ fn timeouts_yaml(t: &Timeouts, base: &Timeouts) -> String {
     [
         ("client_header", t.client_header, base.client_header),
         ("client_idle", t.client_idle, base.client_idle),
+        ("client_send", t.client_send, base.client_send),
         ("connect", t.connect, base.connect),
         ("backend_response", t.backend_response, base.backend_response),
         ("request", t.request, base.request),
@@ -237,7 +239,7 @@ mod tests {
 
     const FULL: &str = "\
 listen: 127.0.0.1:8000
-timeouts: {client_header: 5s, client_idle: 30s, connect: 500ms, backend_response: 10s, request: 20s}
+timeouts: {client_header: 5s, client_idle: 30s, client_send: 15s, connect: 500ms, backend_response: 10s, request: 20s}
 max_header_bytes: 16k
 max_client_connections: 500
 shutdown: {drain_timeout: 5s}
@@ -260,6 +262,7 @@ services:
         let t = cfg.limits.timeouts;
         assert_eq!(t.client_header, Duration::from_secs(5));
         assert_eq!(t.client_idle, Duration::from_secs(30));
+        assert_eq!(t.client_send, Duration::from_secs(15));
         assert_eq!(t.connect, Duration::from_millis(500));
         assert_eq!(cfg.limits.max_header_bytes, 16 * 1024);
         assert_eq!(cfg.limits.max_client_connections, 500);

@@ -301,7 +301,7 @@ pub fn to_yaml(cfg: &Config) -> String {
 
 // ---- Timeouts, limits, queueing and shutdown ----
 
-/// Every timeout, resolved. In a service, `client_header` and `client_idle` are the global ones
+/// Every timeout, resolved. In a service, the `client_*` ones are the global ones
 /// (they apply before a request is routed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -309,6 +309,9 @@ pub struct Timeouts {
     pub client_header: Duration,
     /// A keep-alive client connection with no request for this long is closed.
     pub client_idle: Duration,
+    /// A client that takes none of its response for this long is cut off (NGINX's
+    /// `send_timeout`): it would otherwise hold a backend connection for as long as it likes.
+    pub client_send: Duration,
     /// Connecting to a backend.
     pub connect: Duration,
     /// From sending the request to the backend's response headers: then 504.
@@ -322,6 +325,7 @@ impl Default for Timeouts {
         Timeouts {
             client_header: Duration::from_secs(10),
             client_idle: Duration::from_secs(60),
+            client_send: Duration::from_secs(60),
             connect: Duration::from_secs(2),
             backend_response: Duration::from_secs(30),
             request: Duration::from_secs(60),

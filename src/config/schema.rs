@@ -176,6 +176,7 @@ pub struct RawBackend {
 pub struct RawTimeouts {
     pub client_header: Option<S<Scalar>>,
     pub client_idle: Option<S<Scalar>>,
+    pub client_send: Option<S<Scalar>>,
     pub connect: Option<S<Scalar>>,
     pub backend_response: Option<S<Scalar>>,
     pub request: Option<S<Scalar>>,

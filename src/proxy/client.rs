@@ -67,7 +67,7 @@ pub struct ClientConn {
 
 impl ClientConn {
     pub async fn write_all(&mut self, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
-        write_all_vectored(&mut self.stream, parts).await.map_err(|(e, _)| e)
+        send(&mut self.stream, &mut self.timer, self.limits.timeouts.client_send, parts).await
     }
 
     /// Write one of Velocity's own answers. `close`: the connection ends after it.
@@ -198,6 +198,20 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
             Err(_) if waiting => return Next::Close,
             Err(_) => return Next::TimedOut,
         }
+    }
+}
+
+/// Write all of `parts` to the client; a client that takes none of it for `limit` is given up
+/// on (`client_send`: the error's kind is `TimedOut`).
+pub(super) async fn send(
+    stream: &mut TcpStream,
+    timer: &mut LazyTimer,
+    limit: Duration,
+    parts: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    match timer.within(|| Instant::now() + limit, write_all_vectored(stream, parts)).await {
+        Ok(written) => written.map_err(|(e, _)| e),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client_send timeout")),
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::client::{read_more, ClientConn, Drain, BODY_READ};
+use super::client::{read_more, send, ClientConn, Drain, BODY_READ};
 use crate::balancer::RequestContext;
 use crate::config::{HealthConfig, Timeouts};
 use crate::health::passive::{self, Admission};
@@ -22,7 +22,7 @@ use crate::http1::{ChunkedScanner, ClientFraming, Forwarding, Framing, RequestHe
 use crate::observe::{AccessLog, AccessRecord};
 use crate::policy::{QueueRejection, Ticket};
 use crate::state::{LoadBalancer, Service};
-use crate::upstream::{write_all_vectored, Backend, BackendConn, InFlight};
+use crate::upstream::{Backend, BackendConn, InFlight};
 
 /// A backend's response head may not be larger than this: 502.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -542,6 +542,7 @@ impl Exchange<'_> {
         self.log.set(c.resp.status, None, Some(&backend));
         let reusable = c.resp.backend_keeps_alive();
 
+        let send_limit = c.limits.timeouts.client_send;
         let mut head_out = true;
         let mut remaining = match framing {
             Framing::Length(n) => n,
@@ -577,16 +578,20 @@ impl Exchange<'_> {
                     parts.push(IoSlice::new(head_part));
                     parts.extend(ranges.iter().map(|r| IoSlice::new(&conn.buf[r.clone()])));
                     let n: usize = ranges.iter().map(|r| r.len()).sum();
-                    write_all_vectored(&mut c.stream, &mut parts).await.map(|()| n)
+                    send(&mut c.stream, &mut c.timer, send_limit, &mut parts).await.map(|()| n)
                 } else {
-                    write_all_vectored(&mut c.stream, &mut [IoSlice::new(head_part), IoSlice::new(&conn.buf[..ready])])
-                        .await
-                        .map(|()| ready)
+                    let parts = &mut [IoSlice::new(head_part), IoSlice::new(&conn.buf[..ready])];
+                    send(&mut c.stream, &mut c.timer, send_limit, parts).await.map(|()| ready)
                 };
                 ranges.clear();
                 match written {
                     Ok(n) => self.log.bytes(n as u64),
-                    Err((e, _)) => {
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        warn!(client = %c.client, timeout = ?send_limit, "client took no response data in time: response cut");
+                        self.log.note("client_timeout");
+                        return false;
+                    }
+                    Err(e) => {
                         debug!(client = %c.client, error = %e, "client went away during the response");
                         self.log.note("client_aborted");
                         return false;
