@@ -1,4 +1,5 @@
-//! The per-request path: route, pick a backend, send the request, stream the answer back.
+//! The per-request path: route, pick a backend, send the request, read the answer's head
+//! (`respond.rs` streams the answer back).
 //!
 //! Everything for one request runs in its client connection's task: the backend connection is
 //! written and read right here, so a request costs no task hand-off and no channel.
@@ -13,13 +14,14 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::client::{read_more, send, ClientConn, Drain, BODY_READ};
+use super::client::{read_more, ClientConn, Drain, BODY_READ};
+use super::respond::LogLine;
 use crate::balancer::RequestContext;
 use crate::config::{HealthConfig, Timeouts};
 use crate::health::passive::{self, Admission};
 use crate::health::{active, retry};
-use crate::http1::{ChunkedScanner, ClientFraming, Forwarding, Framing, RequestHead, ResponseHead};
-use crate::observe::{AccessLog, AccessRecord};
+use crate::http1::{ChunkedScanner, Forwarding, RequestHead, ResponseHead};
+use crate::observe::AccessRecord;
 use crate::policy::{QueueRejection, Ticket};
 use crate::state::{LoadBalancer, Service};
 use crate::upstream::{Backend, BackendConn, InFlight};
@@ -90,7 +92,7 @@ enum AttemptError {
 
 /// Which deadline ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TimeoutKind {
+pub(super) enum TimeoutKind {
     /// `backend_response`: the backend took too long to answer this attempt.
     Backend,
     /// `request`: the whole exchange took too long.
@@ -108,44 +110,6 @@ struct Bounds {
     /// The request's deadline (sending the body counts against it).
     request: Instant,
     max_body: Option<u64>,
-}
-
-/// The access-log line of a request, written when it is dropped (so every way out logs it).
-struct LogLine(Option<(AccessLog, AccessRecord)>);
-
-impl LogLine {
-    fn set(&mut self, status: u16, note: Option<&'static str>, backend: Option<&Arc<Backend>>) {
-        if let Some((_, r)) = &mut self.0 {
-            r.status = status;
-            if note.is_some() {
-                r.note = note;
-            }
-            if let Some(b) = backend {
-                r.backend = Some(b.clone());
-            }
-        }
-    }
-
-    fn note(&mut self, note: &'static str) {
-        if let Some((_, r)) = &mut self.0 {
-            r.note = Some(note);
-        }
-    }
-
-    fn bytes(&mut self, n: u64) {
-        if let Some((_, r)) = &mut self.0 {
-            r.bytes += n;
-        }
-    }
-}
-
-impl Drop for LogLine {
-    fn drop(&mut self) {
-        if let Some((log, record)) = self.0.take() {
-            let us = record.start.elapsed().as_micros() as u64;
-            log.log(record, us);
-        }
-    }
 }
 
 /// Serve one request whose head has been read. Returns whether the connection may carry
@@ -182,12 +146,12 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
 }
 
 /// One request on its way through.
-struct Exchange<'a> {
-    head: &'a RequestHead,
-    drain: &'a Drain,
-    log: &'a mut LogLine,
+pub(super) struct Exchange<'a> {
+    pub(super) head: &'a RequestHead,
+    pub(super) drain: &'a Drain,
+    pub(super) log: &'a mut LogLine,
     /// Body bytes the client has still to send (and that Velocity has not read).
-    body_pending: bool,
+    pub(super) body_pending: bool,
     /// `100 Continue` sent.
     continued: bool,
 }
@@ -512,180 +476,6 @@ impl Exchange<'_> {
         // `backend_response` counts from the end of the upload, however long that took.
         let (until, kind) = response_deadline(Instant::now(), bounds.backend_response, deadline);
         read_response_head(c, conn, until, kind).await
-    }
-
-    /// Stream the response whose head is in `c.resp` to the client.
-    async fn relay(
-        &mut self,
-        c: &mut ClientConn,
-        mut conn: BackendConn,
-        in_flight: InFlight,
-        stall_timeout: Duration,
-    ) -> bool {
-        let head = self.head;
-        let backend = in_flight.backend().clone();
-        let framing = c.resp.framing(&head.method);
-        // An HTTP/1.0 client cannot take chunks: the body goes out decoded, ended by the close.
-        let decode = framing == Framing::Chunked && head.version == 0;
-        let close = !head.keep_alive()
-            || self.body_pending
-            || self.drain.is_draining()
-            || framing == Framing::UntilClose
-            || decode;
-        let client_framing = ClientFraming {
-            chunked: framing == Framing::Chunked && !decode,
-            close,
-            keep_alive_10: head.version == 0 && !close,
-        };
-        c.resp.encode_for_client(&conn.buf, &mut c.out, client_framing);
-        conn.buf.advance(c.resp.len);
-        self.log.set(c.resp.status, None, Some(&backend));
-        let reusable = c.resp.backend_keeps_alive();
-
-        let send_limit = c.limits.timeouts.client_send;
-        let mut head_out = true;
-        let mut remaining = match framing {
-            Framing::Length(n) => n,
-            _ => 0,
-        };
-        if remaining > conn.buf.len() as u64 {
-            conn.expect(remaining - conn.buf.len() as u64);
-        }
-        let mut scanner = ChunkedScanner::new();
-        let mut ranges = Vec::new();
-        loop {
-            let (ready, done) = match framing {
-                Framing::None => (0, true),
-                Framing::Length(_) => {
-                    let n = remaining.min(conn.buf.len() as u64);
-                    remaining -= n;
-                    (n as usize, remaining == 0)
-                }
-                Framing::Chunked => match scanner.scan(&conn.buf, decode.then_some(&mut ranges)) {
-                    Ok(n) => (n, scanner.is_done()),
-                    Err(e) => {
-                        warn!(backend = %backend.name, error = %e, "backend sent a malformed chunked body");
-                        self.log.note("backend_body_error");
-                        return false;
-                    }
-                },
-                Framing::UntilClose => (conn.buf.len(), false),
-            };
-            if ready > 0 || head_out {
-                let head_part: &[u8] = if head_out { &c.out } else { &[] };
-                let written = if decode {
-                    let mut parts = Vec::with_capacity(ranges.len() + 1);
-                    parts.push(IoSlice::new(head_part));
-                    parts.extend(ranges.iter().map(|r| IoSlice::new(&conn.buf[r.clone()])));
-                    let n: usize = ranges.iter().map(|r| r.len()).sum();
-                    send(&mut c.stream, &mut c.timer, send_limit, &mut parts).await.map(|()| n)
-                } else {
-                    let parts = &mut [IoSlice::new(head_part), IoSlice::new(&conn.buf[..ready])];
-                    send(&mut c.stream, &mut c.timer, send_limit, parts).await.map(|()| ready)
-                };
-                ranges.clear();
-                match written {
-                    Ok(n) => self.log.bytes(n as u64),
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                        warn!(client = %c.client, timeout = ?send_limit, "client took no response data in time: response cut");
-                        self.log.note("client_timeout");
-                        return false;
-                    }
-                    Err(e) => {
-                        debug!(client = %c.client, error = %e, "client went away during the response");
-                        self.log.note("client_aborted");
-                        return false;
-                    }
-                }
-                head_out = false;
-                conn.buf.advance(ready);
-            }
-            if done {
-                break;
-            }
-            match c.timer.within(|| Instant::now() + stall_timeout, conn.read_more()).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(Ok(_)) if framing == Framing::UntilClose => return false,
-                Ok(result) => {
-                    let why = match result {
-                        Err(e) => e.to_string(),
-                        Ok(_) => "the backend closed the connection".to_string(),
-                    };
-                    warn!(backend = %backend.name, error = %why, "backend failed while sending the response body");
-                    self.log.note("backend_body_error");
-                    return false;
-                }
-                Err(_) => {
-                    warn!(backend = %backend.name, timeout = ?stall_timeout, "the backend sent no response data in time: response cut");
-                    self.log.note("backend_body_error");
-                    return false;
-                }
-            }
-        }
-        if reusable {
-            backend.put_idle(conn, std::time::Instant::now());
-        }
-        drop(in_flight);
-        !close
-    }
-
-    /// Answer with one of Velocity's own responses.
-    async fn local(
-        &mut self,
-        c: &mut ClientConn,
-        status: u16,
-        extra: &[(&str, &[u8])],
-        body: &[u8],
-        note: &'static str,
-    ) -> bool {
-        self.log.set(status, Some(note), None);
-        // An unread body would be taken for the next request.
-        let close = self.body_pending || !self.head.keep_alive() || self.drain.is_draining();
-        c.write_local(status, extra, body, close, self.head.version).await;
-        self.log.bytes(body.len() as u64);
-        !close
-    }
-
-    async fn body_too_large(&mut self, c: &mut ClientConn, max: u64) -> bool {
-        let body = format!("413 content too large: the limit is {max} bytes\n");
-        // The rest of the body is never read, so the connection cannot be reused.
-        self.body_pending = true;
-        self.local(c, 413, &[], body.as_bytes(), "body_too_large").await
-    }
-
-    async fn queue_rejected(&mut self, c: &mut ClientConn, service: &Service, why: QueueRejection) -> bool {
-        let q = service.config.limits.queue;
-        warn!(
-            service = %service.config.name,
-            reason = why.note(),
-            queue_size = q.size,
-            queue_timeout = ?q.timeout,
-            "every backend is at max_connections and the request could not wait: 503"
-        );
-        // About the longest a queued request would have waited.
-        let secs = q.timeout.as_secs_f64().ceil().max(1.0) as u64;
-        let wait = secs.to_string();
-        let body = b"503 service unavailable: all backends are busy, retry later\n";
-        self.local(c, 503, &[("retry-after", wait.as_bytes())], body, why.note()).await
-    }
-
-    async fn timed_out(
-        &mut self,
-        c: &mut ClientConn,
-        service: &Service,
-        backend: &Arc<Backend>,
-        kind: TimeoutKind,
-        timeouts: &Timeouts,
-    ) -> bool {
-        let (what, limit, note) = match kind {
-            TimeoutKind::Backend => ("backend_response", timeouts.backend_response, "backend_timeout"),
-            TimeoutKind::Request => ("request", timeouts.request, "request_timeout"),
-        };
-        warn!(service = %service.config.name, backend = %backend.name, timeout = what, limit = ?limit, "no response headers in time: 504");
-        self.log.set(0, None, Some(backend));
-        // Whatever the client has not sent of its body is not read any more.
-        let body = b"504 gateway timeout: the backend did not answer in time\n";
-        self.local(c, 504, &[], body, note).await
     }
 }
 

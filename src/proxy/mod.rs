@@ -2,6 +2,7 @@
 
 mod client;
 mod forward;
+mod respond;
 pub mod router;
 mod timer;
 

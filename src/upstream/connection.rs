@@ -79,7 +79,7 @@ impl BackendConn {
     }
 
     /// Expect about `n` more bytes: the next reads ask for that much (within `MAX_READ`).
-    pub fn expect(&mut self, n: u64) {
+    pub fn expect_bytes(&mut self, n: u64) {
         self.read_size = (n.min(MAX_READ as u64) as usize).max(self.read_size);
     }
 
