@@ -46,10 +46,13 @@ impl HeadError {
 struct Known {
     content_length: Option<u64>,
     chunked: bool,
-    /// `Connection: close` (HTTP/1.1) or no `keep-alive` (HTTP/1.0).
+    /// A transfer coding other than chunked last: a request is refused (501), a response is
+    /// read until the backend closes.
+    unknown_coding: bool,
+    /// `Connection: close`.
     close: bool,
+    /// `Connection: keep-alive`.
     keep_alive: bool,
-    upgrade: bool,
     expect_continue: bool,
     host: Option<(u32, u32)>,
     /// How many `X-Forwarded-For` lines there are.
@@ -58,12 +61,47 @@ struct Known {
     connection_lists_others: bool,
 }
 
+impl Known {
+    /// Whether the connection may carry another message after this one.
+    fn keeps_alive(&self, version: u8) -> bool {
+        match version {
+            0 => self.keep_alive && !self.close,
+            _ => !self.close,
+        }
+    }
+}
+
+/// Sort the parsed header lines of `base` into `headers` and `known`.
+fn collect_headers(
+    base: &[u8],
+    parsed: &[httparse::Header<'_>],
+    request: bool,
+    headers: &mut Vec<HeaderRef>,
+    known: &mut Known,
+) -> Result<(), HeadError> {
+    headers.clear();
+    *known = Known::default();
+    for h in parsed {
+        let value = span(base, h.value);
+        let skip = classify(h.name.as_bytes(), h.value, value, request, known)?;
+        headers.push(HeaderRef { name: span(base, h.name.as_bytes()), value, skip });
+    }
+    if known.connection_lists_others {
+        skip_connection_listed(base, headers);
+    }
+    Ok(())
+}
+
 /// A parsed request head.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
     bytes: Bytes,
     pub method: Method,
     target: (u32, u32),
+    /// The target in origin-form (`/path?query`); empty for authority-form and `*`.
+    origin: (u32, u32),
+    /// The authority of an absolute-form target (`http://host:port/...`).
+    authority: Option<(u32, u32)>,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
     headers: Vec<HeaderRef>,
@@ -76,6 +114,8 @@ impl Default for RequestHead {
             bytes: Bytes::new(),
             method: Method::GET,
             target: (0, 0),
+            origin: (0, 0),
+            authority: None,
             version: 1,
             headers: Vec::with_capacity(16),
             known: Known::default(),
@@ -133,11 +173,7 @@ fn classify(
             known.expect_continue = trim(value).eq_ignore_ascii_case(b"100-continue");
             true
         }
-        7 if is("upgrade") => {
-            known.upgrade = true;
-            true
-        }
-        7 => is("trailer"),
+        7 => is("upgrade") || is("trailer"),
         10 if is("connection") => {
             for token in value.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty()) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -170,9 +206,10 @@ fn classify(
         17 if is("transfer-encoding") => {
             // Only chunked is understood, and it must come last.
             let last = value.rsplit(|&b| b == b',').map(trim).find(|t| !t.is_empty());
-            match last {
-                Some(t) if t.eq_ignore_ascii_case(b"chunked") => known.chunked = true,
-                _ => return Err(HeadError::UnsupportedEncoding),
+            if last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
+                known.chunked = true;
+            } else {
+                known.unknown_coding = true;
             }
             if value.split(|&b| b == b',').map(trim).filter(|t| t.eq_ignore_ascii_case(b"chunked")).count() > 1 {
                 return Err(HeadError::Malformed("chunked applied twice"));
@@ -226,14 +263,15 @@ impl RequestHead {
             "POST" => Method::POST,
             other => Method::from_bytes(other.as_bytes()).map_err(|_| HeadError::Malformed("invalid method"))?,
         };
-        self.target = span(base, req.path.unwrap_or("/").as_bytes());
+        let target = req.path.unwrap_or("/").as_bytes();
+        self.target = span(base, target);
+        let (origin, authority) = split_target(target);
+        self.origin = span(base, origin);
+        self.authority = authority.map(|a| span(base, a));
         self.version = req.version.unwrap_or(1);
-        self.headers.clear();
-        self.known = Known::default();
-        for h in req.headers.iter() {
-            let value_span = span(base, h.value);
-            let skip = classify(h.name.as_bytes(), h.value, value_span, true, &mut self.known)?;
-            self.headers.push(HeaderRef { name: span(base, h.name.as_bytes()), value: value_span, skip });
+        collect_headers(base, req.headers, true, &mut self.headers, &mut self.known)?;
+        if self.known.unknown_coding {
+            return Err(HeadError::UnsupportedEncoding);
         }
         if self.known.chunked && self.known.content_length.is_some() {
             return Err(HeadError::Malformed("both content-length and transfer-encoding"));
@@ -241,65 +279,31 @@ impl RequestHead {
         if self.known.chunked && self.version == 0 {
             return Err(HeadError::Malformed("transfer-encoding in an HTTP/1.0 request"));
         }
-        if self.known.connection_lists_others {
-            skip_connection_listed(base, &mut self.headers);
-        }
         self.bytes = buf.split_to(len).freeze();
         Ok(true)
     }
 
-    pub fn target(&self) -> &[u8] {
-        at(&self.bytes, self.target)
-    }
-
     /// The path of the target, without the query; empty for authority-form (CONNECT) and `*`.
     pub fn path(&self) -> &[u8] {
-        let target = self.target();
-        let origin = match target.first() {
-            Some(b'/') => target,
-            _ => match find_subslice(target, b"://") {
-                // Absolute-form: the path starts at the first '/' after the authority.
-                Some(i) => {
-                    let rest = &target[i + 3..];
-                    rest.iter().position(|&b| b == b'/' || b == b'?').map_or(&b""[..], |j| &rest[j..])
-                }
-                None => return b"",
-            },
-        };
+        let origin = at(&self.bytes, self.origin);
         origin.iter().position(|&b| b == b'?').map_or(origin, |q| &origin[..q])
     }
 
     /// The target as a backend gets it: origin-form (absolute-form loses its scheme and host).
     pub fn origin_target(&self) -> &[u8] {
-        let target = self.target();
-        if target.first() == Some(&b'/') {
-            return target;
-        }
-        match find_subslice(target, b"://") {
-            Some(i) => {
-                let rest = &target[i + 3..];
-                match rest.iter().position(|&b| b == b'/' || b == b'?') {
-                    Some(j) if rest[j] == b'/' => &rest[j..],
-                    _ => b"/",
-                }
-            }
-            None => target,
+        match at(&self.bytes, self.origin) {
+            [] if self.authority.is_some() => b"/",
+            [] => at(&self.bytes, self.target),
+            origin => origin,
         }
     }
 
     /// The Host header, or the authority of an absolute-form target.
     pub fn host(&self) -> Option<&[u8]> {
-        if let Some(h) = self.known.host {
-            return Some(trim(at(&self.bytes, h)));
+        match self.known.host {
+            Some(h) => Some(trim(at(&self.bytes, h))),
+            None => self.authority.map(|a| at(&self.bytes, a)),
         }
-        let target = self.target();
-        let i = find_subslice(target, b"://")?;
-        let rest = &target[i + 3..];
-        Some(&rest[..rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len())])
-    }
-
-    pub fn has_host_header(&self) -> bool {
-        self.known.host.is_some()
     }
 
     /// The host as a `Bytes` sharing the head's buffer (for the access log).
@@ -337,16 +341,9 @@ impl RequestHead {
         self.known.expect_continue && self.has_body() && self.version == 1
     }
 
-    pub fn wants_upgrade(&self) -> bool {
-        self.known.upgrade
-    }
-
     /// Whether the client allows the connection to stay open after this request.
     pub fn keep_alive(&self) -> bool {
-        match self.version {
-            0 => self.known.keep_alive && !self.known.close,
-            _ => !self.known.close,
-        }
+        self.known.keeps_alive(self.version)
     }
 
     /// Write the head as sent to a backend into `out`: origin-form target, HTTP/1.1, the
@@ -401,8 +398,20 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn find_subslice(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// A request target as (origin-form part, authority): `/a?b` is all origin; in absolute-form
+/// `http://h:1/a?b` the authority is `h:1` and the origin `/a?b` (empty when there is no
+/// path); authority-form (`host:443`) and `*` have neither.
+fn split_target(target: &[u8]) -> (&[u8], Option<&[u8]>) {
+    if target.first() == Some(&b'/') {
+        return (target, None);
+    }
+    let Some(i) = target.windows(3).position(|w| w == b"://") else {
+        return (&target[..0], None);
+    };
+    let rest = &target[i + 3..];
+    let end = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
+    let origin = if rest.get(end) == Some(&b'/') { &rest[end..] } else { &rest[rest.len()..] };
+    (origin, Some(&rest[..end]))
 }
 
 fn malformed(e: httparse::Error) -> &'static str {
@@ -458,25 +467,7 @@ impl ResponseHead {
         self.status = resp.code.unwrap_or(502);
         self.version = resp.version.unwrap_or(1);
         self.reason = span(buf, resp.reason.unwrap_or("").as_bytes());
-        self.headers.clear();
-        self.known = Known::default();
-        for h in resp.headers.iter() {
-            let value_span = span(buf, h.value);
-            let skip = match classify(h.name.as_bytes(), h.value, value_span, false, &mut self.known) {
-                Ok(skip) => skip,
-                // Unknown codings are passed through and the body read until close.
-                Err(HeadError::UnsupportedEncoding) => {
-                    self.known.chunked = false;
-                    self.known.close = true;
-                    true
-                }
-                Err(e) => return Err(e),
-            };
-            self.headers.push(HeaderRef { name: span(buf, h.name.as_bytes()), value: value_span, skip });
-        }
-        if self.known.connection_lists_others {
-            skip_connection_listed(buf, &mut self.headers);
-        }
+        collect_headers(buf, resp.headers, false, &mut self.headers, &mut self.known)?;
         self.len = len;
         Ok(true)
     }
@@ -490,11 +481,12 @@ impl ResponseHead {
         if request_method == Method::HEAD || self.status == 204 || self.status == 304 || self.status < 200 {
             return Framing::None;
         }
+        // An unknown coding is passed through as it is and read until the backend closes.
+        if self.known.unknown_coding {
+            return Framing::UntilClose;
+        }
         if self.known.chunked {
             return Framing::Chunked;
-        }
-        if self.known.close && self.known.content_length.is_none() {
-            return Framing::UntilClose;
         }
         match self.known.content_length {
             Some(n) => Framing::Length(n),
@@ -504,10 +496,7 @@ impl ResponseHead {
 
     /// Whether the backend connection can carry another request after this response.
     pub fn backend_keeps_alive(&self) -> bool {
-        match self.version {
-            0 => self.known.keep_alive && !self.known.close,
-            _ => !self.known.close,
-        }
+        self.known.keeps_alive(self.version) && !self.known.unknown_coding
     }
 
     /// The response head for the client, from `buf` (the bytes this head was parsed from).
@@ -628,6 +617,23 @@ mod tests {
         let h = req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert!(h.is_chunked() && h.has_body());
         assert!(forwarded(&h).ends_with("transfer-encoding: chunked\r\n\r\n"));
+    }
+
+    #[test]
+    fn header_lookup_and_the_header_count_limit() {
+        let h = req("GET / HTTP/1.1\r\nHost: a\r\nCookie: s=1\r\ncookie: s=2\r\n\r\n").unwrap();
+        assert_eq!(h.header("COOKIE"), Some(&b"s=1"[..]));
+        assert_eq!(h.header("accept"), None);
+        let many: String = (0..MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert!(req(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")).is_err_and(|e| e == HeadError::TooLarge));
+    }
+
+    #[test]
+    fn a_response_in_an_unknown_coding_is_read_until_close() {
+        let mut r = ResponseHead::default();
+        assert_eq!(r.parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n", 8192), Ok(true));
+        assert_eq!(r.framing(&Method::GET), Framing::UntilClose);
+        assert!(!r.backend_keeps_alive());
     }
 
     #[test]

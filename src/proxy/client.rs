@@ -175,26 +175,18 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
             if drain.is_draining() {
                 return Next::Close;
             }
+        } else if head_deadline.is_none() {
+            // Part of a head is here (a head that comes whole never gets this far): it has
+            // `client_header` from now, however the rest trickles in.
+            head_deadline = Some(Instant::now() + timeouts.client_header);
         }
         let idle = if first { timeouts.client_header } else { timeouts.client_idle };
-        let deadline = || match head_deadline {
-            Some(d) => d,
-            None if waiting => Instant::now() + idle,
-            None => Instant::now() + timeouts.client_header,
-        };
+        let deadline = || head_deadline.unwrap_or_else(|| Instant::now() + idle);
         let read = conn.timer.within(deadline, read_more(&mut conn.stream, &mut conn.buf, READ_BUFFER)).await;
         drain.idle.store(false, Ordering::Relaxed);
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
-            Ok(Ok(_)) => {
-                if waiting && head_deadline.is_none() {
-                    // Only a head that does not come whole in one read pays for this clock read.
-                    if head.parse(&mut conn.buf, max) == Ok(true) {
-                        return Next::Request;
-                    }
-                    head_deadline = Some(Instant::now() + timeouts.client_header);
-                }
-            }
+            Ok(Ok(_)) => {}
             Err(_) if waiting => return Next::Close,
             Err(_) => return Next::TimedOut,
         }

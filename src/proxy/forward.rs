@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::client::{read_more, ClientConn, Drain, BODY_READ};
 use super::respond::LogLine;
 use crate::balancer::RequestContext;
-use crate::config::{HealthConfig, Timeouts};
+use crate::config::HealthConfig;
 use crate::health::passive::{self, Admission};
 use crate::health::{active, retry};
 use crate::http1::{ChunkedScanner, Forwarding, RequestHead, ResponseHead};
@@ -65,6 +65,8 @@ enum ReqBody {
     /// Streamed from the client while it is sent: bytes still to come.
     Length(u64),
     Chunked(ChunkedScanner),
+    /// Streamed to a backend already: the request cannot be sent again.
+    Gone,
 }
 
 impl ReqBody {
@@ -99,17 +101,29 @@ pub(super) enum TimeoutKind {
     Request,
 }
 
-/// What bounds one exchange with a backend.
+/// What bounds one try at a backend.
 #[derive(Debug, Clone, Copy)]
 struct Bounds {
-    /// When the response head must have come, and which timeout that is (for a streamed body,
-    /// `backend_response` is counted again from the end of the upload).
-    response: Instant,
-    kind: TimeoutKind,
+    /// When the try starts.
+    now: Instant,
+    connect: Duration,
     backend_response: Duration,
     /// The request's deadline (sending the body counts against it).
-    request: Instant,
+    deadline: Instant,
     max_body: Option<u64>,
+}
+
+impl Bounds {
+    /// When the response head must have come if the request was all sent at `sent`:
+    /// `backend_response` later, but never past the request's deadline.
+    fn response(&self, sent: Instant) -> (Instant, TimeoutKind) {
+        let backend = sent + self.backend_response;
+        if backend < self.deadline {
+            (backend, TimeoutKind::Backend)
+        } else {
+            (self.deadline, TimeoutKind::Request)
+        }
+    }
 }
 
 /// Serve one request whose head has been read. Returns whether the connection may carry
@@ -197,7 +211,13 @@ impl Exchange<'_> {
         let mut last_failure = String::new();
         let mut retries = 0u32;
         let mut attempted = false;
-        let mut now = start;
+        let mut bounds = Bounds {
+            now: start,
+            connect: timeouts.connect,
+            backend_response: timeouts.backend_response,
+            deadline,
+            max_body,
+        };
         // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend
         // takes the request: if none can, the client gets this answer rather than an error.
         let mut held: Option<(BackendConn, ResponseHead, InFlight)> = None;
@@ -222,9 +242,9 @@ impl Exchange<'_> {
             };
             attempted = true;
             if retries > 0 {
-                now = Instant::now();
+                bounds.now = Instant::now();
             }
-            match self.attempt(c, &mut body, backend, &timeouts, deadline, now, max_body).await {
+            match self.attempt(c, &mut body, backend, bounds).await {
                 Ok(conn) => {
                     let status = c.resp.status;
                     if passive_cfg.on_5xx && (500..600).contains(&status) {
@@ -341,28 +361,21 @@ impl Exchange<'_> {
     /// One try at one backend: a pooled connection (or a new one), then the exchange. A pooled
     /// connection that the backend had closed fails without an answer; the request is then
     /// sent once more on a fresh connection if it can be.
-    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &mut self,
         c: &mut ClientConn,
         body: &mut ReqBody,
         backend: &Arc<Backend>,
-        timeouts: &Timeouts,
-        deadline: Instant,
-        now: Instant,
-        max_body: Option<u64>,
+        bounds: Bounds,
     ) -> Result<BackendConn, AttemptError> {
-        if now >= deadline {
+        if bounds.now >= bounds.deadline {
             return Err(AttemptError::Timeout(TimeoutKind::Request));
         }
-        let connect_timeout = timeouts.connect.min(deadline - now);
-        let mut conn = match backend.checkout(connect_timeout, now.into_std()).await {
+        let connect_timeout = bounds.connect.min(bounds.deadline - bounds.now);
+        let mut conn = match backend.checkout(connect_timeout, bounds.now.into_std()).await {
             Ok(conn) => conn,
             Err(e) => return Err(AttemptError::NotSent(e.to_string())),
         };
-        let (response, kind) = response_deadline(now, timeouts.backend_response, deadline);
-        let bounds =
-            Bounds { response, kind, backend_response: timeouts.backend_response, request: deadline, max_body };
         match self.exchange(c, body, backend, &mut conn, bounds).await {
             Ok(()) => Ok(conn),
             // Only when nothing was sent: a backend that read the request and then closed may
@@ -387,7 +400,8 @@ impl Exchange<'_> {
         conn: &mut BackendConn,
         bounds: Bounds,
     ) -> Result<(), AttemptError> {
-        let Bounds { response: until, kind, .. } = bounds;
+        // Writing a head and a held body is quick: the try's start stands for the time sent.
+        let (until, kind) = bounds.response(bounds.now);
         let fwd = Forwarding { client_ip: &c.client_ip, proto: b"http" };
         self.head.encode_for_backend(&mut c.out, &fwd, backend.host_header.as_bytes());
         let sent = match body {
@@ -396,6 +410,8 @@ impl Exchange<'_> {
                 let parts = &mut [IoSlice::new(&c.out), IoSlice::new(b)];
                 c.timer.within(|| until, conn.write_all_vectored(parts)).await
             }
+            // Not reached: a request whose body went out is never tried again.
+            ReqBody::Gone => return Err(AttemptError::Sent("the request body was sent already".into())),
             ReqBody::Length(_) | ReqBody::Chunked(_) => {
                 self.send_continue(c).await.map_err(AttemptError::ClientBody)?;
                 return self.stream_body(c, body, conn, bounds).await;
@@ -418,7 +434,7 @@ impl Exchange<'_> {
         conn: &mut BackendConn,
         bounds: Bounds,
     ) -> Result<(), AttemptError> {
-        let Bounds { response: until, kind, request: deadline, max_body, .. } = bounds;
+        let Bounds { deadline, max_body, .. } = bounds;
         let mut head_sent = false;
         loop {
             // The part of the body already read.
@@ -443,6 +459,7 @@ impl Exchange<'_> {
                     Ok(Err((e, _))) => {
                         // The backend may have answered early and closed (a 413, say): take
                         // that answer if it is there. The client's body stays unread.
+                        let (until, kind) = bounds.response(bounds.now);
                         return match read_response_head(c, conn, until, kind).await {
                             Ok(()) => Ok(()),
                             Err(_) => Err(AttemptError::Sent(e.to_string())),
@@ -471,22 +488,10 @@ impl Exchange<'_> {
                 Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
             }
         }
-        // From here the request cannot be sent again: its body is gone.
-        *body = ReqBody::Length(0);
+        *body = ReqBody::Gone;
         // `backend_response` counts from the end of the upload, however long that took.
-        let (until, kind) = response_deadline(Instant::now(), bounds.backend_response, deadline);
+        let (until, kind) = bounds.response(Instant::now());
         read_response_head(c, conn, until, kind).await
-    }
-}
-
-/// When the response head must have arrived: `backend_response` after sending, but never past
-/// the request's deadline.
-fn response_deadline(now: Instant, backend_response: Duration, deadline: Instant) -> (Instant, TimeoutKind) {
-    let backend = now + backend_response;
-    if backend < deadline {
-        (backend, TimeoutKind::Backend)
-    } else {
-        (deadline, TimeoutKind::Request)
     }
 }
 

@@ -166,7 +166,7 @@ impl Exchange<'_> {
             }
         }
         if reusable {
-            backend.put_idle(conn, std::time::Instant::now());
+            backend.put_idle(conn);
         }
         drop(in_flight);
         !close

@@ -65,12 +65,7 @@ impl LazyTimer {
             if let Poll::Ready(v) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Ok(v));
             }
-            let until = match (at, deadline.take()) {
-                (Some(t), _) => t,
-                (None, Some(f)) => *at.insert(f()),
-                // Unreachable: `at` is set whenever `deadline` is taken.
-                (None, None) => Instant::now(),
-            };
+            let until = *at.get_or_insert_with(|| deadline.take().map_or_else(Instant::now, |f| f()));
             self.poll_until(cx, until).map(|()| Err(Elapsed))
         })
         .await
