@@ -560,3 +560,39 @@ async fn absolute_form_target_routes_by_its_authority_and_goes_out_origin_form()
     assert_eq!(seen.line, "GET /x HTTP/1.1");
     assert_eq!(seen.get("host"), Some("web.local"), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_answers_are_not_passed_on_and_an_unasked_switch_is_a_bad_gateway() {
+    let raw = RawBackend::start(None, |r| {
+        if r.head.line.starts_with("GET /switch ") {
+            return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n".to_vec();
+        }
+        let mut out = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        out.extend_from_slice(&ok(b"final"));
+        out
+    })
+    .await;
+    let lb = Velocity::start(&service_yaml(&[raw.addr])).await;
+    let mut wire = Wire::connect(lb.addr()).await;
+    wire.send(b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // `head()` returns interim heads too: the first one the client sees is the final answer.
+    let r = wire.response("GET").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "final"), "{r:?}");
+    assert!(!r.head.has("link"), "{:?}", r.head);
+    let out = one_shot(lb.addr(), b"GET /switch HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_pipelined_while_the_first_is_awaited_is_kept_and_answered() {
+    let a = TestBackend::start_slow("a", Duration::from_millis(300)).await;
+    let lb = Velocity::start(&service_yaml(&[a.addr])).await;
+    let mut wire = Wire::connect(lb.addr()).await;
+    wire.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // The second request arrives while Velocity waits on the backend for the first, and is
+    // read (not taken for the client leaving) while it watches the client.
+    eventually("the first request at the backend", DEADLINE, || a.hits() == 1).await;
+    wire.send(b"GET /status/201 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(wire.response("GET").await.status, 200);
+    assert_eq!(wire.response("GET").await.status, 201);
+}
