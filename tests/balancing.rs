@@ -347,3 +347,34 @@ fn check_reports_algorithm_parameters_at_their_position() {
     assert!(text.contains(&format!("{file}:4:16: header_hash needs `hash_key`")), "{text}");
     assert!(text.contains(&format!("{file}:9:33: unknown sticky base \"fastest\"")), "{text}");
 }
+
+#[tokio::test]
+async fn slow_start_ramps_a_backend_added_by_a_reload() {
+    let backends = [TestBackend::start("a").await, TestBackend::start("b").await];
+    let lb = Velocity::start(&config(&[&backends[0]], "    algorithm: p2c\n    slow_start: 6s\n")).await;
+    let mut client = Client::connect(lb.addr()).await;
+    assert_eq!(client.get("web.local", "/").await.backend(), "a");
+
+    let both: Vec<&TestBackend> = backends.iter().collect();
+    std::fs::write(&lb.config_path, config(&both, "    algorithm: p2c\n    slow_start: 6s\n")).unwrap();
+    let status = std::process::Command::new("kill").args(["-HUP", &lb.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    eventually("the reload", DEADLINE, || lb.log_contains("reload ok (SIGHUP)")).await;
+    let added = Instant::now();
+    let mut share_of_b = async |n: usize| {
+        let mut b = 0;
+        for _ in 0..n {
+            let r = client.get("web.local", "/").await;
+            assert_eq!(r.status, 200);
+            b += usize::from(r.backend() == "b");
+        }
+        b as f64 / n as f64
+    };
+    let first = share_of_b(200).await;
+    assert!(first < 0.25, "the new backend took {first:.2} at once");
+    let mut last = first;
+    while added.elapsed() < Duration::from_secs(7) {
+        last = share_of_b(200).await;
+    }
+    assert!(last > 0.4, "the new backend took only {last:.2} after the window");
+}
