@@ -41,7 +41,11 @@ impl Sticky {
                 }
                 // `Secure` belongs here once Velocity has TLS listeners.
                 v.push_str("; HttpOnly; SameSite=Lax");
-                Bytes::from(v)
+                let value = Bytes::from(v);
+                // The first clone of a `Bytes` made from a `String` allocates its shared
+                // header; do it here, so that every clone a pick makes is a count increment.
+                drop(value.clone());
+                value
             })
             .collect();
         Sticky { cookie: cfg.cookie.clone(), ids, set_cookie, base }
