@@ -57,13 +57,20 @@ impl Service {
             .iter()
             .map(|b| {
                 let kept = old.as_ref().and_then(|lb| lb.pool.backends.iter().find(|x| x.addr == b.addr).cloned());
-                let backend = kept.unwrap_or_else(|| Backend::new(b.address.clone(), b.addr, &b.authority));
+                let backend = kept.unwrap_or_else(|| {
+                    let added = Backend::new(b.address.clone(), b.addr, &b.authority);
+                    if old.is_some() {
+                        // Joining a running service: slow start ramps it up.
+                        added.load.mark_recovered();
+                    }
+                    added
+                });
                 backend.set_limits(b.max_connections, &queue);
                 (backend, b.weight)
             })
             .collect();
         let pool = Pool::new(backends);
-        let balancer = balancer::build(config.algorithm, &pool);
+        let balancer = balancer::build(&config, &pool);
         let checker = config.health.check.as_ref().and_then(|c| active::start(&config.name, c, &pool.backends));
         let retry_budget = RetryBudget::new(config.health.retry.budget_percent);
         // Limits may have grown or backends been added: let waiting requests look again.

@@ -1,6 +1,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Balancer, RequestContext};
+use super::{Balancer, Pick, RequestContext};
 use crate::upstream::Pool;
 
 /// Strict rotation. Each pick takes one tick of a shared counter, so with every backend usable
@@ -11,14 +11,14 @@ pub struct RoundRobin {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(&self, pool: &Pool, _ctx: &RequestContext<'_>, usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick(&self, pool: &Pool, _ctx: &RequestContext<'_>, usable: &dyn Fn(usize) -> bool) -> Option<Pick> {
         let n = pool.len();
         // An unusable backend costs a fresh tick rather than handing its turn to its neighbour,
         // so the survivors share its traffic evenly.
         for _ in 0..n {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
             if usable(i) {
-                return Some(i);
+                return Some(Pick::at(i));
             }
         }
         None
@@ -28,13 +28,13 @@ impl Balancer for RoundRobin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::test_support::{ctx, pool};
+    use crate::balancer::test_support::{pick, pool};
 
     #[test]
     fn rotates_strictly() {
         let pool = pool(&[1, 1, 1]);
         let rr = RoundRobin::default();
-        let picks: Vec<_> = (0..6).map(|_| rr.pick(&pool, &ctx(), &|_| true).unwrap_or(99)).collect();
+        let picks: Vec<_> = (0..6).map(|_| pick(&rr, &pool, &|_| true)).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
@@ -44,7 +44,7 @@ mod tests {
         let rr = RoundRobin::default();
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            counts[rr.pick(&pool, &ctx(), &|i| i != 1).unwrap_or(1)] += 1;
+            counts[pick(&rr, &pool, &|i| i != 1)] += 1;
         }
         assert_eq!(counts[1], 0);
         assert!(counts[0].abs_diff(counts[2]) <= 2, "{counts:?}");
@@ -53,6 +53,6 @@ mod tests {
     #[test]
     fn none_when_nothing_usable() {
         let pool = pool(&[1, 1]);
-        assert_eq!(RoundRobin::default().pick(&pool, &ctx(), &|_| false), None);
+        assert_eq!(pick(&RoundRobin::default(), &pool, &|_| false), 99);
     }
 }

@@ -1,6 +1,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Balancer, RequestContext};
+use super::{Balancer, Pick, RequestContext, SlowStart};
 use crate::upstream::Pool;
 
 /// Longest schedule we precompute; larger weight sums are scaled down to fit.
@@ -15,11 +15,12 @@ const MAX_SCHEDULE: u64 = 1 << 16;
 pub struct WeightedRoundRobin {
     schedule: Vec<u32>,
     next: AtomicUsize,
+    slow_start: SlowStart,
 }
 
 impl WeightedRoundRobin {
-    pub fn new(weights: &[u32]) -> Self {
-        WeightedRoundRobin { schedule: smooth_schedule(weights), next: AtomicUsize::new(0) }
+    pub fn new(weights: &[u32], slow_start: SlowStart) -> Self {
+        WeightedRoundRobin { schedule: smooth_schedule(weights), next: AtomicUsize::new(0), slow_start }
     }
 }
 
@@ -57,27 +58,28 @@ fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
 }
 
 impl Balancer for WeightedRoundRobin {
-    fn pick(&self, pool: &Pool, _ctx: &RequestContext<'_>, usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick(&self, pool: &Pool, _ctx: &RequestContext<'_>, usable: &dyn Fn(usize) -> bool) -> Option<Pick> {
         let len = self.schedule.len();
         if len == 0 {
             return None;
         }
-        // Skipping an unusable backend's slots spreads its share over the others by weight.
+        // Skipping an unusable backend's slots spreads its share over the others by weight;
+        // a ramping backend (slow start) takes each of its slots with the ramp's probability.
         for _ in 0..len.min(4 * pool.len() + 64) {
             let i = self.schedule[self.next.fetch_add(1, Ordering::Relaxed) % len] as usize;
-            if i < pool.len() && usable(i) {
-                return Some(i);
+            if i < pool.len() && usable(i) && (!self.slow_start.is_on() || self.slow_start.admit(&pool.backends[i])) {
+                return Some(Pick::at(i));
             }
         }
         // Long stretches of unusable slots (a heavy backend down): fall back to a scan.
-        (0..pool.len()).find(|&i| usable(i))
+        (0..pool.len()).find(|&i| usable(i)).map(Pick::at)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::test_support::{ctx, pool};
+    use crate::balancer::test_support::{counts, pick, pool};
 
     #[test]
     fn nginx_sequence() {
@@ -87,8 +89,8 @@ mod tests {
     #[test]
     fn picks_follow_the_schedule_and_weights() {
         let pool = pool(&[5, 1, 1]);
-        let wrr = WeightedRoundRobin::new(&pool.weights);
-        let picks: Vec<_> = (0..14).map(|_| wrr.pick(&pool, &ctx(), &|_| true).unwrap_or(9)).collect();
+        let wrr = WeightedRoundRobin::new(&pool.weights, SlowStart::default());
+        let picks: Vec<_> = (0..14).map(|_| pick(&wrr, &pool, &|_| true)).collect();
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
     }
 
@@ -102,9 +104,19 @@ mod tests {
     #[test]
     fn skips_unusable() {
         let pool = pool(&[5, 1, 1]);
-        let wrr = WeightedRoundRobin::new(&pool.weights);
+        let wrr = WeightedRoundRobin::new(&pool.weights, SlowStart::default());
         for _ in 0..20 {
-            assert_eq!(wrr.pick(&pool, &ctx(), &|i| i == 2), Some(2));
+            assert_eq!(pick(&wrr, &pool, &|i| i == 2), 2);
         }
+    }
+
+    #[test]
+    fn a_ramping_backend_gets_a_tenth_of_its_share() {
+        let pool = pool(&[1, 1]);
+        let wrr = WeightedRoundRobin::new(&pool.weights, SlowStart::new(Some(std::time::Duration::from_secs(600))));
+        pool.backends[1].load.mark_recovered();
+        let c = counts(&wrr, &pool, 20_000, &|_| true);
+        // Weight 1 × 10% against 1: about 1/11 of the picks.
+        assert!((1_400..2_300).contains(&c[1]), "{c:?}");
     }
 }

@@ -190,7 +190,7 @@ pub fn to_yaml(out: &mut String, h: &HealthConfig) {
     }
 }
 
-fn text(s: &Scalar) -> Option<&str> {
+pub(super) fn text(s: &Scalar) -> Option<&str> {
     match s {
         Scalar::Text(t) => Some(t),
         _ => None,
@@ -208,7 +208,7 @@ fn int(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str, min: i64, max: i64) -> O
     }
 }
 
-fn boolean(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str) -> Option<bool> {
+pub(super) fn boolean(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str) -> Option<bool> {
     let v = v?;
     match &v.value {
         Scalar::Other(t) if t == "true" => Some(true),
@@ -221,7 +221,7 @@ fn boolean(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str) -> Option<bool> {
 }
 
 /// A duration of at least `min`.
-fn duration(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str, min: Duration) -> Option<Duration> {
+pub(super) fn duration(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str, min: Duration) -> Option<Duration> {
     let v = v?;
     let at: Location = v.referenced;
     let parsed = match &v.value {

@@ -154,6 +154,7 @@ pub fn to_yaml(cfg: &Config) -> String {
             let _ = writeln!(out, "    path_prefix: {}", quote(&s.path_prefix));
         }
         let _ = writeln!(out, "    algorithm: {}", s.algorithm.name());
+        super::balancing::to_yaml(&mut out, &s.balancing);
         lifecycle::service_yaml(&mut out, s, &cfg.limits.timeouts);
         let _ = writeln!(out, "    backends:");
         for b in &s.backends {

@@ -3,6 +3,7 @@
 //! Everything the data plane needs is resolved here, once, at load: addresses are resolved,
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
+mod balancing;
 mod duration;
 pub(crate) mod health;
 mod legacy;
@@ -58,6 +59,8 @@ pub struct ServiceConfig {
     pub health: HealthConfig,
     /// Timeouts, body limit and queue of this service (the global defaults where not overridden).
     pub limits: ServiceLimits,
+    /// The algorithm's parameters (`hash_key`, `sticky`, `slow_start`, ...).
+    pub balancing: Balancing,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -73,16 +76,71 @@ pub enum Algorithm {
     RoundRobin,
     WeightedRoundRobin,
     LeastConnections,
+    Random,
+    P2c,
+    PeakEwma,
+    IpHash,
+    UrlHash,
+    HeaderHash,
+    /// A cookie over a base algorithm (`Balancing::sticky`).
+    Sticky,
 }
 
 impl Algorithm {
+    pub const ALL: [Algorithm; 10] = [
+        Algorithm::RoundRobin,
+        Algorithm::WeightedRoundRobin,
+        Algorithm::LeastConnections,
+        Algorithm::Random,
+        Algorithm::P2c,
+        Algorithm::PeakEwma,
+        Algorithm::IpHash,
+        Algorithm::UrlHash,
+        Algorithm::HeaderHash,
+        Algorithm::Sticky,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::RoundRobin => "round_robin",
             Algorithm::WeightedRoundRobin => "weighted_round_robin",
             Algorithm::LeastConnections => "least_connections",
+            Algorithm::Random => "random",
+            Algorithm::P2c => "p2c",
+            Algorithm::PeakEwma => "peak_ewma",
+            Algorithm::IpHash => "ip_hash",
+            Algorithm::UrlHash => "url_hash",
+            Algorithm::HeaderHash => "header_hash",
+            Algorithm::Sticky => "sticky",
         }
     }
+
+    /// Hashing algorithms keep each key on its backend: weights do not ramp.
+    pub fn is_hash(self) -> bool {
+        matches!(self, Algorithm::IpHash | Algorithm::UrlHash | Algorithm::HeaderHash)
+    }
+}
+
+/// Parameters of a service's algorithm, beside `algorithm:` in the service block.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Balancing {
+    /// `header_hash`: the header to hash, lower-cased.
+    pub hash_key: Option<String>,
+    /// `url_hash`: hash the query too (default: the path only).
+    pub hash_query: bool,
+    /// `sticky`: the cookie and the base algorithm.
+    pub sticky: Option<StickyConfig>,
+    /// Ramp a backend that comes (back) into service from 10% to 100% of its weight.
+    pub slow_start: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyConfig {
+    pub cookie: String,
+    /// The cookie's `Max-Age`; `None`: a session cookie.
+    pub ttl: Option<Duration>,
+    /// Picks when the cookie is missing or its backend is unusable; never `Sticky`.
+    pub base: Algorithm,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +328,7 @@ pub fn summary_lines(cfg: &Config) -> Vec<String> {
                 backends.join(", ")
             );
             // What else governs the service, so `check` shows the settings that took effect.
+            line += &balancing::summary(s);
             if let Some(c) = &s.health.check {
                 line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
             }

@@ -158,6 +158,11 @@ pub struct RawService {
     pub timeouts: Option<S<RawTimeouts>>,
     pub max_body_bytes: Option<S<Scalar>>,
     pub queue: Option<S<RawQueue>>,
+    // The algorithm's parameters (see `balancing.rs`).
+    pub hash_key: Option<S<Scalar>>,
+    pub hash_query: Option<S<Scalar>>,
+    pub sticky: Option<S<super::balancing::RawSticky>>,
+    pub slow_start: Option<S<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

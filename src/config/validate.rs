@@ -254,12 +254,13 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
         };
         let name_at = raw.name.as_ref().map_or(at, |n| n.referenced);
 
+        let algorithm = raw.algorithm.as_ref().map_or(Algorithm::RoundRobin, |a| algorithm(ctx, a));
+        let balancing = super::balancing::convert(ctx, &mut raw, algorithm, name_at);
         let (hosts, hosts_valid) = raw.hosts.map_or((Vec::new(), true), |h| hosts(ctx, h));
         let path_prefix = match &raw.path_prefix {
             Some(p) => path_prefix(ctx, p),
             None => "/".to_owned(),
         };
-        let algorithm = raw.algorithm.as_ref().map_or(Algorithm::RoundRobin, |a| algorithm(ctx, a));
         let backends = backends(ctx, &name, raw.backends, name_at);
         let health = super::health::convert(ctx, raw.health_check, raw.passive, raw.retry);
 
@@ -300,6 +301,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             backends,
             health,
             limits,
+            balancing,
         });
     }
     out
@@ -364,14 +366,13 @@ fn path_prefix(ctx: &mut Ctx, p: &S<String>) -> String {
 }
 
 fn algorithm(ctx: &mut Ctx, a: &S<String>) -> Algorithm {
-    const ALL: [Algorithm; 3] = [Algorithm::RoundRobin, Algorithm::WeightedRoundRobin, Algorithm::LeastConnections];
     let text = a.value.trim();
-    match ALL.into_iter().find(|alg| alg.name() == text) {
+    match Algorithm::ALL.into_iter().find(|alg| alg.name() == text) {
         Some(alg) => alg,
         None => {
             ctx.error(
                 &a.referenced,
-                format!("unknown algorithm {text:?}: use round_robin, weighted_round_robin or least_connections"),
+                format!("unknown algorithm {text:?}: use {}", super::balancing::algorithm_names()),
             );
             Algorithm::RoundRobin
         }
@@ -648,7 +649,7 @@ services:
             (&one_service("    backends:\n      - address: http://127.0.0.1:9001/app\n"), "5:18", "has a path"),
             (&one_service("    backends:\n      - address: bad_host!:80\n"), "5:18", "invalid host name"),
             (&one_service("    backends:\n      - weight: 2\n"), "5:9", "backend has no `address`"),
-            (&one_service("    algorithm: fastest\n    backends:\n      - address: 127.0.0.1:1\n"), "4:16", "unknown algorithm \"fastest\": use round_robin, weighted_round_robin or least_connections"),
+            (&one_service("    algorithm: fastest\n    backends:\n      - address: 127.0.0.1:1\n"), "4:16", "unknown algorithm \"fastest\": use round_robin, weighted_round_robin, least_connections, random, p2c, peak_ewma, ip_hash, url_hash, header_hash or sticky"),
             (&one_service("    path_prefix: api\n    backends:\n      - address: 127.0.0.1:1\n"), "4:18", "path_prefix \"api\" must start with \"/\""),
             (&one_service("    hosts: [\"web.*\"]\n    backends:\n      - address: 127.0.0.1:1\n"), "4:13", "wildcard"),
             ("listen: 127.0.0.1:8000\naccess_log: stderr\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:1\n", "2:13", "unknown access_log \"stderr\""),
@@ -707,7 +708,7 @@ services:
 log_format: yaml
 services:
   - name: web
-    algorithm: random
+    algorithm: randomly
     backends:
       - address: 127.0.0.1:9001
         weight: 0

@@ -90,6 +90,7 @@ async fn run(probe: Arc<Probe>, backend: Arc<Backend>) {
                 // The checks prove it serves again: a passive ejection from the outage must not
                 // keep it out (as Envoy's successful_active_health_check_uneject_host).
                 passive::reset(&backend);
+                backend.load.mark_recovered();
                 info!(service = %probe.service, backend = %backend.name, from = "down", to = "up", reason = %why, "backend is up (active check)");
             }
             None => {}

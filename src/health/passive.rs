@@ -69,6 +69,7 @@ pub fn record_success(backend: &Backend, trial: Option<TrialGuard>, service: &st
         h.ejections.store(0, Ordering::Relaxed);
         h.ejected_until.store(0, Ordering::Release);
         h.trial.store(false, Ordering::Release);
+        backend.load.mark_recovered();
         info!(service, backend = %backend.name, from = "half-open", to = "closed", "trial request succeeded, backend back in rotation");
     } else if h.failures.load(Ordering::Relaxed) != 0 {
         // Only written when it changes: a store on every request would bounce the cache line

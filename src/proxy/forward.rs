@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use super::client::{read_more, ClientConn, Drain, BODY_READ};
 use super::respond::LogLine;
-use crate::balancer::RequestContext;
+use crate::balancer::{Pick, RequestContext};
 use crate::config::HealthConfig;
 use crate::health::passive::{self, Admission};
 use crate::health::{active, retry};
@@ -151,7 +151,8 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         (snapshot.router.route(host, path).map(|i| snapshot.services[i].clone()), log)
     };
     let mut log = LogLine(log);
-    let mut req = Exchange { head, drain, log: &mut log, body_pending: head.has_body(), continued: false };
+    let mut req =
+        Exchange { head, drain, log: &mut log, body_pending: head.has_body(), continued: false, set_cookie: None };
     let Some(service) = routed else {
         let body = format!("no service for host {host:?}\n");
         return req.local(c, 404, &[], body.as_bytes(), "no_route").await;
@@ -168,6 +169,8 @@ pub(super) struct Exchange<'a> {
     pub(super) body_pending: bool,
     /// `100 Continue` sent.
     continued: bool,
+    /// A `Set-Cookie` value the balancer asked the response to carry.
+    pub(super) set_cookie: Option<Bytes>,
 }
 
 impl Exchange<'_> {
@@ -220,7 +223,7 @@ impl Exchange<'_> {
         };
         // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend
         // takes the request: if none can, the client gets this answer rather than an error.
-        let mut held: Option<(BackendConn, ResponseHead, InFlight)> = None;
+        let mut held: Option<(BackendConn, ResponseHead, InFlight, Option<Bytes>)> = None;
         loop {
             let acquired = {
                 let ctx = RequestContext { client_ip: c.client.ip(), head };
@@ -229,7 +232,11 @@ impl Exchange<'_> {
                 acquire(service, &lb, &ctx, &usable, deadline.into_std()).await
             };
             let (i, in_flight) = match acquired {
-                Acquired::Backend(i, in_flight) => (i, in_flight),
+                Acquired::Backend(pick, in_flight) => {
+                    // The answer that goes out says how to come back here (sticky's cookie).
+                    self.set_cookie = pick.set_cookie;
+                    (pick.index, in_flight)
+                }
                 Acquired::NoneUsable => break,
                 Acquired::Rejected(why) => return self.queue_rejected(c, service, why).await,
             };
@@ -244,8 +251,13 @@ impl Exchange<'_> {
             if retries > 0 {
                 bounds.now = Instant::now();
             }
+            // Only latency-aware algorithms pay for the clock read.
+            let sent_at = lb.balancer.observes_latency().then(std::time::Instant::now);
             match self.attempt(c, &mut body, backend, bounds).await {
                 Ok(conn) => {
+                    if let Some(t) = sent_at {
+                        backend.load.observe_ttfb(t.elapsed());
+                    }
                     let status = c.resp.status;
                     if passive_cfg.on_5xx && (500..600).contains(&status) {
                         let why = StatusReason(status);
@@ -255,7 +267,7 @@ impl Exchange<'_> {
                     }
                     if retry.on.contains(&status) && may_replay && body.replayable() && may_retry(service, retries) {
                         warn!(service = %service.config.name, backend = %backend.name, status, retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
-                        held = Some((conn, std::mem::take(&mut c.resp), in_flight));
+                        held = Some((conn, std::mem::take(&mut c.resp), in_flight, self.set_cookie.take()));
                     } else {
                         return self.relay(c, conn, in_flight, timeouts.backend_response).await;
                     }
@@ -274,8 +286,9 @@ impl Exchange<'_> {
                         warn!(service = %service.config.name, backend = %backend.name, error = %why, retry = retries + 1, "backend failed after the request was sent, retrying on another backend");
                     } else {
                         warn!(service = %service.config.name, backend = %backend.name, error = %why, "backend failed after the request was sent");
-                        if let Some((conn, resp, in_flight)) = held {
+                        if let Some((conn, resp, in_flight, cookie)) = held {
                             c.resp = resp;
+                            self.set_cookie = cookie;
                             return self.relay(c, conn, in_flight, timeouts.backend_response).await;
                         }
                         self.log.set(0, None, Some(backend));
@@ -312,8 +325,9 @@ impl Exchange<'_> {
             tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
             retries += 1;
         }
-        if let Some((conn, resp, in_flight)) = held {
+        if let Some((conn, resp, in_flight, cookie)) = held {
             c.resp = resp;
+            self.set_cookie = cookie;
             return self.relay(c, conn, in_flight, timeouts.backend_response).await;
         }
         if !attempted {
@@ -595,7 +609,7 @@ impl std::fmt::Display for StatusReason {
 
 /// What [`acquire`] found.
 enum Acquired {
-    Backend(usize, InFlight),
+    Backend(Pick, InFlight),
     /// No backend is usable (all tried, or none eligible): not a capacity problem.
     NoneUsable,
     Rejected(QueueRejection),
@@ -620,12 +634,12 @@ async fn acquire(
         // Requests already waiting go first: a newcomer may only pick when nobody waits.
         if ticket.is_some() || queue.depth() == 0 {
             let has_room = |i: usize| usable(i) && lb.pool.backends[i].has_capacity();
-            if let Some(i) = lb.balancer.pick(&lb.pool, ctx, &has_room) {
-                if let Some(in_flight) = lb.pool.backends[i].try_start_request() {
+            if let Some(pick) = lb.balancer.pick(&lb.pool, ctx, &has_room) {
+                if let Some(in_flight) = lb.pool.backends[pick.index].try_start_request() {
                     if let Some(t) = ticket.take() {
                         t.done();
                     }
-                    return Acquired::Backend(i, in_flight);
+                    return Acquired::Backend(pick, in_flight);
                 }
                 // Another request took the last slot between the check and the count.
             } else if !(0..lb.pool.len()).any(usable) {

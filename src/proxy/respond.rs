@@ -81,6 +81,13 @@ impl Exchange<'_> {
             keep_alive_10: head.version == 0 && !close,
         };
         c.resp.encode_for_client(&conn.buf, &mut c.out, client_framing);
+        if let Some(cookie) = self.set_cookie.take() {
+            // Before the blank line that ends the head.
+            c.out.truncate(c.out.len().saturating_sub(2));
+            for part in [&b"set-cookie: "[..], &cookie, b"\r\n\r\n"] {
+                c.out.extend_from_slice(part);
+            }
+        }
         conn.buf.advance(c.resp.len);
         self.log.set(c.resp.status, None, Some(&backend));
         let reusable = c.resp.backend_keeps_alive();

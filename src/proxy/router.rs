@@ -112,6 +112,7 @@ mod tests {
             backends: vec![],
             health: Default::default(),
             limits: Default::default(),
+            balancing: Default::default(),
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hyper::header::HeaderValue;
 
 use super::connection::BackendConn;
+use crate::balancer::LoadStats;
 use crate::health::HealthState;
 use crate::policy::Queue;
 
@@ -25,6 +26,8 @@ pub struct Backend {
     pub host_header: HeaderValue,
     /// Up/down and circuit-breaker state; the rules that change it are in `crate::health`.
     pub health: HealthState,
+    /// Latency estimate and slow-start mark, for the load-aware algorithms.
+    pub load: LoadStats,
     in_flight: AtomicUsize,
     requests: AtomicU64,
     connections_opened: AtomicU64,
@@ -45,6 +48,7 @@ impl Backend {
             addr,
             host_header,
             health: HealthState::default(),
+            load: LoadStats::default(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),

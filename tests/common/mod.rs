@@ -67,6 +67,8 @@ pub struct Knobs {
     pub health_checks: AtomicUsize,
     /// When not 0, every other request is answered with this status.
     pub fail_status: AtomicU16,
+    /// Every request (but `/healthz`) waits this many milliseconds before its answer.
+    pub delay_ms: AtomicU64,
 }
 
 impl Default for Knobs {
@@ -76,6 +78,7 @@ impl Default for Knobs {
             health_alternate: AtomicBool::new(false),
             health_checks: AtomicUsize::new(0),
             fail_status: AtomicU16::new(0),
+            delay_ms: AtomicU64::new(0),
         }
     }
 }
@@ -117,6 +120,11 @@ impl TestBackend {
     /// Answer every request (but `/healthz`) with `status`; 0 to serve normally again.
     pub fn set_fail_status(&self, status: u16) {
         self.knobs.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    /// Make every request wait `delay` (a backend that turns slow); zero to answer at once.
+    pub fn set_delay(&self, delay: Duration) {
+        self.knobs.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn health_checks(&self) -> usize {
@@ -200,6 +208,10 @@ async fn serve(
                             }
                             if path.starts_with("/slow") {
                                 tokio::time::sleep(slow).await;
+                            }
+                            let delay = knobs.delay_ms.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
                             }
                             let mut resp = Response::new(Full::new(Bytes::from(format!("{name}\n"))));
                             if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
@@ -356,9 +368,30 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).await.expect("connect to velocity");
+        Self::handshake(stream).await
+    }
+
+    /// Connect from a given local address (any of 127.0.0.0/8 works on Linux), so that a test
+    /// can be many clients.
+    pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::new(local, 0)).expect("bind the client address");
+        Self::handshake(socket.connect(addr).await.expect("connect to velocity")).await
+    }
+
+    async fn handshake(stream: TcpStream) -> Client {
         let (sender, conn) = client_http1::handshake(TokioIo::new(stream)).await.expect("handshake");
         tokio::spawn(conn);
         Client { sender }
+    }
+
+    /// A GET with extra headers.
+    pub async fn get_with(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let mut req = Request::builder().uri(path).header("host", host);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        self.send(req.body(Full::new(Bytes::new())).unwrap()).await
     }
 
     pub async fn request(&mut self, method: &str, host: &str, path: &str, body: &str) -> Resp {
