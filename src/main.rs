@@ -92,9 +92,10 @@ fn check(path: &Path) -> ExitCode {
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }
+        // On stderr, as `nginx -t` does: scripts keep stdout for the summary.
         Err(errors) => {
             for e in errors {
-                println!("{e}");
+                eprintln!("{e}");
             }
             ExitCode::FAILURE
         }

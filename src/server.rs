@@ -32,7 +32,8 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // not take the default action (which kills the process, even for SIGHUP).
     let mut signals = Signals::new()?;
     let listen = config.listen.clone();
-    let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log: {e}"))?;
+    let log = config.access_log.clone();
+    let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log {log}: {e}"))?;
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let tracker = Arc::new(Tracker::default());
     let mut listeners = Vec::new();
@@ -112,10 +113,13 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
         }
     }
     let old = state.load_full();
+    let log = new.access_log.clone();
     let snapshot = match Snapshot::build(new, Some(&old)) {
         Ok(s) => s,
         Err(e) => {
-            error!("reload rejected ({reason}): cannot open the access log: {e}; still serving the previous config");
+            error!(
+                "reload rejected ({reason}): cannot open the access log {log}: {e}; still serving the previous config"
+            );
             return;
         }
     };

@@ -23,12 +23,34 @@ impl Drop for TempConfig {
     }
 }
 
+/// What `velocity SUBCOMMAND -c FILE` did.
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    /// The config file's path, as the messages show it.
+    path: String,
+}
+
+fn velocity(subcommand: &str, file: &std::path::Path) -> Outcome {
+    let out = Command::new(env!("CARGO_BIN_EXE_velocity")).arg(subcommand).arg("-c").arg(file).output().unwrap();
+    Outcome {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        path: file.display().to_string(),
+    }
+}
+
 /// Exit code and stdout+stderr of `velocity check -c` on `text`, and the file's path.
 fn check(text: &str) -> (Option<i32>, String, String) {
+    let o = check_streams(text);
+    (o.code, format!("{}{}", o.stdout, o.stderr), o.path)
+}
+
+fn check_streams(text: &str) -> Outcome {
     let file = TempConfig::new(text);
-    let out = Command::new(env!("CARGO_BIN_EXE_velocity")).arg("check").arg("-c").arg(&file.0).output().unwrap();
-    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code(), output, file.0.display().to_string())
+    velocity("check", &file.0)
 }
 
 #[test]
@@ -131,4 +153,113 @@ fn every_example_passes_check() {
         checked += 1;
     }
     assert!(checked >= 5, "only {checked} examples found");
+}
+
+/// As `nginx -t`: the summary on stdout, the problems on stderr (exit codes as before).
+#[test]
+fn problems_go_to_stderr_and_the_summary_to_stdout() {
+    let bad = check_streams("listen: 127.0.0.1:8000\nservices: []\n");
+    assert_eq!(bad.code, Some(1));
+    assert_eq!(bad.stdout, "", "{}", bad.stderr);
+    assert_eq!(bad.stderr, format!("{}:2:11: `services` is empty: at least one service is needed\n", bad.path));
+
+    let good =
+        check_streams("listen: 127.0.0.1:8000\nservices:\n  - name: a\n    backends: [{address: 127.0.0.1:9001}]\n");
+    assert_eq!(good.code, Some(0), "{}", good.stderr);
+    assert_eq!(good.stderr, "");
+    assert!(good.stdout.ends_with(&format!("{}: ok\n", good.path)), "{}", good.stdout);
+}
+
+/// No made-up `:0:0` position for a problem with the whole file; `run` says the same.
+#[test]
+fn a_file_that_cannot_be_read_is_file_colon_reason() {
+    let missing = std::env::temp_dir().join(format!("velocity-check-missing-{}.yaml", std::process::id()));
+    for subcommand in ["check", "run"] {
+        let o = velocity(subcommand, &missing);
+        assert_eq!(o.code, Some(1), "{subcommand}: {}", o.stderr);
+        assert_eq!(o.stdout, "", "{subcommand}");
+        assert_eq!(
+            o.stderr,
+            format!("{}: cannot read: No such file or directory (os error 2)\n", o.path),
+            "{subcommand}"
+        );
+    }
+}
+
+/// `check` passing means `run` starts: what `run` would fail on is found by `check`, at the key,
+/// naming the path, and `run` stops with the same message before it opens any listener.
+#[test]
+fn an_access_log_that_cannot_be_opened_fails_check_and_run_alike() {
+    let dir = std::env::temp_dir().join(format!("velocity-check-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "/nonexistent/dir/a.log".to_owned(),
+            "access_log /nonexistent/dir/a.log: directory /nonexistent/dir does not exist".to_owned(),
+        ),
+        (format!("{}/", dir.display()), format!("access_log {}/ is a directory, not a file", dir.display())),
+    ];
+    for (log, message) in cases {
+        let file = TempConfig::new(&format!(
+            "listen: 127.0.0.1:0\naccess_log: {log}\nservices:\n  - name: a\n    backends: [{{address: 127.0.0.1:9001}}]\n"
+        ));
+        for subcommand in ["check", "run"] {
+            let o = velocity(subcommand, &file.0);
+            assert_eq!(o.code, Some(1), "{subcommand} {log}: {}{}", o.stdout, o.stderr);
+            assert_eq!(o.stderr, format!("{}:2:13: {message}\n", o.path), "{subcommand}");
+            assert!(!o.stdout.contains("listening"), "{subcommand}: {}", o.stdout);
+        }
+    }
+    // A writable place passes, and `check` leaves no file behind.
+    let log = dir.join("access.log");
+    let (code, output, _) = check(&format!(
+        "listen: 127.0.0.1:0\naccess_log: {}\nservices:\n  - name: a\n    backends: [{{address: 127.0.0.1:9001}}]\n",
+        log.display()
+    ));
+    assert_eq!(code, Some(0), "{output}");
+    assert!(!log.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An address that is not this machine's cannot be listened on; a port in use is left to `run`.
+#[test]
+fn a_listen_address_of_another_machine_fails_check() {
+    let (code, output, path) = check(
+        "listen: [127.0.0.1:0, 192.0.2.1:8000]\nservices:\n  - name: a\n    backends: [{address: 127.0.0.1:9001}]\n",
+    );
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.starts_with(&format!("{path}:1:23: cannot listen on 192.0.2.1:8000: ")), "{output}");
+    assert!(output.contains("192.0.2.1 is not an address of this machine"), "{output}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (code, output, _) = check(&format!(
+        "listen: {}\nservices:\n  - name: a\n    backends: [{{address: 127.0.0.1:9001}}]\n",
+        taken.local_addr().unwrap()
+    ));
+    assert_eq!(code, Some(0), "{output}");
+}
+
+/// A misspelt key in a Go file used to be dropped, leaving a service without its backends.
+#[test]
+fn a_misspelt_legacy_key_fails_check_with_a_hint() {
+    let (code, output, path) = check(
+        "listen_port: 8080\nservices:\n  - name: a\n    domain: a.local\n    targetUrls: [\"http://localhost:9001\"]\n",
+    );
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.starts_with(&format!("{path}:5:5: unknown key `targetUrls`: did you mean `targetURLs`?")),
+        "{output}"
+    );
+}
+
+#[test]
+fn the_same_backend_twice_fails_check() {
+    let (code, output, path) = check(
+        "listen: 127.0.0.1:8000\nservices:\n  - name: a\n    backends:\n      - address: 127.0.0.1:9001\n      - address: 127.0.0.1:9001\n",
+    );
+    assert_eq!(code, Some(1), "{output}");
+    assert_eq!(
+        output,
+        format!("{path}:6:18: backend 127.0.0.1:9001 is listed twice in service \"a\" (first on line 5)\n")
+    );
 }

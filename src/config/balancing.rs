@@ -3,12 +3,12 @@
 //! not fit the service's algorithm is an error rather than silently ignored.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde_saphyr::Location;
 
-use super::health::{boolean, duration, text};
+use super::health::text;
+use super::value::{self, Bounds, DAY, MILLISECOND, SECOND};
 use super::schema::{RawService, Scalar, S};
 use super::validate::Ctx;
 use super::{Algorithm, Balancing, ServiceConfig, StickyConfig};
@@ -84,7 +84,7 @@ pub fn convert(ctx: &mut Ctx, raw: &mut RawService, algorithm: Algorithm, servic
     if let Some(v) = raw.hash_query.take() {
         if picking != Algorithm::UrlHash {
             ctx.error(&v.referenced, format!("hash_query applies to algorithm url_hash, not {}", picking.name()));
-        } else if let Some(b) = boolean(ctx, Some(&v), "hash_query") {
+        } else if let Some(b) = value::boolean(ctx, "hash_query", &v) {
             out.hash_query = b;
         }
     }
@@ -96,7 +96,7 @@ pub fn convert(ctx: &mut Ctx, raw: &mut RawService, algorithm: Algorithm, servic
                 format!("slow_start does not apply to {}: a hash keeps each key on its backend", picking.name()),
             );
         } else {
-            out.slow_start = duration(ctx, Some(&v), "slow_start", Duration::from_millis(1));
+            out.slow_start = value::duration(ctx, "slow_start", &v, Bounds { min: MILLISECOND, max: DAY });
         }
     }
     out
@@ -118,7 +118,7 @@ fn sticky(ctx: &mut Ctx, s: S<RawSticky>) -> Option<StickyConfig> {
             }
         },
     };
-    let ttl = raw.ttl.as_ref().and_then(|v| duration(ctx, Some(v), "sticky ttl", Duration::from_secs(1)));
+    let ttl = raw.ttl.as_ref().and_then(|v| value::duration(ctx, "sticky ttl", v, Bounds { min: SECOND, max: 365 * DAY }));
     let base = match &raw.base {
         None => {
             ctx.error(&at, "sticky needs `base`: the algorithm that picks a backend for a new client, such as base: least_connections");
@@ -187,6 +187,7 @@ pub fn summary(s: &ServiceConfig) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
     use std::path::Path;
 
     use super::*;
@@ -250,7 +251,7 @@ mod tests {
                 "    algorithm: sticky\n    sticky: {base: random, cookie: \"a b\"}\n",
                 "7:36: sticky cookie must be a cookie name",
             ),
-            ("    algorithm: sticky\n    sticky: {base: random, ttl: 0s}\n", "7:33: sticky ttl must be at least"),
+            ("    algorithm: sticky\n    sticky: {base: random, ttl: 0s}\n", "7:33: sticky ttl must be from 1s to"),
             ("    algorithm: sticky\n    sticky: {base: random, tll: 1h}\n", "unknown key `tll`"),
             ("    sticky: {base: random}\n", "6:13: `sticky` applies to algorithm sticky, not round_robin"),
             (

@@ -2,16 +2,29 @@
 //! problem is collected with its position, as in `validate.rs`; a bad value falls back to its
 //! default so the rest of the file is still checked.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
-use serde_saphyr::Location;
+use rustls::pki_types::ServerName;
 
 use super::schema::{RawBackoff, RawHealthCheck, RawPassive, RawRetry, Scalar, S};
 use super::validate::Ctx;
-use super::{parse_duration, CheckKind, HealthCheckConfig, HealthConfig, PassiveConfig, RetryConfig};
+use super::value::{self, boolean, format_duration, Bounds, DAY, HOUR, MIB, MILLISECOND, MINUTE};
+use super::{CheckKind, HealthCheckConfig, HealthConfig, PassiveConfig, RetryConfig};
 
 /// Statuses `retry.on` may list: the ones that say "this backend could not serve it".
 pub const RETRYABLE_STATUSES: [u16; 3] = [502, 503, 504];
+
+/// Checks more often than every 10 ms would be load, not health; once a day is the rarest
+/// that still says anything.
+const CHECK_INTERVAL: Bounds<Duration> = Bounds { min: Duration::from_millis(10), max: DAY };
+const CHECK_TIMEOUT: Bounds<Duration> = Bounds { min: MILLISECOND, max: HOUR };
+const EJECTION: Bounds<Duration> = Bounds { min: MILLISECOND, max: DAY };
+/// A wait between tries longer than a minute outlasts any client.
+const BACKOFF: Bounds<Duration> = Bounds { min: Duration::ZERO, max: MINUTE };
+/// Bodies up to this are held in memory per request so they can be replayed: beyond a few
+/// MiB that is a memory risk under load (Envoy's default buffer limit is 1 MiB).
+const BUFFER_BODY_LIMIT: Bounds<u64> = Bounds { min: 0, max: 16 * MIB };
 
 pub fn convert(
     ctx: &mut Ctx,
@@ -57,11 +70,17 @@ fn health_check(ctx: &mut Ctx, raw: RawHealthCheck) -> HealthCheckConfig {
             _ => ctx
                 .error(&v.referenced, format!("health_check host {} must be a host name, such as web.local", v.value)),
         }
+        // Every https check would fail at its handshake otherwise.
+        if let (CheckKind::Https, Some(host)) = (c.kind, &c.host) {
+            if let Err(msg) = tls_server_name(host) {
+                ctx.error(&v.referenced, format!("health_check host: {msg}"));
+            }
+        }
     }
-    if let Some(d) = duration(ctx, raw.interval.as_ref(), "health_check interval", Duration::from_millis(10)) {
+    if let Some(d) = duration(ctx, raw.interval.as_ref(), "health_check interval", CHECK_INTERVAL) {
         c.interval = d;
     }
-    if let Some(d) = duration(ctx, raw.timeout.as_ref(), "health_check timeout", Duration::from_millis(1)) {
+    if let Some(d) = duration(ctx, raw.timeout.as_ref(), "health_check timeout", CHECK_TIMEOUT) {
         c.timeout = d;
     }
     if let Some(n) = int(ctx, raw.healthy_threshold.as_ref(), "healthy_threshold", 1, 1000) {
@@ -70,7 +89,7 @@ fn health_check(ctx: &mut Ctx, raw: RawHealthCheck) -> HealthCheckConfig {
     if let Some(n) = int(ctx, raw.unhealthy_threshold.as_ref(), "unhealthy_threshold", 1, 1000) {
         c.unhealthy_threshold = n as u32;
     }
-    if let Some(b) = boolean(ctx, raw.insecure_skip_verify.as_ref(), "insecure_skip_verify") {
+    if let Some(b) = raw.insecure_skip_verify.as_ref().and_then(|v| boolean(ctx, "insecure_skip_verify", v)) {
         if b && c.kind != CheckKind::Https {
             if let Some(v) = &raw.insecure_skip_verify {
                 ctx.error(&v.referenced, "insecure_skip_verify applies to https checks only");
@@ -86,11 +105,11 @@ fn passive(ctx: &mut Ctx, raw: RawPassive) -> PassiveConfig {
     if let Some(n) = int(ctx, raw.consecutive_failures.as_ref(), "consecutive_failures", 0, 1_000_000) {
         p.consecutive_failures = n as u32;
     }
-    if let Some(b) = boolean(ctx, raw.on_5xx.as_ref(), "on_5xx") {
+    if let Some(b) = raw.on_5xx.as_ref().and_then(|v| boolean(ctx, "on_5xx", v)) {
         p.on_5xx = b;
     }
-    let base = duration(ctx, raw.base_ejection.as_ref(), "base_ejection", Duration::from_millis(1));
-    let max = duration(ctx, raw.max_ejection.as_ref(), "max_ejection", Duration::from_millis(1));
+    let base = duration(ctx, raw.base_ejection.as_ref(), "base_ejection", EJECTION);
+    let max = duration(ctx, raw.max_ejection.as_ref(), "max_ejection", EJECTION);
     p.base_ejection = base.unwrap_or(p.base_ejection);
     p.max_ejection = max.unwrap_or(p.max_ejection);
     if p.base_ejection > p.max_ejection {
@@ -126,8 +145,8 @@ fn retry(ctx: &mut Ctx, raw: RawRetry) -> RetryConfig {
     if let Some(b) = raw.backoff {
         let at = b.referenced;
         let RawBackoff { base, max } = b.value;
-        let base_d = duration(ctx, base.as_ref(), "backoff base", Duration::ZERO);
-        let max_d = duration(ctx, max.as_ref(), "backoff max", Duration::ZERO);
+        let base_d = duration(ctx, base.as_ref(), "backoff base", BACKOFF);
+        let max_d = duration(ctx, max.as_ref(), "backoff max", BACKOFF);
         r.backoff_base = base_d.unwrap_or(r.backoff_base);
         r.backoff_max = max_d.unwrap_or(r.backoff_max);
         if r.backoff_base > r.backoff_max {
@@ -135,14 +154,10 @@ fn retry(ctx: &mut Ctx, raw: RawRetry) -> RetryConfig {
             ctx.error(&loc, "backoff max must not be shorter than backoff base");
         }
     }
-    if let Some(v) = &raw.buffer_body_limit {
-        match size(&v.value) {
-            Some(n) => r.buffer_body_limit = n,
-            None => ctx.error(
-                &v.referenced,
-                format!("buffer_body_limit must be a size in bytes, such as 65536 or 64KiB, got {}", v.value),
-            ),
-        }
+    if let Some(n) =
+        raw.buffer_body_limit.as_ref().and_then(|v| value::size(ctx, "buffer_body_limit", v, BUFFER_BODY_LIMIT))
+    {
+        r.buffer_body_limit = n;
     }
     if let Some(n) = int(ctx, raw.budget_percent.as_ref(), "budget_percent", 0, 100) {
         r.budget_percent = n as u32;
@@ -154,8 +169,7 @@ fn retry(ctx: &mut Ctx, raw: RawRetry) -> RetryConfig {
 /// equal.
 pub fn to_yaml(out: &mut String, h: &HealthConfig) {
     use std::fmt::Write;
-    // Milliseconds as a float, so sub-millisecond values survive the round trip.
-    let d = |d: Duration| format!("{}ms", d.as_secs_f64() * 1000.0);
+    let d = format_duration;
     // Writing to a String cannot fail.
     if let Some(c) = &h.check {
         let _ = writeln!(out, "    health_check:\n      type: {}", c.kind.name());
@@ -190,6 +204,19 @@ pub fn to_yaml(out: &mut String, h: &HealthConfig) {
     }
 }
 
+/// `host` (a name or an IP, with or without `:port`) can be the TLS server name of an https
+/// check, which is the Host without its port.
+pub fn tls_server_name(host: &str) -> Result<(), String> {
+    let bare = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None if host.parse::<IpAddr>().is_ok() => host,
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    ServerName::try_from(bare)
+        .map(drop)
+        .map_err(|_| format!("{bare:?} is not a name TLS can verify a certificate for (https check)"))
+}
+
 pub(super) fn text(s: &Scalar) -> Option<&str> {
     match s {
         Scalar::Text(t) => Some(t),
@@ -198,49 +225,11 @@ pub(super) fn text(s: &Scalar) -> Option<&str> {
 }
 
 fn int(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str, min: i64, max: i64) -> Option<i64> {
-    let v = v?;
-    match v.value {
-        Scalar::Int(n) if (min..=max).contains(&n) => Some(n),
-        _ => {
-            ctx.error(&v.referenced, format!("{key} must be a whole number from {min} to {max}, got {}", v.value));
-            None
-        }
-    }
+    v.and_then(|v| value::whole(ctx, key, v, min, max))
 }
 
-pub(super) fn boolean(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str) -> Option<bool> {
-    let v = v?;
-    match &v.value {
-        Scalar::Other(t) if t == "true" => Some(true),
-        Scalar::Other(t) if t == "false" => Some(false),
-        other => {
-            ctx.error(&v.referenced, format!("{key} must be true or false, got {other}"));
-            None
-        }
-    }
-}
-
-/// A duration of at least `min`.
-pub(super) fn duration(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str, min: Duration) -> Option<Duration> {
-    let v = v?;
-    let at: Location = v.referenced;
-    let parsed = match &v.value {
-        Scalar::Text(t) => parse_duration(t),
-        // `interval: 2` is a number to YAML; the parser explains the missing unit.
-        Scalar::Int(n) => parse_duration(&n.to_string()),
-        other => Err(format!("expected a duration such as 250ms or 2s, got {other}")),
-    };
-    match parsed {
-        Ok(d) if d >= min => Some(d),
-        Ok(_) => {
-            ctx.error(&at, format!("{key} must be at least {min:?}"));
-            None
-        }
-        Err(msg) => {
-            ctx.error(&at, format!("{key}: {msg}"));
-            None
-        }
-    }
+fn duration(ctx: &mut Ctx, v: Option<&S<Scalar>>, key: &str, bounds: Bounds<Duration>) -> Option<Duration> {
+    v.and_then(|v| value::duration(ctx, key, v, bounds))
 }
 
 /// `200`, `"200"` or `"200-399"`.
@@ -263,39 +252,19 @@ fn status_range(v: &Scalar) -> Result<(u16, u16), String> {
     }
 }
 
-/// Bytes: `65536`, `64KiB`, `64k`, `1MiB`, `1m`.
-fn size(v: &Scalar) -> Option<u64> {
-    match v {
-        Scalar::Int(n) => u64::try_from(*n).ok(),
-        Scalar::Text(t) => {
-            let t = t.trim();
-            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-            let (number, unit) = t.split_at(split);
-            let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-                "" | "b" => 1,
-                "k" | "kb" | "kib" => 1024,
-                "m" | "mb" | "mib" => 1024 * 1024,
-                _ => return None,
-            };
-            number.parse::<u64>().ok()?.checked_mul(scale)
-        }
-        Scalar::Other(_) => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::config::test_support::lines;
     use crate::config::{parse, Config};
 
     fn load(service_lines: &str) -> Result<Config, Vec<String>> {
         let text = format!(
             "listen: 127.0.0.1:8000\nservices:\n  - name: web\n    backends: [{{address: 127.0.0.1:1}}]\n{service_lines}"
         );
-        parse(Path::new("t.yaml"), &text)
-            .map_err(|errors| errors.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect())
+        crate::config::test_support::load(&text).map_err(|errors| lines(&errors))
     }
 
     #[test]
@@ -409,7 +378,7 @@ mod tests {
             "15:15: on_5xx must be true or false, got 1",
             "17:17: attempts must be",
             "18:12: retry.on lists statuses 502, 503 or 504, got 500",
-            "19:26: buffer_body_limit must be a size",
+            "19:26: buffer_body_limit: invalid size \"lots\"",
         ];
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
         for (e, want) in errors.iter().zip(expected) {
@@ -436,11 +405,54 @@ mod tests {
     }
 
     #[test]
-    fn sizes_and_ranges() {
-        assert_eq!(size(&Scalar::Text("64KiB".into())), Some(65536));
-        assert_eq!(size(&Scalar::Text("64k".into())), Some(65536));
-        assert_eq!(size(&Scalar::Int(10)), Some(10));
-        assert_eq!(size(&Scalar::Text("1g".into())), None);
+    fn durations_and_buffer_body_limit_have_upper_bounds() {
+        let errors = load(
+            "    health_check: {interval: 25h, timeout: 2h}
+    passive: {base_ejection: 100000000h, max_ejection: 25h}
+    retry: {backoff: {base: 2m, max: 2m}, buffer_body_limit: 17MiB}
+",
+        )
+        .unwrap_err();
+        let expected = [
+            "5:30: health_check interval must be from 10ms to 24h, got \"25h\"",
+            "5:44: health_check timeout must be from 1ms to 1h",
+            "6:30: base_ejection must be from 1ms to 24h, got \"100000000h\"",
+            "6:56: max_ejection must be from 1ms to 24h",
+            "7:29: backoff base must be from 0s to 1m",
+            "7:38: backoff max must be from 0s to 1m",
+            "7:62: buffer_body_limit must be from 0 to 16m bytes, got \"17MiB\"",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (e, want) in errors.iter().zip(expected) {
+            assert!(e.starts_with(want), "{e:?} should start with {want:?}\n{errors:#?}");
+        }
+        let cfg = load("    retry: {backoff: {base: 1m, max: 1m}, buffer_body_limit: 16m}\n").unwrap();
+        assert_eq!(cfg.services[0].health.retry.buffer_body_limit, 16 << 20);
+        // The same size forms as every other size key.
+        for (text, bytes) in [("64k", 65536), ("64KiB", 65536), ("10m", 10 << 20), ("10MiB", 10 << 20), ("100", 100)] {
+            let cfg = load(&format!("    retry: {{buffer_body_limit: {text}}}\n")).unwrap();
+            assert_eq!(cfg.services[0].health.retry.buffer_body_limit, bytes, "{text}");
+        }
+    }
+
+    /// `run` would start, and every check of every backend fail at its TLS handshake.
+    #[test]
+    fn an_https_check_host_must_be_a_tls_server_name() {
+        let errors = load("    health_check: {type: https, host: \"web_site!:8443\"}\n").unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("5:39: health_check host: \"web_site!\" is not a name TLS can verify"),
+            "{errors:?}"
+        );
+        for host in ["web.local", "web.local:8443", "10.0.0.1:443", "[::1]:443", "::1"] {
+            assert!(load(&format!("    health_check: {{type: https, host: \"{host}\"}}\n")).is_ok(), "{host}");
+        }
+        // A plain http check sends it as a Host header only.
+        assert!(load("    health_check: {type: http, host: \"web_site!\"}\n").is_ok());
+    }
+
+    #[test]
+    fn status_ranges() {
         assert_eq!(status_range(&Scalar::Int(204)), Ok((204, 204)));
         assert_eq!(status_range(&Scalar::Text("200-399".into())), Ok((200, 399)));
         assert!(status_range(&Scalar::Text("99-200".into())).is_err());

@@ -9,12 +9,12 @@ use std::path::Path;
 use serde_saphyr::Spanned;
 
 use super::schema::{LegacyConfig, LegacyService, OneOrMany, RawBackend, RawService, Scalar, S};
-use super::validate::{self, map_spanned, Ctx};
+use super::validate::{self, map_spanned, Ctx, Scope};
 use super::{lifecycle, AccessLog, Algorithm, Config, ConfigError, Limits, LogFormat, Shutdown};
 
-pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
+pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<ConfigError>> {
     let raw: LegacyConfig = serde_saphyr::from_str(text).map_err(|e| vec![validate::syntax_error(path, &e)])?;
-    let mut ctx = Ctx::new(path);
+    let mut ctx = Ctx::new(path, scope);
     if let Some(l) = &raw.listen {
         ctx.error(
             &l.referenced,
@@ -217,12 +217,9 @@ services:
     domain: \"\"
     targetURLs: [\"http://127.0.0.1:9003\"]
     algorythm: leastconnections
-    healthCheck: /health
 ";
 
-    fn load(text: &str) -> Result<Config, Vec<ConfigError>> {
-        crate::config::parse(Path::new("config.yml"), text)
-    }
+    use crate::config::test_support::{errors, lines, load};
 
     #[test]
     fn go_config_loads() {
@@ -316,8 +313,7 @@ services:
   - name: a
     targetURLs: []
 ";
-        let errors: Vec<String> =
-            load(text).unwrap_err().iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect();
+        let errors = errors(text);
         assert_eq!(errors.len(), 6, "{errors:#?}");
         assert!(errors[0].starts_with("2:14: listen_port must be a port number"), "{errors:#?}");
         assert!(errors[1].starts_with("5:13: invalid host name"), "{errors:#?}");
@@ -329,12 +325,43 @@ services:
 
     #[test]
     fn missing_listen_port_and_mixed_formats() {
-        let errors = load("api_port: 1\nlisten: 127.0.0.1:8000\nservices:\n  - name: a\n    targetURLs: [\"http://localhost:9001\"]\n")
-            .unwrap_err();
-        let errors: Vec<String> = errors.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect();
+        let errors = lines(
+            &load("api_port: 1\nlisten: 127.0.0.1:8000\nservices:\n  - name: a\n    targetURLs: [\"http://localhost:9001\"]\n")
+                .unwrap_err(),
+        );
         assert_eq!(errors.len(), 2, "{errors:#?}");
         assert!(errors[0].starts_with("1:1: missing `listen_port`"));
         assert!(errors[1].starts_with("2:9: `listen` belongs to the new format"), "{errors:#?}");
+    }
+
+    /// Today's Go files keep loading; a misspelt key is no longer dropped without a word.
+    #[test]
+    fn unknown_keys_are_errors_with_a_hint() {
+        let cases = [
+            (
+                "listen_port: 8080\nservices:\n  - name: a\n    targetUrls: [\"http://localhost:9001\"]\n",
+                "4:5: unknown key `targetUrls`: did you mean `targetURLs`?",
+            ),
+            ("listen_port: 8080\napiPort: 8081\n", "2:1: unknown key `apiPort`: did you mean `api_port`?"),
+            (
+                "listen_port: 8080\nservices:\n  - name: a\n    targetURLs: [\"http://localhost:9001\"]\n    healthCheck: /health\n",
+                "5:5: unknown key `healthCheck`; allowed keys: name, domain, targetURLs",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = errors(text);
+            assert!(e.len() == 1 && e[0].starts_with(want), "{text}\n{e:?}");
+        }
+    }
+
+    #[test]
+    fn the_same_target_twice_is_an_error() {
+        let text = "listen_port: 8080\nservices:\n  - name: a\n    targetURLs:\n      - \"http://127.0.0.1:9001\"\n      - \"127.0.0.1:9001\"\n";
+        let e = errors(text);
+        assert_eq!(
+            e,
+            ["6:9: backend 127.0.0.1:9001 is already listed in service \"a\" on line 5 as http://127.0.0.1:9001"]
+        );
     }
 
     #[test]

@@ -5,36 +5,35 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::duration::parse_duration;
 use super::schema::{RawBackend, RawConfig, RawQueue, RawService, RawShutdown, RawTimeouts, Scalar, S};
 use super::validate::Ctx;
+use super::value::{self, format_duration, Bounds, DAY, GIB, HOUR, KIB, MILLISECOND};
 use super::{Config, Limits, QueueConfig, ServiceConfig, ServiceLimits, Shutdown, Timeouts};
 
-/// `max_header_bytes` bounds: room for a request line at least; at most what NGINX's largest
-/// usual `large_client_header_buffers` hold, as a head is kept whole in memory.
-const MIN_HEADER_BYTES: u64 = 1024;
-const MAX_HEADER_BYTES: u64 = 256 * 1024;
+/// `max_header_bytes`: room for a request line at least; at most what NGINX's largest usual
+/// `large_client_header_buffers` hold, as a head is kept whole in memory.
+const HEADER_BYTES: Bounds<u64> = Bounds { min: KIB, max: 256 * KIB };
+/// `max_body_bytes`: bodies are streamed, never held whole, so the bound is only against a
+/// typo; 0 refuses every body.
+const BODY_BYTES: Bounds<u64> = Bounds { min: 0, max: 1024 * GIB };
 const MAX_CONNECTIONS: i64 = 1_000_000;
 const MAX_QUEUE: i64 = 1_000_000;
 
-/// Parse a byte size: a whole number of bytes, or a number with `k`, `m` or `g` (powers of
-/// 1024; `kb`, `KiB` and the like are accepted too), such as `64k` or `10m`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected bytes, or a whole number with k, m or g, such as 64k"))?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("invalid size unit {other:?} in {text:?}: use k, m or g")),
-    };
-    n.checked_mul(scale).ok_or_else(|| format!("size {text:?} is out of range"))
+/// Upper bounds keep every deadline far from `Instant` overflow (an absurd `request: 100000000h`
+/// panicked at `Instant + Duration`) while leaving room for what HAProxy and NGINX users set:
+/// hours-long idle or streaming connections, day-long drains.
+const fn up_to(max: Duration) -> Bounds<Duration> {
+    Bounds { min: MILLISECOND, max }
 }
+const CLIENT_HEADER: Bounds<Duration> = up_to(HOUR);
+const CLIENT_IDLE: Bounds<Duration> = up_to(DAY);
+const CLIENT_SEND: Bounds<Duration> = up_to(DAY);
+/// The kernel gives up on a SYN after about two minutes anyway (NGINX caps it at 75 s).
+const CONNECT: Bounds<Duration> = up_to(Duration::from_secs(5 * 60));
+const BACKEND_RESPONSE: Bounds<Duration> = up_to(DAY);
+const REQUEST: Bounds<Duration> = up_to(DAY);
+const DRAIN: Bounds<Duration> = up_to(DAY);
+const QUEUE_TIMEOUT: Bounds<Duration> = up_to(HOUR);
 
 /// The top-level `timeouts`, `max_header_bytes`, `max_client_connections` and `shutdown`.
 pub fn global(ctx: &mut Ctx, raw: &mut RawConfig) -> (Limits, Shutdown) {
@@ -43,7 +42,7 @@ pub fn global(ctx: &mut Ctx, raw: &mut RawConfig) -> (Limits, Shutdown) {
         limits.timeouts = timeouts(ctx, t.value, &Timeouts::default(), true);
     }
     if let Some(v) = raw.max_header_bytes.take() {
-        if let Some(n) = size(ctx, "max_header_bytes", &v, MIN_HEADER_BYTES, MAX_HEADER_BYTES) {
+        if let Some(n) = value::size(ctx, "max_header_bytes", &v, HEADER_BYTES) {
             limits.max_header_bytes = n as usize;
         }
     }
@@ -55,7 +54,7 @@ pub fn global(ctx: &mut Ctx, raw: &mut RawConfig) -> (Limits, Shutdown) {
     let mut shutdown = Shutdown::default();
     if let Some(s) = raw.shutdown.take() {
         let RawShutdown { drain_timeout } = s.value;
-        if let Some(d) = drain_timeout.and_then(|d| duration(ctx, "drain_timeout", &d)) {
+        if let Some(d) = drain_timeout.and_then(|d| value::duration(ctx, "drain_timeout", &d, DRAIN)) {
             shutdown.drain_timeout = d;
         }
     }
@@ -69,14 +68,14 @@ pub fn service(ctx: &mut Ctx, raw: &mut RawService, global: &Timeouts) -> Servic
         limits.timeouts = timeouts(ctx, t.value, global, false);
     }
     if let Some(v) = raw.max_body_bytes.take() {
-        limits.max_body_bytes = size(ctx, "max_body_bytes", &v, 0, u64::MAX);
+        limits.max_body_bytes = value::size(ctx, "max_body_bytes", &v, BODY_BYTES);
     }
     if let Some(q) = raw.queue.take() {
         let RawQueue { size, timeout } = q.value;
         if let Some(n) = size.and_then(|s| count(ctx, "queue size", &s, 0, MAX_QUEUE)) {
             limits.queue.size = n;
         }
-        if let Some(d) = timeout.and_then(|t| duration(ctx, "queue timeout", &t)) {
+        if let Some(d) = timeout.and_then(|t| value::duration(ctx, "queue timeout", &t, QUEUE_TIMEOUT)) {
             limits.queue.timeout = d;
         }
     }
@@ -91,13 +90,13 @@ pub fn backend(ctx: &mut Ctx, raw: &RawBackend) -> Option<usize> {
 fn timeouts(ctx: &mut Ctx, raw: RawTimeouts, base: &Timeouts, top_level: bool) -> Timeouts {
     let RawTimeouts { client_header, client_idle, client_send, connect, backend_response, request } = raw;
     let mut out = *base;
-    for (key, value, slot) in [
-        ("client_header", client_header, &mut out.client_header),
-        ("client_idle", client_idle, &mut out.client_idle),
-        ("client_send", client_send, &mut out.client_send),
-        ("connect", connect, &mut out.connect),
-        ("backend_response", backend_response, &mut out.backend_response),
-        ("request", request, &mut out.request),
+    for (key, value, slot, bounds) in [
+        ("client_header", client_header, &mut out.client_header, CLIENT_HEADER),
+        ("client_idle", client_idle, &mut out.client_idle, CLIENT_IDLE),
+        ("client_send", client_send, &mut out.client_send, CLIENT_SEND),
+        ("connect", connect, &mut out.connect, CONNECT),
+        ("backend_response", backend_response, &mut out.backend_response, BACKEND_RESPONSE),
+        ("request", request, &mut out.request, REQUEST),
     ] {
         let Some(value) = value else { continue };
         if !top_level && key.starts_with("client_") {
@@ -108,58 +107,15 @@ fn timeouts(ctx: &mut Ctx, raw: RawTimeouts, base: &Timeouts, top_level: bool) -
             );
             continue;
         }
-        if let Some(d) = duration(ctx, key, &value) {
+        if let Some(d) = value::duration(ctx, key, &value, bounds) {
             *slot = d;
         }
     }
     out
 }
 
-fn duration(ctx: &mut Ctx, key: &str, v: &S<Scalar>) -> Option<Duration> {
-    let parsed = match &v.value {
-        Scalar::Text(t) => parse_duration(t),
-        other => Err(format!("duration {other} is missing a unit (ms, s, m or h)")),
-    };
-    match parsed {
-        Ok(d) if d.is_zero() => {
-            ctx.error(&v.referenced, format!("{key} must be more than 0"));
-            None
-        }
-        Ok(d) => Some(d),
-        Err(e) => {
-            ctx.error(&v.referenced, format!("{key}: {e}"));
-            None
-        }
-    }
-}
-
-fn size(ctx: &mut Ctx, key: &str, v: &S<Scalar>, min: u64, max: u64) -> Option<u64> {
-    let parsed = match &v.value {
-        Scalar::Int(n) => u64::try_from(*n).map_err(|_| format!("size {n} is negative")),
-        Scalar::Text(t) => parse_size(t),
-        Scalar::Other(o) => Err(format!("expected a size such as 65536 or 64k, got {o}")),
-    };
-    match parsed {
-        Ok(n) if (min..=max).contains(&n) => Some(n),
-        Ok(n) => {
-            ctx.error(&v.referenced, format!("{key} must be from {min} to {max} bytes, got {n}"));
-            None
-        }
-        Err(e) => {
-            ctx.error(&v.referenced, format!("{key}: {e}"));
-            None
-        }
-    }
-}
-
 fn count(ctx: &mut Ctx, key: &str, v: &S<Scalar>, min: i64, max: i64) -> Option<usize> {
-    match v.value {
-        Scalar::Int(n) if (min..=max).contains(&n) => usize::try_from(n).ok(),
-        _ => {
-            ctx.error(&v.referenced, format!("{key} must be a whole number from {min} to {max}, got {}", v.value));
-            None
-        }
-    }
+    value::whole(ctx, key, v, min, max).and_then(|n| usize::try_from(n).ok())
 }
 
 /// YAML for the top-level settings that differ from the defaults.
@@ -176,7 +132,7 @@ pub fn global_yaml(out: &mut String, cfg: &Config) {
         let _ = writeln!(out, "max_client_connections: {}", l.max_client_connections);
     }
     if cfg.shutdown != Shutdown::default() {
-        let _ = writeln!(out, "shutdown: {{drain_timeout: {}}}", duration_yaml(cfg.shutdown.drain_timeout));
+        let _ = writeln!(out, "shutdown: {{drain_timeout: {}}}", format_duration(cfg.shutdown.drain_timeout));
     }
 }
 
@@ -191,7 +147,7 @@ pub fn service_yaml(out: &mut String, s: &ServiceConfig, global: &Timeouts) {
     }
     if s.limits.queue != QueueConfig::default() {
         let q = s.limits.queue;
-        let _ = writeln!(out, "    queue: {{size: {}, timeout: {}}}", q.size, duration_yaml(q.timeout));
+        let _ = writeln!(out, "    queue: {{size: {}, timeout: {}}}", q.size, format_duration(q.timeout));
     }
 }
 
@@ -206,36 +162,15 @@ fn timeouts_yaml(t: &Timeouts, base: &Timeouts) -> String {
     ]
     .iter()
     .filter(|(_, v, b)| v != b)
-    .map(|(k, v, _)| format!("{k}: {}", duration_yaml(*v)))
+    .map(|(k, v, _)| format!("{k}: {}", format_duration(*v)))
     .collect::<Vec<_>>()
     .join(", ")
 }
 
-/// `2s`, `250ms`, or seconds with a fraction when finer than a millisecond.
-fn duration_yaml(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
-    } else if d.subsec_nanos().is_multiple_of(1_000_000) {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}s", d.as_secs_f64())
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::config::{parse, ConfigError};
-
-    fn load(text: &str) -> Result<Config, Vec<ConfigError>> {
-        parse(Path::new("t.yaml"), text)
-    }
-
-    fn errors(text: &str) -> Vec<String> {
-        load(text).unwrap_err().iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect()
-    }
+    use crate::config::test_support::{errors, load};
 
     const FULL: &str = "\
 listen: 127.0.0.1:8000
@@ -312,16 +247,16 @@ services:
 ";
         let e = errors(text);
         let expected = [
-            "2:21: connect: duration 5 is missing a unit",
-            "2:33: request must be more than 0",
+            "2:21: connect: duration \"5\" is missing a unit",
+            "2:33: request must be from 1ms to 24h, got \"0s\"",
             "2:50: client_idle: invalid duration",
-            "3:19: max_header_bytes must be from 1024 to 262144 bytes, got 10",
+            "3:19: max_header_bytes must be from 1k to 256k bytes, got 10",
             "4:25: max_client_connections must be a whole number from 1 to 1000000, got 0",
             "5:27: drain_timeout: invalid duration unit",
             "8:31: `client_header` applies to client connections before routing",
             "9:21: max_body_bytes: invalid size unit",
             "10:19: queue size must be a whole number from 0 to 1000000, got -1",
-            "10:32: queue timeout: duration 1 is missing a unit",
+            "10:32: queue timeout: duration \"1\" is missing a unit",
             "13:26: max_connections must be a whole number from 1 to 1000000, got 0",
         ];
         assert_eq!(e.len(), expected.len(), "{e:#?}");
@@ -336,16 +271,50 @@ services:
         assert!(e[0].starts_with("2:12: unknown key `conect`"), "{e:?}");
     }
 
+    /// An absurd value is a config error at its position, not a panic at `Instant + Duration`
+    /// when the first request arrives.
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("100"), Ok(100));
-        assert_eq!(parse_size("64k"), Ok(65536));
-        assert_eq!(parse_size("64KiB"), Ok(65536));
-        assert_eq!(parse_size("10m"), Ok(10 << 20));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert!(parse_size("1.5m").is_err());
-        assert!(parse_size("k").is_err());
-        assert!(parse_size("99999999999999g").unwrap_err().contains("out of range"));
+    fn durations_and_sizes_have_upper_bounds() {
+        let text = "\
+listen: 127.0.0.1:8000
+timeouts: {request: 100000000h, client_header: 2h, client_idle: 25h, client_send: 25h, connect: 6m, backend_response: 25h}
+shutdown: {drain_timeout: 25h}
+services:
+  - name: web
+    max_body_bytes: 1025g
+    queue: {timeout: 2h}
+    backends: [{address: 127.0.0.1:9001}]
+";
+        let e = errors(text);
+        let expected = [
+            "2:21: request must be from 1ms to 24h, got \"100000000h\"",
+            "2:48: client_header must be from 1ms to 1h, got \"2h\"",
+            "2:65: client_idle must be from 1ms to 24h",
+            "2:83: client_send must be from 1ms to 24h",
+            "2:97: connect must be from 1ms to 5m",
+            "2:119: backend_response must be from 1ms to 24h",
+            "3:27: drain_timeout must be from 1ms to 24h",
+            "6:21: max_body_bytes must be from 0 to 1024g bytes, got \"1025g\"",
+            "7:22: queue timeout must be from 1ms to 1h",
+        ];
+        assert_eq!(e.len(), expected.len(), "{e:#?}");
+        for (got, want) in e.iter().zip(expected) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}\n{e:#?}");
+        }
+        // The bounds themselves are allowed.
+        let at_the_bounds = "\
+listen: 127.0.0.1:8000
+timeouts: {request: 24h, client_header: 1h, client_idle: 24h, client_send: 1ms, connect: 5m, backend_response: 24h}
+shutdown: {drain_timeout: 24h}
+services:
+  - name: web
+    max_body_bytes: 1024g
+    queue: {timeout: 1h}
+    backends: [{address: 127.0.0.1:9001}]
+";
+        let cfg = load(at_the_bounds).unwrap();
+        assert_eq!(cfg.limits.timeouts.request, Duration::from_secs(86400));
+        assert_eq!(cfg.services[0].limits.max_body_bytes, Some(1 << 40));
     }
 
     #[test]
@@ -353,6 +322,6 @@ services:
         let cfg = load(FULL).unwrap();
         let yaml = crate::config::to_yaml(&cfg);
         assert_eq!(load(&yaml).unwrap_or_else(|e| panic!("{yaml}\n{e:?}")), cfg, "{yaml}");
-        assert_eq!(duration_yaml(Duration::from_micros(1500)), "0.0015s");
+        assert_eq!(format_duration(Duration::from_micros(1500)), "0.0015s");
     }
 }

@@ -4,20 +4,21 @@
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
 mod balancing;
-mod duration;
 pub(crate) mod health;
 mod legacy;
 mod lifecycle;
+mod preflight;
 mod schema;
 mod validate;
+mod value;
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use duration::parse_duration;
-pub use lifecycle::parse_size;
+pub use validate::Scope;
+pub use value::{format_duration, parse_duration, parse_size};
 
 /// A fully validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +39,17 @@ pub enum AccessLog {
     Stdout,
     Off,
     File(PathBuf),
+}
+
+/// As written in the file: `stdout`, `off` or the path.
+impl fmt::Display for AccessLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessLog::Stdout => f.write_str("stdout"),
+            AccessLog::Off => f.write_str("off"),
+            AccessLog::File(path) => write!(f, "{}", path.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +283,8 @@ impl Default for RetryConfig {
     }
 }
 
-/// One problem in a config file, printed as `FILE:LINE:COLUMN: message`.
+/// One problem in a config file, printed as `FILE:LINE:COLUMN: message`, or `FILE: message`
+/// when it is about the whole file (line 0: it cannot be read, or the YAML error has no place).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: PathBuf,
@@ -282,21 +295,33 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
         write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
     }
 }
 
-/// Read, parse and validate a config file. On failure, every problem found is returned.
+/// Read, parse and validate a config file, and check what `run` needs of the machine (the
+/// access log can be opened, the listen addresses are this machine's): a file that loads
+/// here starts, unless a port is taken. On failure, every problem found is returned.
 pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError { file: path.to_owned(), line: 0, column: 0, message: format!("cannot read: {e}") }]
     })?;
-    parse(path, &text)
+    validate::parse(path, &text, Scope::Run)
 }
 
-/// Parse and validate config text; `path` is used only in error messages.
+/// Parse and validate config text; `path` is used only in error messages. Host names are
+/// resolved; no file or socket is touched.
 pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
-    validate::parse(path, text)
+    validate::parse(path, text, Scope::Text)
+}
+
+/// As `parse`, without looking anything up: every host name stands for 127.0.0.1. For fuzzing
+/// and tools that must not send DNS queries; the result is not meant to be run.
+pub fn parse_offline(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
+    validate::parse(path, text, Scope::Offline)
 }
 
 /// One line per service, for `velocity check`, such as
@@ -447,5 +472,31 @@ pub struct QueueConfig {
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig { size: 100, timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Helpers shared by the config's unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::Path;
+
+    use super::{parse, Config, ConfigError};
+
+    /// `parse` of `text` as the file `t.yaml`.
+    pub fn load(text: &str) -> Result<Config, Vec<ConfigError>> {
+        parse(Path::new("t.yaml"), text)
+    }
+
+    /// The problems as `LINE:COL: message`.
+    pub fn lines(errors: &[ConfigError]) -> Vec<String> {
+        errors.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect()
+    }
+
+    /// The problems in `text` as `LINE:COL: message`; panics when it loads.
+    pub fn errors(text: &str) -> Vec<String> {
+        match load(text) {
+            Ok(cfg) => panic!("expected errors, got {cfg:?}"),
+            Err(errors) => lines(&errors),
+        }
     }
 }

@@ -270,9 +270,11 @@ impl Probe {
     }
 }
 
-/// The original Go Velocity config. Unknown keys are ignored on purpose: we do not know every
-/// key the Go version accepted, and such files must keep loading.
+/// The original Go Velocity config. An unknown key is an error (with a hint when it looks like
+/// a known one, such as `targetUrls` for `targetURLs`): ignoring it would leave a service
+/// without the backends or algorithm its author wrote.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LegacyConfig {
     pub listen_port: Option<S<Scalar>>,
     pub api_port: Option<S<Scalar>>,
@@ -282,6 +284,7 @@ pub struct LegacyConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LegacyService {
     pub name: Option<S<String>>,
     pub domain: Option<S<String>>,

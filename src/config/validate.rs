@@ -9,21 +9,33 @@ use serde_saphyr::{Location, MessageFormatter, Spanned};
 
 use super::schema::{OneOrMany, Probe, RawBackend, RawConfig, RawService, Scalar, S};
 use super::{
-    legacy, lifecycle, AccessLog, Algorithm, BackendConfig, Config, ConfigError, HostPattern, LogFormat, ServiceConfig,
-    Timeouts,
+    legacy, lifecycle, preflight, AccessLog, Algorithm, BackendConfig, CheckKind, Config, ConfigError, HostPattern,
+    LogFormat, ServiceConfig, Timeouts,
 };
 
 pub const MAX_WEIGHT: i64 = 10_000;
 
-pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
+/// How much of the machine validation may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// What `run` needs: host names resolved, the access log opened, listen addresses bound
+    /// (and released).
+    Run,
+    /// Host names resolved; no file or socket touched.
+    Text,
+    /// Nothing outside the process: host names are not looked up (each stands for 127.0.0.1).
+    Offline,
+}
+
+pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<ConfigError>> {
     // The probe tolerates duplicate keys so that the right parse reports them; any other
     // failure (bad YAML, not a mapping) falls through to the full parse, which reports it.
     let probe_options = serde_saphyr::options! { duplicate_keys: serde_saphyr::DuplicateKeyPolicy::FirstWins };
     if serde_saphyr::from_str_with_options::<Probe>(text, probe_options).is_ok_and(|p| p.is_legacy()) {
-        return legacy::parse(path, text);
+        return legacy::parse(path, text, scope);
     }
     let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| vec![syntax_error(path, &e)])?;
-    let mut ctx = Ctx::new(path);
+    let mut ctx = Ctx::new(path, scope);
     let cfg = convert(&mut ctx, raw);
     ctx.finish(cfg)
 }
@@ -47,6 +59,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
 /// Collects problems for one file.
 pub struct Ctx<'a> {
     file: &'a Path,
+    pub scope: Scope,
     errors: Vec<ConfigError>,
     /// Lower-cased host → first resolved address (port 0), so a host used by many backends is
     /// looked up once.
@@ -56,8 +69,8 @@ pub struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(file: &'a Path) -> Ctx<'a> {
-        Ctx { file, errors: Vec::new(), resolved: HashMap::new(), timeouts: Timeouts::default() }
+    pub fn new(file: &'a Path, scope: Scope) -> Ctx<'a> {
+        Ctx { file, scope, errors: Vec::new(), resolved: HashMap::new(), timeouts: Timeouts::default() }
     }
 
     pub fn error(&mut self, at: &Location, message: impl Into<String>) {
@@ -80,6 +93,9 @@ impl<'a> Ctx<'a> {
     fn resolve(&mut self, host: &str, port: u16) -> Result<SocketAddr, String> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(SocketAddr::new(ip, port));
+        }
+        if self.scope == Scope::Offline {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
         }
         let ip = self
             .resolved
@@ -124,9 +140,14 @@ fn tidy_message(msg: &str) -> String {
         return format!("duplicate key `{key}`");
     }
     if let Some(rest) = msg.strip_prefix("unknown field ") {
-        return match rest.split_once(", expected one of ") {
-            Some((key, allowed)) => format!("unknown key {key}; allowed keys: {allowed}"),
-            None => format!("unknown key {rest}"),
+        let (key, allowed) = match rest.split_once(", expected one of ").or_else(|| rest.split_once(", expected ")) {
+            Some((key, allowed)) => (key, allowed),
+            None => return format!("unknown key {rest}"),
+        };
+        let names: Vec<&str> = allowed.split(", ").map(|k| k.trim_matches('`')).collect();
+        return match closest(key.trim_matches('`'), &names) {
+            Some(hint) => format!("unknown key {key}: did you mean `{hint}`? allowed keys: {allowed}"),
+            None => format!("unknown key {key}; allowed keys: {allowed}"),
         };
     }
     if let Some(rest) = msg.strip_prefix("missing field ") {
@@ -138,6 +159,32 @@ fn tidy_message(msg: &str) -> String {
         "expected string scalar" => "expected a string".to_owned(),
         _ => msg.to_owned(),
     }
+}
+
+/// The allowed key `key` was most likely meant as: the same but for case, `_` and `-`
+/// (`targetUrls`, `healthCheck`), or one or two letters off (`conect`, `backend`).
+fn closest<'k>(key: &str, allowed: &[&'k str]) -> Option<&'k str> {
+    let fold = |k: &str| -> Vec<char> {
+        k.chars().filter(|c| *c != '_' && *c != '-').map(|c| c.to_ascii_lowercase()).collect()
+    };
+    let key = fold(key);
+    let (distance, best) = allowed.iter().map(|a| (edit_distance(&key, &fold(a)), *a)).min_by_key(|(d, _)| *d)?;
+    // Short keys need a closer match: `on` is not a typo of `ip`.
+    (distance <= 2 && distance * 3 <= key.len()).then_some(best)
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions).
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != cb);
+            current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 fn listen(ctx: &mut Ctx, value: S<OneOrMany>) -> Vec<SocketAddr> {
@@ -170,6 +217,11 @@ fn listen(ctx: &mut Ctx, value: S<OneOrMany>) -> Vec<SocketAddr> {
                 if let Some(first) = seen.get(&addr) {
                     ctx.error(&item.referenced, format!("listen address {addr} is already listed on line {first}"));
                 } else {
+                    if ctx.scope == Scope::Run {
+                        if let Err(msg) = preflight::listen(addr) {
+                            ctx.error(&item.referenced, msg);
+                        }
+                    }
                     seen.insert(addr, item.referenced.line());
                     out.push(addr);
                 }
@@ -189,7 +241,13 @@ fn access_log(ctx: &mut Ctx, v: &S<String>) -> AccessLog {
     } else if text.contains('/') {
         // Only values with a `/` are paths, so a typo such as `stdot` or `none` is reported
         // instead of silently creating a file by that name.
-        AccessLog::File(PathBuf::from(text))
+        let path = PathBuf::from(text);
+        if ctx.scope == Scope::Run {
+            if let Err(msg) = preflight::access_log(&path) {
+                ctx.error(&v.referenced, msg);
+            }
+        }
+        AccessLog::File(path)
     } else {
         ctx.error(
             &v.referenced,
@@ -261,8 +319,11 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             Some(p) => path_prefix(ctx, p),
             None => "/".to_owned(),
         };
-        let backends = backends(ctx, &name, raw.backends, name_at);
         let health = super::health::convert(ctx, raw.health_check, raw.passive, raw.retry);
+        // An https check without a `host` verifies each backend's certificate against the
+        // backend's own name, so that name must be one TLS can carry.
+        let tls_names = health.check.as_ref().is_some_and(|c| c.kind == CheckKind::Https && c.host.is_none());
+        let backends = backends(ctx, &name, raw.backends, name_at, tls_names);
 
         // Route conflicts point at the second service's host entry, else its path_prefix,
         // else its name: whichever makes the route the same.
@@ -379,7 +440,13 @@ fn algorithm(ctx: &mut Ctx, a: &S<String>) -> Algorithm {
     }
 }
 
-fn backends(ctx: &mut Ctx, service: &str, raw: Option<S<Vec<S<RawBackend>>>>, name_at: Location) -> Vec<BackendConfig> {
+fn backends(
+    ctx: &mut Ctx,
+    service: &str,
+    raw: Option<S<Vec<S<RawBackend>>>>,
+    name_at: Location,
+    tls_names: bool,
+) -> Vec<BackendConfig> {
     let list = match raw {
         Some(list) if !list.value.is_empty() => list,
         Some(list) => {
@@ -391,7 +458,10 @@ fn backends(ctx: &mut Ctx, service: &str, raw: Option<S<Vec<S<RawBackend>>>>, na
             return Vec::new();
         }
     };
-    let mut out = Vec::new();
+    // Resolved address → (line, address as written) of its first listing. Backends are one per
+    // address (a reload carries them over by it), so a second listing would silently merge.
+    let mut seen: HashMap<SocketAddr, (u64, String)> = HashMap::new();
+    let mut out: Vec<BackendConfig> = Vec::new();
     for item in list.value {
         let b = item.value;
         let weight = match &b.weight {
@@ -412,17 +482,44 @@ fn backends(ctx: &mut Ctx, service: &str, raw: Option<S<Vec<S<RawBackend>>>>, na
             continue;
         };
         let max_connections = lifecycle::backend(ctx, &b);
-        let target = parse_backend_address(&address.value).and_then(|(host, port)| ctx.resolve(host, port));
-        match (target, weight) {
-            (Ok(addr), Some(weight)) => out.push(BackendConfig {
-                address: address.value.trim().to_owned(),
+        let written = address.value.trim();
+        let target = parse_backend_address(written).and_then(|(host, port)| {
+            if tls_names {
+                super::health::tls_server_name(host)?;
+            }
+            ctx.resolve(host, port)
+        });
+        let addr = match target {
+            Ok(addr) => addr,
+            Err(msg) => {
+                ctx.error(&address.referenced, msg);
+                continue;
+            }
+        };
+        if let Some((line, first)) = seen.get(&addr) {
+            let again = if first == written {
+                format!("backend {written} is listed twice in service {service:?} (first on line {line})")
+            } else {
+                // Name why two spellings are the same backend when it does not show.
+                let both = if authority_of(written) == addr.to_string() {
+                    String::new()
+                } else {
+                    format!(" (both are {addr})")
+                };
+                format!("backend {written} is already listed in service {service:?} on line {line} as {first}{both}")
+            };
+            ctx.error(&address.referenced, again);
+            continue;
+        }
+        seen.insert(addr, (address.referenced.line(), written.to_owned()));
+        if let Some(weight) = weight {
+            out.push(BackendConfig {
+                address: written.to_owned(),
                 addr,
-                authority: authority_of(&address.value).to_owned(),
+                authority: authority_of(written).to_owned(),
                 weight,
                 max_connections,
-            }),
-            (Err(msg), _) => ctx.error(&address.referenced, msg),
-            (Ok(_), None) => {}
+            });
         }
     }
     out
@@ -519,18 +616,7 @@ pub fn map_spanned<T, U>(s: S<T>, f: impl FnOnce(T) -> U) -> S<U> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn load(text: &str) -> Result<Config, Vec<ConfigError>> {
-        parse(Path::new("t.yaml"), text)
-    }
-
-    /// The errors as `LINE:COL: message`.
-    fn errors(text: &str) -> Vec<String> {
-        match load(text) {
-            Ok(cfg) => panic!("expected errors, got {cfg:?}"),
-            Err(errors) => errors.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect(),
-        }
-    }
+    use crate::config::test_support::{errors, load};
 
     /// The positions of the errors, `LINE:COL`.
     fn positions(text: &str) -> Vec<String> {
@@ -739,6 +825,66 @@ services:
     fn error_display_is_file_line_column_message() {
         let e = load("listen: 127.0.0.1:8000\nservices: []\n").unwrap_err();
         assert_eq!(e[0].to_string(), "t.yaml:2:11: `services` is empty: at least one service is needed");
+        // About the whole file: no made-up `:0:0`.
+        let e = crate::config::load(Path::new("/nonexistent/velocity.yaml")).unwrap_err();
+        assert_eq!(e[0].to_string(), "/nonexistent/velocity.yaml: cannot read: No such file or directory (os error 2)");
+    }
+
+    #[test]
+    fn the_same_backend_twice_in_a_service_points_at_the_second() {
+        let text = one_service(
+            "    backends:
+      - address: 127.0.0.1:9001
+      - address: 127.0.0.1:9002
+      - address: 127.0.0.1:9001
+      - address: http://localhost:9002/
+",
+        );
+        assert_eq!(
+            errors(&text),
+            vec![
+                "7:18: backend 127.0.0.1:9001 is listed twice in service \"web\" (first on line 5)",
+                "8:18: backend http://localhost:9002/ is already listed in service \"web\" on line 6 as 127.0.0.1:9002 (both are 127.0.0.1:9002)",
+            ]
+        );
+        // In two services it is two backends: each service has its own pool.
+        assert!(load("listen: 127.0.0.1:8000\nservices:\n  - name: a\n    backends: [{address: 127.0.0.1:1}]\n  - name: b\n    path_prefix: /b\n    backends: [{address: 127.0.0.1:1}]\n").is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_get_a_hint_when_one_is_close() {
+        let cases = [
+            ("listen: 127.0.0.1:8000\nservice: []\n", "2:1: unknown key `service`: did you mean `services`?"),
+            (&one_service("    backend: []\n"), "4:5: unknown key `backend`: did you mean `backends`?"),
+            (&one_service("    pathPrefix: /x\n"), "4:5: unknown key `pathPrefix`: did you mean `path_prefix`?"),
+            (&one_service("    healthCheck: {}\n"), "4:5: unknown key `healthCheck`: did you mean `health_check`?"),
+            (&one_service("    retry: {atempts: 1}\n"), "4:13: unknown key `atempts`: did you mean `attempts`?"),
+            ("listen: 127.0.0.1:8000\ntimeouts: {conect: 1s}\n", "2:12: unknown key `conect`: did you mean `connect`?"),
+        ];
+        for (text, want) in cases {
+            let e = errors(text);
+            assert!(e.len() == 1 && e[0].starts_with(want), "{text}\n{e:?}");
+            assert!(e[0].contains("allowed keys: "), "{e:?}");
+        }
+        // Nothing close: the allowed keys only.
+        let e = errors("listen: 127.0.0.1:8000\nservices: []\nbogus: 1\n");
+        assert!(e[0].starts_with("3:1: unknown key `bogus`; allowed keys: listen, access_log"), "{e:?}");
+        assert_eq!(closest("on", &["ip", "name"]), None);
+        assert_eq!(closest("targetUrls", &["name", "targetURLs"]), Some("targetURLs"));
+    }
+
+    #[test]
+    fn an_https_check_needs_backend_names_tls_can_verify() {
+        let long = "a".repeat(64);
+        let text = format!(
+            "listen: 127.0.0.1:8000\nservices:\n  - name: web\n    health_check: {{type: https}}\n    backends:\n      - address: {long}:443\n      - address: 127.0.0.2:443\n"
+        );
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("6:18: ") && e[0].contains("is not a name TLS can verify"), "{e:?}");
+        // With a `host`, the certificate is checked against it instead.
+        let text = text.replace("{type: https}", "{type: https, host: web.local}");
+        assert!(crate::config::parse_offline(Path::new("t.yaml"), &text).is_ok());
     }
 
     #[test]
