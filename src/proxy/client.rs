@@ -135,6 +135,9 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
                 let (status, body) = match e {
                     HeadError::TooLarge => (431, "431 request header fields too large\n".to_string()),
                     HeadError::UnsupportedEncoding => (501, "501 not implemented: transfer-encoding\n".to_string()),
+                    HeadError::MethodNotAllowed => {
+                        (405, "405 method not allowed: Velocity is not a forward proxy (CONNECT)\n".to_string())
+                    }
                     HeadError::Malformed(why) => (400, format!("400 bad request: {why}\n")),
                 };
                 info!(%client, status, error = e.message(), "malformed request answered and closed");
