@@ -90,6 +90,8 @@ fn collect_headers(
     known: &mut Known,
 ) -> Result<(), HeadError> {
     headers.clear();
+    // One allocation for a list given back while the connection was idle.
+    headers.reserve(parsed.len());
     *known = Known::default();
     for h in parsed {
         let value = span(base, h.value);
@@ -130,7 +132,7 @@ impl Default for RequestHead {
             origin: (0, 0),
             authority: None,
             version: 1,
-            headers: Vec::with_capacity(16),
+            headers: Vec::new(),
             known: Known::default(),
             scanned: 0,
         }

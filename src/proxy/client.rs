@@ -7,6 +7,12 @@
 //! - a request being served: the request path's own deadlines apply.
 //!
 //! A slow client costs one task and one timer; nothing here is shared between connections.
+//!
+//! An idle connection holds no buffer: the read buffer is allocated when bytes arrive, and
+//! the buffers a request uses (read buffer, head scratch, header lists, the request path's
+//! state, which is most of a task's size) are given back when the connection waits for its
+//! next request with nothing read. An idle keep-alive connection is then the task's small
+//! loop state, the socket and a timer (see the README's Limits section for the figures).
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -79,11 +85,27 @@ impl ClientConn {
         self.out = out;
     }
 
+    /// Give back what only a request in progress needs, before waiting for the next one.
+    fn release_buffers(&mut self, head: &mut RequestHead) {
+        self.buf = BytesMut::new();
+        self.out = Vec::new();
+        self.resp.release();
+        head.release();
+    }
+
+    /// One of Velocity's own answers, then the connection closes. Boxed by its callers: it
+    /// is rare, and its state would otherwise add to every connection task.
+    async fn answer_and_close(&mut self, status: u16, body: &[u8]) {
+        self.write_local(status, &[], body, true, 1).await;
+        self.close_gracefully().await;
+    }
+
     /// Half-close, then read and drop input until the client closes or `LINGER` passes.
     pub async fn close_gracefully(&mut self) {
         let _ = self.stream.shutdown().await;
         let deadline = Instant::now() + LINGER;
-        let mut scratch = [0u8; 2048];
+        // On the heap: an array here would be part of every connection task's size.
+        let mut scratch = vec![0u8; 2048];
         loop {
             match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
                 Ok(Ok(n)) if n > 0 => continue,
@@ -109,8 +131,8 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
     let limits = state.load().config.limits;
     let mut conn = ClientConn {
         stream,
-        buf: BytesMut::with_capacity(READ_BUFFER),
-        out: Vec::with_capacity(512),
+        buf: BytesMut::new(),
+        out: Vec::new(),
         // A new connection gets `client_header` for its first request, as in NGINX.
         timer: LazyTimer::new(limits.timeouts.client_header),
         resp: ResponseHead::default(),
@@ -127,8 +149,7 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
             Next::Close => return,
             Next::TimedOut => {
                 debug!(%client, timeout = ?limits.timeouts.client_header, "client did not send its request headers in time: 408");
-                conn.write_local(408, &[], b"408 request timeout\n", true, 1).await;
-                conn.close_gracefully().await;
+                Box::pin(conn.answer_and_close(408, b"408 request timeout\n")).await;
                 return;
             }
             Next::Bad(e) => {
@@ -141,20 +162,24 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
                     HeadError::Malformed(why) => (400, format!("400 bad request: {why}\n")),
                 };
                 info!(%client, status, error = e.message(), "malformed request answered and closed");
-                conn.write_local(status, &[], body.as_bytes(), true, 1).await;
-                conn.close_gracefully().await;
+                Box::pin(conn.answer_and_close(status, body.as_bytes())).await;
                 return;
             }
         }
         first = false;
-        let keep_alive = forward::handle(&mut conn, &head, drain).await;
+        // Boxed: the request path's state (a few KiB of nested futures) exists only while a
+        // request is served, instead of sizing every idle connection's task.
+        let keep_alive = Box::pin(forward::handle(&mut conn, &head, drain)).await;
         if !keep_alive {
-            conn.close_gracefully().await;
+            Box::pin(conn.close_gracefully()).await;
             return;
         }
         if drain.is_draining() {
             let _ = conn.stream.shutdown().await;
             return;
+        }
+        if conn.buf.is_empty() {
+            conn.release_buffers(&mut head);
         }
     }
 }
@@ -185,7 +210,7 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
         }
         let idle = if first { timeouts.client_header } else { timeouts.client_idle };
         let deadline = || head_deadline.unwrap_or_else(|| Instant::now() + idle);
-        let read = conn.timer.within(deadline, read_more(&mut conn.stream, &mut conn.buf, READ_BUFFER)).await;
+        let read = conn.timer.within(deadline, read_head(&mut conn.stream, &mut conn.buf)).await;
         drain.idle.store(false, Ordering::Relaxed);
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
@@ -207,6 +232,22 @@ pub(super) async fn send(
     match timer.within(|| Instant::now() + limit, write_all_vectored(stream, parts)).await {
         Ok(written) => written.map_err(|(e, _)| e),
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client_send timeout")),
+    }
+}
+
+/// Read more of a request head into `buf`. An empty buffer without room (an idle
+/// connection's) gets its memory only once the socket is readable.
+async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() > buf.len() {
+        return read_more(stream, buf, READ_BUFFER).await;
+    }
+    loop {
+        stream.readable().await?;
+        buf.reserve(READ_BUFFER);
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
     }
 }
 
