@@ -438,6 +438,8 @@ impl RequestHead {
     /// forwarding headers and the body's framing.
     pub fn encode_for_backend(&self, out: &mut Vec<u8>, fwd: &Forwarding<'_>, backend_host: &[u8]) {
         out.clear();
+        // One allocation for a buffer given back while the connection was idle.
+        out.reserve(self.bytes.len() + 256);
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(self.origin_target());
@@ -587,7 +589,7 @@ const HOST_CHAR: [bool; 256] = {
 /// Whether an empty line ends in `buf` at or after `from` (the lines before `from` were
 /// looked at already; a line end is checked together with the two bytes before it).
 fn has_blank_line(buf: &[u8], from: usize) -> bool {
-    let start = from.saturating_sub(2);
+    let start = from.saturating_sub(2).min(buf.len());
     buf[start..].iter().enumerate().any(|(k, &b)| {
         let i = start + k;
         b == b'\n' && i >= 1 && (buf[i - 1] == b'\n' || (buf[i - 1] == b'\r' && i >= 2 && buf[i - 2] == b'\n'))
@@ -729,6 +731,7 @@ impl ResponseHead {
     pub fn encode_for_client(&self, buf: &[u8], out: &mut Vec<u8>, framing: ClientFraming) {
         let buf = self.unfolded.as_deref().unwrap_or(buf);
         out.clear();
+        out.reserve(self.len + 64);
         out.extend_from_slice(b"HTTP/1.1 ");
         push_status(out, self.status);
         out.push(b' ');
@@ -816,6 +819,7 @@ fn push_status(out: &mut Vec<u8>, status: u16) {
 /// A complete response head of Velocity's own (errors and the like) with a short text body.
 pub fn encode_local(out: &mut Vec<u8>, status: u16, extra: &[(&str, &[u8])], body_len: usize, framing: ClientFraming) {
     out.clear();
+    out.reserve(256);
     out.extend_from_slice(b"HTTP/1.1 ");
     push_status(out, status);
     out.push(b' ');
