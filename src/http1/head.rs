@@ -586,10 +586,10 @@ const HOST_CHAR: [bool; 256] = {
     t
 };
 
-/// Whether an empty line ends in `buf` at or after `from` (the lines before `from` were
-/// looked at already; a line end is checked together with the two bytes before it).
+/// Whether an empty line ends in `buf` at or after `from` (the line ends before `from` were
+/// looked at already; each is checked together with the bytes before it).
 fn has_blank_line(buf: &[u8], from: usize) -> bool {
-    let start = from.saturating_sub(2).min(buf.len());
+    let start = from.min(buf.len());
     buf[start..].iter().enumerate().any(|(k, &b)| {
         let i = start + k;
         b == b'\n' && i >= 1 && (buf[i - 1] == b'\n' || (buf[i - 1] == b'\r' && i >= 2 && buf[i - 2] == b'\n'))
