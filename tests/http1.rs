@@ -760,10 +760,15 @@ async fn idle_keep_alive_connections_hold_no_read_buffers() {
         assert_eq!(wire.response("GET").await.status, 200);
         idle.push(wire);
     }
-    let per_connection = (rss_kib(lb.pid()) - before) as f64 / CONNECTIONS as f64;
-    // An 8 KiB read buffer kept per connection made this about 17 KiB (a release build is
-    // under 1 KiB, bench/idle.sh; this is a debug build, with larger futures).
-    assert!(per_connection < 5.0, "{per_connection:.1} KiB of RSS per idle keep-alive connection");
+    // Buffers are given back 50 ms after a response when no next request came. An 8 KiB read buffer
+    // kept per connection made this 16 KiB (a release build is under 1 KiB, bench/idle.sh;
+    // this is a debug build, with larger futures).
+    let per_connection = || rss_kib(lb.pid()).saturating_sub(before) as f64 / CONNECTIONS as f64;
+    let start = std::time::Instant::now();
+    while per_connection() >= 5.0 {
+        assert!(start.elapsed() < DEADLINE, "{:.1} KiB of RSS per idle keep-alive connection", per_connection());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // They still work.
     for wire in idle.iter_mut().take(10) {
         wire.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;

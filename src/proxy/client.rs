@@ -9,10 +9,10 @@
 //! A slow client costs one task and one timer; nothing here is shared between connections.
 //!
 //! An idle connection holds no buffer: the read buffer is allocated when bytes arrive, and
-//! the buffers a request uses (read buffer, head scratch, header lists, the request path's
-//! state, which is most of a task's size) are given back when the connection waits for its
-//! next request with nothing read. An idle keep-alive connection is then the task's small
-//! loop state, the socket and a timer (see the README's Limits section for the figures).
+//! the buffers requests use (read buffer, head scratch, header lists, the request path's
+//! state, which is most of a task's size) are given back when the connection has waited
+//! `IDLE_GRACE` for its next request with nothing read. An idle keep-alive connection is then
+//! the task's small loop state, the socket and a timer (figures: README, Limits).
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -93,8 +93,7 @@ impl ClientConn {
         head.release();
     }
 
-    /// One of Velocity's own answers, then the connection closes. Boxed by its callers: it
-    /// is rare, and its state would otherwise add to every connection task.
+    /// One of Velocity's own answers, then the connection closes.
     async fn answer_and_close(&mut self, status: u16, body: &[u8]) {
         self.write_local(status, &[], body, true, 1).await;
         self.close_gracefully().await;
@@ -115,14 +114,31 @@ impl ClientConn {
     }
 }
 
+/// How long a kept-alive connection waits for its next request with its buffers before it
+/// gives them back. A busy connection keeps them (large allocations and the boxing of the
+/// request path per request cost about a quarter more instructions per request), an idle
+/// one is small; for this the connection's timer moves about once per `IDLE_GRACE` while
+/// it is busy, not once per request. Short, so that a burst of requests on many
+/// connections leaves little memory held at once.
+const IDLE_GRACE: Duration = Duration::from_millis(50);
+
 /// What reading the next request head gave.
 enum Next {
     Request,
     /// The client closed, went idle too long, or the connection is draining.
     Close,
+    /// Nothing of a next request for `IDLE_GRACE` since this instant: time to go idle.
+    Idle(Instant),
     /// Headers started but did not finish within `client_header`.
     TimedOut,
     Bad(HeadError),
+}
+
+/// How a run of requests ended.
+enum Busy {
+    Done,
+    /// Waiting for the next request since this instant, with nothing read.
+    Idle(Instant),
 }
 
 pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: &Drain) {
@@ -143,14 +159,49 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
     };
     let mut head = RequestHead::default();
     let mut first = true;
+    let mut idle_until = Instant::now() + limits.timeouts.client_header;
     loop {
-        match next_request(&mut conn, &mut head, first, drain).await {
+        // Idle: no buffers, and this loop's state is all the task holds.
+        if !wait_readable(&mut conn, idle_until, drain).await {
+            return;
+        }
+        // Busy: requests back to back. Boxed, so that the request path's state (a few KiB of
+        // nested futures) exists only while the connection is busy.
+        match Box::pin(serve_busy(&mut conn, &mut head, &mut first, drain)).await {
+            Busy::Done => return,
+            Busy::Idle(since) => {
+                conn.release_buffers(&mut head);
+                idle_until = since + limits.timeouts.client_idle;
+            }
+        }
+    }
+}
+
+/// Wait, holding nothing, until the client sends something (`true`) or `deadline` passes, the
+/// client closes or the connection drains (`false`).
+async fn wait_readable(conn: &mut ClientConn, deadline: Instant, drain: &Drain) -> bool {
+    drain.idle.store(true, Ordering::Relaxed);
+    if drain.is_draining() {
+        return false;
+    }
+    let ready = conn.timer.within(|| deadline, conn.stream.readable()).await;
+    drain.idle.store(false, Ordering::Relaxed);
+    matches!(ready, Ok(Ok(())))
+}
+
+/// Serve requests until the connection closes or waits `IDLE_GRACE` for the next one.
+async fn serve_busy(conn: &mut ClientConn, head: &mut RequestHead, first: &mut bool, drain: &Drain) -> Busy {
+    let client = conn.client;
+    loop {
+        match next_request(conn, head, *first, drain).await {
             Next::Request => {}
-            Next::Close => return,
+            Next::Close => return Busy::Done,
+            Next::Idle(since) => return Busy::Idle(since),
             Next::TimedOut => {
-                debug!(%client, timeout = ?limits.timeouts.client_header, "client did not send its request headers in time: 408");
-                Box::pin(conn.answer_and_close(408, b"408 request timeout\n")).await;
-                return;
+                let timeout = conn.limits.timeouts.client_header;
+                debug!(%client, ?timeout, "client did not send its request headers in time: 408");
+                conn.answer_and_close(408, b"408 request timeout\n").await;
+                return Busy::Done;
             }
             Next::Bad(e) => {
                 let (status, body) = match e {
@@ -162,24 +213,19 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
                     HeadError::Malformed(why) => (400, format!("400 bad request: {why}\n")),
                 };
                 info!(%client, status, error = e.message(), "malformed request answered and closed");
-                Box::pin(conn.answer_and_close(status, body.as_bytes())).await;
-                return;
+                conn.answer_and_close(status, body.as_bytes()).await;
+                return Busy::Done;
             }
         }
-        first = false;
-        // Boxed: the request path's state (a few KiB of nested futures) exists only while a
-        // request is served, instead of sizing every idle connection's task.
-        let keep_alive = Box::pin(forward::handle(&mut conn, &head, drain)).await;
+        *first = false;
+        let keep_alive = forward::handle(conn, head, drain).await;
         if !keep_alive {
-            Box::pin(conn.close_gracefully()).await;
-            return;
+            conn.close_gracefully().await;
+            return Busy::Done;
         }
         if drain.is_draining() {
             let _ = conn.stream.shutdown().await;
-            return;
-        }
-        if conn.buf.is_empty() {
-            conn.release_buffers(&mut head);
+            return Busy::Done;
         }
     }
 }
@@ -209,13 +255,27 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
             head_deadline = Some(Instant::now() + timeouts.client_header);
         }
         let idle = if first { timeouts.client_header } else { timeouts.client_idle };
-        let deadline = || head_deadline.unwrap_or_else(|| Instant::now() + idle);
+        // With nothing read, wait at most `IDLE_GRACE` here; the rest of the idle time is
+        // waited without buffers (`serve`).
+        let mut since = None;
+        let deadline = || {
+            head_deadline.unwrap_or_else(|| {
+                let now = Instant::now();
+                since = Some(now);
+                now + idle.min(IDLE_GRACE)
+            })
+        };
         let read = conn.timer.within(deadline, read_head(&mut conn.stream, &mut conn.buf)).await;
         drain.idle.store(false, Ordering::Relaxed);
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
             Ok(Ok(_)) => {}
-            Err(_) if waiting => return Next::Close,
+            Err(_) if waiting => {
+                return match since {
+                    Some(since) if idle > IDLE_GRACE => Next::Idle(since),
+                    _ => Next::Close,
+                }
+            }
             Err(_) => return Next::TimedOut,
         }
     }
