@@ -5,7 +5,7 @@
 
 use std::mem::MaybeUninit;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::Method;
 
 /// At most this many header lines in a request or response; beyond it, 431 (or 502).
@@ -29,6 +29,8 @@ pub enum HeadError {
     TooLarge,
     /// A transfer coding other than chunked: 501.
     UnsupportedEncoding,
+    /// `CONNECT`: Velocity is not a forward proxy (405, as NGINX answers it).
+    MethodNotAllowed,
 }
 
 impl HeadError {
@@ -37,6 +39,7 @@ impl HeadError {
             HeadError::Malformed(why) => why,
             HeadError::TooLarge => "headers too large",
             HeadError::UnsupportedEncoding => "unsupported transfer-encoding",
+            HeadError::MethodNotAllowed => "CONNECT is not supported",
         }
     }
 }
@@ -54,7 +57,14 @@ struct Known {
     /// `Connection: keep-alive`.
     keep_alive: bool,
     expect_continue: bool,
+    /// The first `Host` line's value, and how many `Host` lines there are (one is valid).
     host: Option<(u32, u32)>,
+    host_lines: u8,
+    /// A `Content-Length` line is present (valid or not).
+    length_line: bool,
+    /// Why the `Content-Length` lines are unusable; an error only where they frame the body
+    /// (a response framed by its transfer coding ignores them, RFC 9112 6.3).
+    bad_length: Option<&'static str>,
     /// How many `X-Forwarded-For` lines there are.
     forwarded_for: u8,
     /// `Connection` names other headers: those are hop-by-hop too.
@@ -80,6 +90,8 @@ fn collect_headers(
     known: &mut Known,
 ) -> Result<(), HeadError> {
     headers.clear();
+    // One allocation for a list given back while the connection was idle.
+    headers.reserve(parsed.len());
     *known = Known::default();
     for h in parsed {
         let value = span(base, h.value);
@@ -106,6 +118,9 @@ pub struct RequestHead {
     pub version: u8,
     headers: Vec<HeaderRef>,
     known: Known,
+    /// Bytes of an incomplete head already looked at: the next read resumes the search for
+    /// the head's end there, so a head that trickles in costs linear time, not quadratic.
+    scanned: usize,
 }
 
 impl Default for RequestHead {
@@ -117,8 +132,9 @@ impl Default for RequestHead {
             origin: (0, 0),
             authority: None,
             version: 1,
-            headers: Vec::with_capacity(16),
+            headers: Vec::new(),
             known: Known::default(),
+            scanned: 0,
         }
     }
 }
@@ -163,10 +179,11 @@ fn classify(
     // Dispatch on the length first: most headers are none of these and cost one compare.
     let skip = match name.len() {
         2 => is("te"),
-        4 if is("host") => {
-            if request && known.host.is_none() {
+        4 if request && is("host") => {
+            if known.host.is_none() {
                 known.host = Some(value_span);
             }
+            known.host_lines = known.host_lines.saturating_add(1);
             false
         }
         6 if request && is("expect") => {
@@ -189,12 +206,15 @@ fn classify(
         10 => is("keep-alive"),
         14 if is("content-length") => {
             // Repeated lines (or a list) must agree, or the framing is ambiguous (smuggling).
+            known.length_line = true;
             for part in value.split(|&b| b == b',') {
-                let n = parse_u64(trim(part)).ok_or(HeadError::Malformed("invalid content-length"))?;
-                if known.content_length.is_some_and(|m| m != n) {
-                    return Err(HeadError::Malformed("conflicting content-length"));
+                match parse_u64(trim(part)) {
+                    None => known.bad_length = Some("invalid content-length"),
+                    Some(n) if known.content_length.is_some_and(|m| m != n) => {
+                        known.bad_length = Some("conflicting content-length")
+                    }
+                    Some(n) => known.content_length = Some(n),
                 }
-                known.content_length = Some(n);
             }
             false
         }
@@ -242,13 +262,57 @@ impl RequestHead {
     /// Parse a request head from the front of `buf`. `Ok(false)`: incomplete, read more.
     /// On success the head's bytes are split off `buf`, which keeps what follows (body bytes,
     /// or a pipelined request).
+    ///
+    /// A head that comes whole is parsed at once. One that does not is parsed once when it
+    /// starts (so that garbage such as a TLS hello is refused at once) and once more when its
+    /// end (an empty line) has arrived: in between, each call only looks at the new bytes.
     pub fn parse(&mut self, buf: &mut BytesMut, max_bytes: usize) -> Result<bool, HeadError> {
+        // Empty lines before a request line are ignored (RFC 9112 2.2), so that below the
+        // first empty line is the end of the head.
+        while let [b'\r', b'\n', ..] | [b'\n', ..] = buf[..] {
+            buf.advance(if buf[0] == b'\n' { 1 } else { 2 });
+            self.scanned = 0;
+        }
+        if self.scanned > 0 && !has_blank_line(buf, self.scanned) {
+            self.scanned = buf.len();
+            return if buf.len() > max_bytes { self.fail(HeadError::TooLarge) } else { Ok(false) };
+        }
+        match self.parse_whole(buf, max_bytes) {
+            Ok(Some(len)) => {
+                self.scanned = 0;
+                self.bytes = buf.split_to(len).freeze();
+                Ok(true)
+            }
+            Ok(None) if buf.len() > max_bytes => self.fail(HeadError::TooLarge),
+            Ok(None) => {
+                self.scanned = buf.len();
+                Ok(false)
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: HeadError) -> Result<bool, HeadError> {
+        self.scanned = 0;
+        Err(e)
+    }
+
+    /// Give back what the head holds (its bytes share the connection's read buffer): an idle
+    /// connection keeps no buffer alive.
+    pub fn release(&mut self) {
+        self.bytes = Bytes::new();
+        self.headers = Vec::new();
+    }
+
+    /// One `httparse` pass over `buf`: the head's length if it is complete and valid.
+    fn parse_whole(&mut self, buf: &[u8], max_bytes: usize) -> Result<Option<usize>, HeadError> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
+        #[cfg(test)]
+        tests::PARSED.with(|p| p.set(p.get() + buf.len()));
         let len = match req.parse_with_uninit_headers(buf, &mut slots) {
             Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > max_bytes => return Err(HeadError::TooLarge),
-            Ok(httparse::Status::Partial) => return Ok(false),
+            Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
             Err(e) => return Err(HeadError::Malformed(malformed(e))),
         };
@@ -263,24 +327,46 @@ impl RequestHead {
             "POST" => Method::POST,
             other => Method::from_bytes(other.as_bytes()).map_err(|_| HeadError::Malformed("invalid method"))?,
         };
+        if self.method == Method::CONNECT {
+            return Err(HeadError::MethodNotAllowed);
+        }
         let target = req.path.unwrap_or("/").as_bytes();
         self.target = span(base, target);
-        let (origin, authority) = split_target(target);
+        let (origin, authority) = split_target(target, &self.method)?;
         self.origin = span(base, origin);
         self.authority = authority.map(|a| span(base, a));
         self.version = req.version.unwrap_or(1);
         collect_headers(base, req.headers, true, &mut self.headers, &mut self.known)?;
-        if self.known.unknown_coding {
+        let known = &self.known;
+        if let Some(why) = known.bad_length {
+            return Err(HeadError::Malformed(why));
+        }
+        if known.unknown_coding {
             return Err(HeadError::UnsupportedEncoding);
         }
-        if self.known.chunked && self.known.content_length.is_some() {
+        if known.chunked && known.length_line {
             return Err(HeadError::Malformed("both content-length and transfer-encoding"));
         }
-        if self.known.chunked && self.version == 0 {
+        if known.chunked && self.version == 0 {
             return Err(HeadError::Malformed("transfer-encoding in an HTTP/1.0 request"));
         }
-        self.bytes = buf.split_to(len).freeze();
-        Ok(true)
+        // Host: exactly one in HTTP/1.1, at most one in HTTP/1.0, always a valid
+        // `uri-host[:port]` (RFC 9112 3.2). An absolute-form target's authority wins over it.
+        match (known.host_lines, known.host) {
+            (0, _) if self.version == 1 => return Err(HeadError::Malformed("missing host header")),
+            (2.., _) => return Err(HeadError::Malformed("more than one host header")),
+            (_, Some(h)) if !valid_host(trim(at(base, h))) => return Err(HeadError::Malformed("invalid host header")),
+            _ => {}
+        }
+        if authority.is_some() && known.host.is_some() {
+            // The backend gets the authority as its Host, not the line the client sent.
+            for h in &mut self.headers {
+                if at(base, h.name).eq_ignore_ascii_case(b"host") {
+                    h.skip = true;
+                }
+            }
+        }
+        Ok(Some(len))
     }
 
     /// The path of the target, without the query; empty for authority-form (CONNECT) and `*`.
@@ -298,11 +384,11 @@ impl RequestHead {
         }
     }
 
-    /// The Host header, or the authority of an absolute-form target.
+    /// The authority of an absolute-form target, or else the Host header (RFC 9112 3.2.2).
     pub fn host(&self) -> Option<&[u8]> {
-        match self.known.host {
-            Some(h) => Some(trim(at(&self.bytes, h))),
-            None => self.authority.map(|a| at(&self.bytes, a)),
+        match self.authority {
+            Some(a) => Some(at(&self.bytes, a)),
+            None => self.known.host.map(|h| trim(at(&self.bytes, h))),
         }
     }
 
@@ -347,10 +433,13 @@ impl RequestHead {
     }
 
     /// Write the head as sent to a backend into `out`: origin-form target, HTTP/1.1, the
-    /// client's end-to-end headers in order, then `Host` (if the client sent none), the
+    /// client's end-to-end headers in order, then `Host` (if the client sent none, or the
+    /// target's authority replaces it), the
     /// forwarding headers and the body's framing.
     pub fn encode_for_backend(&self, out: &mut Vec<u8>, fwd: &Forwarding<'_>, backend_host: &[u8]) {
         out.clear();
+        // One allocation for a buffer given back while the connection was idle.
+        out.reserve(self.bytes.len() + 256);
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(self.origin_target());
@@ -358,7 +447,7 @@ impl RequestHead {
         for h in self.headers.iter().filter(|h| !h.skip) {
             push_header(out, at(&self.bytes, h.name), at(&self.bytes, h.value));
         }
-        if self.known.host.is_none() {
+        if self.known.host.is_none() || self.authority.is_some() {
             push_header(out, b"host", self.host().unwrap_or(backend_host));
         }
         // Several `X-Forwarded-For` lines are one list (RFC 9110 5.3): keep them all, in order.
@@ -400,18 +489,111 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// A request target as (origin-form part, authority): `/a?b` is all origin; in absolute-form
 /// `http://h:1/a?b` the authority is `h:1` and the origin `/a?b` (empty when there is no
-/// path); authority-form (`host:443`) and `*` have neither.
-fn split_target(target: &[u8]) -> (&[u8], Option<&[u8]>) {
+/// path). Only origin-form and absolute-form with an `http` or `https` scheme are served
+/// (authority-form belongs to CONNECT; `*` to `OPTIONS *`, refused as NGINX refuses it).
+fn split_target<'a>(target: &'a [u8], method: &Method) -> Result<(&'a [u8], Option<&'a [u8]>), HeadError> {
     if target.first() == Some(&b'/') {
-        return (target, None);
+        return Ok((target, None));
+    }
+    if target == b"*" {
+        return Err(HeadError::Malformed(if method == Method::OPTIONS {
+            "OPTIONS * is not supported"
+        } else {
+            "invalid request target"
+        }));
     }
     let Some(i) = target.windows(3).position(|w| w == b"://") else {
-        return (&target[..0], None);
+        return Err(HeadError::Malformed("invalid request target"));
     };
+    let scheme = &target[..i];
+    if !scheme.eq_ignore_ascii_case(b"http") && !scheme.eq_ignore_ascii_case(b"https") {
+        return Err(HeadError::Malformed("unsupported scheme in the request target"));
+    }
     let rest = &target[i + 3..];
     let end = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
-    let origin = if rest.get(end) == Some(&b'/') { &rest[end..] } else { &rest[rest.len()..] };
-    (origin, Some(&rest[..end]))
+    let authority = &rest[..end];
+    // An http(s) URI must have a host (RFC 9110 4.2); userinfo (`user@`) is not valid either.
+    if authority.is_empty() || !valid_host(authority) {
+        return Err(HeadError::Malformed("invalid host in the request target"));
+    }
+    let origin = match rest.get(end) {
+        Some(b'/') => &rest[end..],
+        _ => &rest[rest.len()..],
+    };
+    Ok((origin, Some(authority)))
+}
+
+/// Whether `host` is a valid `uri-host [ ":" port ]` (RFC 3986 3.2.2): a reg-name
+/// (unreserved, percent-encoded, sub-delims), an IPv4 address (a reg-name too) or a bracketed
+/// IP literal, then digits after a colon. Empty is valid (RFC 9112 3.2: the URI has no host).
+pub fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = match host {
+        [b'[', rest @ ..] => {
+            let Some(close) = rest.iter().position(|&b| b == b']') else { return false };
+            let literal = &rest[..close];
+            if literal.is_empty() || !literal.iter().all(|&b| b == b':' || HOST_CHAR[b as usize]) {
+                return false;
+            }
+            match &rest[close + 1..] {
+                [] => (&[][..], &[][..]),
+                [b':', port @ ..] => (&[][..], port),
+                _ => return false,
+            }
+        }
+        _ => match host.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&host[..colon], &host[colon + 1..]),
+            None => (host, &[][..]),
+        },
+    };
+    let mut i = 0;
+    while i < name.len() {
+        match name[i] {
+            b'%' if name.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => i += 3,
+            b if HOST_CHAR[b as usize] && b != b'%' => i += 1,
+            _ => return false,
+        }
+    }
+    port.iter().all(u8::is_ascii_digit)
+}
+
+/// unreserved / sub-delims (RFC 3986), and `%` (checked for its two hex digits apart).
+const HOST_CHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
+            );
+        b += 1;
+    }
+    t
+};
+
+/// Whether an empty line ends in `buf` at or after `from` (the line ends before `from` were
+/// looked at already; each is checked together with the bytes before it).
+fn has_blank_line(buf: &[u8], from: usize) -> bool {
+    let start = from.min(buf.len());
+    buf[start..].iter().enumerate().any(|(k, &b)| {
+        let i = start + k;
+        b == b'\n' && i >= 1 && (buf[i - 1] == b'\n' || (buf[i - 1] == b'\r' && i >= 2 && buf[i - 2] == b'\n'))
+    })
 }
 
 fn malformed(e: httparse::Error) -> &'static str {
@@ -446,17 +628,43 @@ pub struct ResponseHead {
     known: Known,
     /// The head's length in the buffer it was parsed from.
     pub len: usize,
+    /// The head with its obs-folds replaced by spaces, when it had any (RFC 9112 5.2): the
+    /// offsets then refer to this copy, which has the original's length.
+    unfolded: Option<Vec<u8>>,
+    /// Both `Content-Length` and `Transfer-Encoding`: framed by the coding, forwarded
+    /// without the length, and the backend connection is not reused (RFC 9112 6.3).
+    length_and_coding: bool,
 }
 
 impl ResponseHead {
     /// Parse a response head at the front of `buf` without consuming it. `Ok(false)`: read more.
     pub fn parse(&mut self, buf: &[u8], max_bytes: usize) -> Result<bool, HeadError> {
+        self.unfolded = None;
+        match self.parse_from(buf, max_bytes) {
+            // obs-fold (a header line continued on the next, indented) is refused by the
+            // strict parse; it is rare, so only then is the head looked at for it.
+            Err(e @ HeadError::Malformed(_)) => match fold_state(buf) {
+                Fold::None => Err(e),
+                Fold::Incomplete if buf.len() > max_bytes => Err(HeadError::TooLarge),
+                Fold::Incomplete => Ok(false),
+                Fold::Complete(end) => {
+                    let mut copy = buf[..end].to_vec();
+                    unfold(&mut copy);
+                    let parsed = self.parse_from(&copy, max_bytes);
+                    self.unfolded = Some(copy);
+                    parsed
+                }
+            },
+            parsed => parsed,
+        }
+    }
+
+    fn parse_from(&mut self, buf: &[u8], max_bytes: usize) -> Result<bool, HeadError> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         let mut config = httparse::ParserConfig::default();
-        // Lenient with backends, as NGINX is: these forms are obsolete but harmless.
+        // Lenient with backends, as NGINX is: this form is obsolete but harmless.
         config.allow_spaces_after_header_name_in_responses(true);
-        config.allow_obsolete_multiline_headers_in_responses(true);
         let len = match config.parse_response_with_uninit_headers(&mut resp, buf, &mut slots) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > max_bytes => return Err(HeadError::TooLarge),
@@ -468,8 +676,26 @@ impl ResponseHead {
         self.version = resp.version.unwrap_or(1);
         self.reason = span(buf, resp.reason.unwrap_or("").as_bytes());
         collect_headers(buf, resp.headers, false, &mut self.headers, &mut self.known)?;
+        let coded = self.known.chunked || self.known.unknown_coding;
+        self.length_and_coding = coded && self.known.length_line;
+        if self.length_and_coding {
+            self.known.content_length = None;
+            for h in &mut self.headers {
+                if at(buf, h.name).eq_ignore_ascii_case(b"content-length") {
+                    h.skip = true;
+                }
+            }
+        } else if let Some(why) = self.known.bad_length {
+            return Err(HeadError::Malformed(why));
+        }
         self.len = len;
         Ok(true)
+    }
+
+    /// Give back the header list: an idle connection keeps no buffer alive.
+    pub fn release(&mut self) {
+        self.headers = Vec::new();
+        self.unfolded = None;
     }
 
     /// Whether the status is an interim 1xx (other than 101) to read past.
@@ -496,14 +722,16 @@ impl ResponseHead {
 
     /// Whether the backend connection can carry another request after this response.
     pub fn backend_keeps_alive(&self) -> bool {
-        self.known.keeps_alive(self.version) && !self.known.unknown_coding
+        self.known.keeps_alive(self.version) && !self.known.unknown_coding && !self.length_and_coding
     }
 
     /// The response head for the client, from `buf` (the bytes this head was parsed from).
     /// `chunked`: the body goes out chunked; `close`: the client connection ends after it;
     /// `keep_alive_10`: an HTTP/1.0 client asked to keep the connection.
     pub fn encode_for_client(&self, buf: &[u8], out: &mut Vec<u8>, framing: ClientFraming) {
+        let buf = self.unfolded.as_deref().unwrap_or(buf);
         out.clear();
+        out.reserve(self.len + 64);
         out.extend_from_slice(b"HTTP/1.1 ");
         push_status(out, self.status);
         out.push(b' ');
@@ -514,6 +742,51 @@ impl ResponseHead {
         }
         framing.push(out);
         out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Whether a response head has an obs-fold: a line end followed by a space or tab before the
+/// head's end (an empty line).
+enum Fold {
+    None,
+    /// A fold, but the head's end has not arrived.
+    Incomplete,
+    /// A fold, and the head (with its final empty line) is this long.
+    Complete(usize),
+}
+
+fn fold_state(buf: &[u8]) -> Fold {
+    let mut folded = false;
+    let mut line_start = 0;
+    for (i, &b) in buf.iter().enumerate() {
+        if b != b'\n' {
+            continue;
+        }
+        let line = &buf[line_start..i];
+        if line.is_empty() || line == b"\r" {
+            return if folded { Fold::Complete(i + 1) } else { Fold::None };
+        }
+        if matches!(buf.get(i + 1), Some(b' ' | b'\t')) {
+            folded = true;
+        }
+        line_start = i + 1;
+    }
+    if folded {
+        Fold::Incomplete
+    } else {
+        Fold::None
+    }
+}
+
+/// Replace each obs-fold's line end by spaces: the continued line joins the one before.
+fn unfold(head: &mut [u8]) {
+    for i in 0..head.len().saturating_sub(1) {
+        if head[i] == b'\n' && matches!(head[i + 1], b' ' | b'\t') {
+            head[i] = b' ';
+            if i > 0 && head[i - 1] == b'\r' {
+                head[i - 1] = b' ';
+            }
+        }
     }
 }
 
@@ -546,6 +819,7 @@ fn push_status(out: &mut Vec<u8>, status: u16) {
 /// A complete response head of Velocity's own (errors and the like) with a short text body.
 pub fn encode_local(out: &mut Vec<u8>, status: u16, extra: &[(&str, &[u8])], body_len: usize, framing: ClientFraming) {
     out.clear();
+    out.reserve(256);
     out.extend_from_slice(b"HTTP/1.1 ");
     push_status(out, status);
     out.push(b' ');
@@ -591,30 +865,202 @@ mod tests {
     }
 
     #[test]
-    fn absolute_form_becomes_origin_form_and_gives_the_host() {
-        let h = req("GET http://api.local:8080/x/y?z HTTP/1.1\r\n\r\n").unwrap();
+    fn absolute_form_becomes_origin_form_and_its_authority_wins_over_host() {
+        let h = req("GET http://api.local:8080/x/y?z HTTP/1.1\r\nHost: other\r\nA: 1\r\n\r\n").unwrap();
         assert_eq!(h.path(), b"/x/y");
         assert_eq!(h.origin_target(), b"/x/y?z");
         assert_eq!(h.host(), Some(&b"api.local:8080"[..]));
-        assert!(forwarded(&h).starts_with("GET /x/y?z HTTP/1.1\r\nhost: api.local:8080\r\n"));
-        let h = req("GET http://api.local HTTP/1.1\r\n\r\n").unwrap();
+        assert!(
+            forwarded(&h).starts_with("GET /x/y?z HTTP/1.1\r\nA: 1\r\nhost: api.local:8080\r\n"),
+            "{}",
+            forwarded(&h)
+        );
+        let h = req("GET HTTPS://api.local HTTP/1.1\r\nHost: api.local\r\n\r\n").unwrap();
         assert_eq!(h.origin_target(), b"/");
+        for bad in ["ftp://x/", "x:80", "http:///a", "http://u@h/", "http://a b/", "*"] {
+            let text = format!("GET {bad} HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert!(matches!(req(&text), Err(HeadError::Malformed(_))), "{bad}");
+        }
+        assert_eq!(
+            req("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(),
+            HeadError::Malformed("OPTIONS * is not supported")
+        );
+        assert_eq!(req("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").unwrap_err(), HeadError::MethodNotAllowed);
+    }
+
+    #[test]
+    fn host_rules() {
+        let missing = HeadError::Malformed("missing host header");
+        assert_eq!(req("GET / HTTP/1.1\r\n\r\n").unwrap_err(), missing);
+        assert_eq!(req("GET http://a/ HTTP/1.1\r\n\r\n").unwrap_err(), missing);
+        assert_eq!(
+            req("GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n").unwrap_err(),
+            HeadError::Malformed("more than one host header")
+        );
+        assert_eq!(
+            req("GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n").unwrap_err(),
+            HeadError::Malformed("more than one host header")
+        );
+        for bad in ["a b", "a/b", "a@b", "[::1", "[]", "a:8x", "%zz", "a\"b", "[::1]x"] {
+            let text = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert_eq!(req(&text).unwrap_err(), HeadError::Malformed("invalid host header"), "{bad:?}");
+        }
+        for good in ["a", "A.example:8080", "127.0.0.1:1", "[::1]:80", "[v1.x]", "xn--d1a.b_c~d", "%41", "a:", ""] {
+            let text = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            assert!(req(&text).is_ok(), "{good:?}");
+        }
+        let h = req("GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(h.host(), None);
+        assert!(forwarded(&h).contains("host: b:1\r\n"));
+    }
+
+    thread_local! {
+        /// Bytes handed to `httparse`, to check that a trickling head costs linear work.
+        pub(super) static PARSED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn a_head_that_trickles_in_is_not_parsed_again_from_its_start() {
+        let filler: String = (0..100).map(|i| format!("x-filler-{i}: {}\r\n", "v".repeat(60))).collect();
+        let text = format!("GET /t HTTP/1.1\r\nHost: a\r\n{filler}\r\n");
+        let mut head = RequestHead::default();
+        let mut buf = BytesMut::new();
+        PARSED.with(|p| p.set(0));
+        for (i, b) in text.bytes().enumerate() {
+            buf.extend_from_slice(&[b]);
+            assert_eq!(head.parse(&mut buf, 64 * 1024), Ok(i + 1 == text.len()), "at byte {i}");
+        }
+        assert_eq!(head.path(), b"/t");
+        // Byte by byte, re-parsing from the start would cost len²/2 (about 25 M here).
+        let parsed = PARSED.with(|p| p.get());
+        assert!(parsed <= 2 * text.len(), "{parsed} bytes parsed for a {}-byte head", text.len());
+    }
+
+    /// What a request parses to, as far as the proxy acts on it.
+    fn outcome(pieces: &[&[u8]]) -> String {
+        let mut head = RequestHead::default();
+        let mut buf = BytesMut::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            buf.extend_from_slice(piece);
+            match head.parse(&mut buf, 4096) {
+                Ok(true) => {
+                    // The rest arrives as it would, behind the head.
+                    for rest in &pieces[i + 1..] {
+                        buf.extend_from_slice(rest);
+                    }
+                    return format!(
+                        "{} {:?} {:?} v{} len={:?} chunked={} ka={} rest={:?}\n{}",
+                        head.method,
+                        String::from_utf8_lossy(head.origin_target()),
+                        head.host().map(String::from_utf8_lossy),
+                        head.version,
+                        head.content_length(),
+                        head.is_chunked(),
+                        head.keep_alive(),
+                        String::from_utf8_lossy(&buf),
+                        forwarded(&head)
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => return format!("error {e:?}"),
+            }
+        }
+        "incomplete".into()
+    }
+
+    /// Property: a request split into reads at any boundaries parses exactly as in one read.
+    /// Every split into two reads and into three (exhaustive for these short requests), and
+    /// one byte per read.
+    #[test]
+    fn any_split_parses_as_one_read() {
+        let requests: &[&[u8]] = &[
+            b"GET /a?b=1 HTTP/1.1\r\nHost: web\r\nConnection: keep-alive, x-s\r\nX-S: 1\r\n\r\n",
+            b"\r\nPOST /up HTTP/1.1\r\nHost: h:1\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n",
+            b"GET http://x.example/p HTTP/1.1\r\nHost: y\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+            b"GET / HTTP/1.0\n\n",
+            b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            b"GET / HTTP/1.1\r\nHost: a\r\n",
+        ];
+        for &request in requests {
+            let whole = outcome(&[request]);
+            let n = request.len();
+            assert_eq!(
+                outcome(&request.chunks(1).collect::<Vec<_>>()),
+                whole,
+                "byte by byte: {:?}",
+                String::from_utf8_lossy(request)
+            );
+            for i in 0..=n {
+                assert_eq!(outcome(&[&request[..i], &request[i..]]), whole, "split at {i}");
+                for j in i..=n {
+                    assert_eq!(outcome(&[&request[..i], &request[i..j], &request[j..]]), whole, "split at {i}, {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_response_with_both_length_and_coding_is_framed_by_the_coding() {
+        let text = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n";
+        let mut r = ResponseHead::default();
+        assert_eq!(r.parse(text, 8192), Ok(true));
+        assert_eq!(r.framing(&Method::GET), Framing::Chunked);
+        assert!(!r.backend_keeps_alive());
+        let mut out = Vec::new();
+        r.encode_for_client(text, &mut out, ClientFraming { chunked: true, ..Default::default() });
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nX-A: 1\r\ntransfer-encoding: chunked\r\n\r\n");
+        // Lengths that would conflict do not matter when the coding frames the body.
+        let text = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(r.parse(text, 8192), Ok(true));
+        let text = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert!(r.parse(text, 8192).is_err());
+    }
+
+    #[test]
+    fn obs_fold_in_a_response_becomes_spaces() {
+        let text = b"HTTP/1.1 200 OK\r\nX-Long: a,\r\n  b,\r\n\tc\r\nContent-Length: 2\r\n\r\nok";
+        let mut r = ResponseHead::default();
+        assert_eq!(r.parse(&text[..30], 8192), Ok(false));
+        assert_eq!(r.parse(text, 8192), Ok(true));
+        assert_eq!(r.len, text.len() - 2);
+        assert_eq!(r.framing(&Method::GET), Framing::Length(2));
+        let mut out = Vec::new();
+        r.encode_for_client(text, &mut out, ClientFraming::default());
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nX-Long: a,    b,  \tc\r\nContent-Length: 2\r\n\r\n");
+        // A folded framing header is read unfolded too.
+        let text = b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\n chunked\r\n\r\n";
+        assert_eq!(r.parse(text, 8192), Ok(true));
+        assert_eq!(r.framing(&Method::GET), Framing::Chunked);
+        // The next head parsed has no fold: nothing of the copy is left.
+        assert_eq!(r.parse(b"HTTP/1.1 204 No Content\r\n\r\n", 8192), Ok(true));
+        r.encode_for_client(b"HTTP/1.1 204 No Content\r\n\r\n", &mut out, ClientFraming::default());
+        assert_eq!(out, b"HTTP/1.1 204 No Content\r\n\r\n");
     }
 
     #[test]
     fn framing_rules() {
-        assert!(req("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        assert!(req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
         assert_eq!(
-            req("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").unwrap_err(),
+            req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").unwrap_err(),
             HeadError::Malformed("conflicting content-length")
         );
-        assert_eq!(req("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n").unwrap().content_length(), Some(3));
-        assert!(req("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").is_err());
         assert_eq!(
-            req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").unwrap_err(),
+            req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n").unwrap().content_length(),
+            Some(3)
+        );
+        assert!(req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n").is_err());
+        assert_eq!(
+            req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n").unwrap_err(),
             HeadError::UnsupportedEncoding
         );
-        let h = req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        let h = req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert!(h.is_chunked() && h.has_body());
         assert!(forwarded(&h).ends_with("transfer-encoding: chunked\r\n\r\n"));
     }
@@ -640,7 +1086,7 @@ mod tests {
     fn http10_keep_alive_only_when_asked() {
         assert!(!req("GET / HTTP/1.0\r\n\r\n").unwrap().keep_alive());
         assert!(req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().keep_alive());
-        assert!(!req("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().keep_alive());
+        assert!(!req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap().keep_alive());
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! hyper still serves the health checks and the test clients.
 
 pub mod chunked;
+#[doc(hidden)]
+pub mod fuzzing;
 mod head;
 
 pub use chunked::{ChunkedError, ChunkedScanner};
-pub use head::{encode_local, ClientFraming, Forwarding, Framing, HeadError, RequestHead, ResponseHead};
+pub use head::{encode_local, valid_host, ClientFraming, Forwarding, Framing, HeadError, RequestHead, ResponseHead};

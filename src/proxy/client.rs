@@ -7,6 +7,12 @@
 //! - a request being served: the request path's own deadlines apply.
 //!
 //! A slow client costs one task and one timer; nothing here is shared between connections.
+//!
+//! An idle connection holds no buffer: the read buffer is allocated when bytes arrive, and
+//! the buffers requests use (read buffer, head scratch, header lists, the request path's
+//! state, which is most of a task's size) are given back when the connection has waited
+//! `IDLE_GRACE` for its next request with nothing read. An idle keep-alive connection is then
+//! the task's small loop state, the socket and a timer (figures: README, Limits).
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -79,11 +85,26 @@ impl ClientConn {
         self.out = out;
     }
 
+    /// Give back what only a request in progress needs, before waiting for the next one.
+    fn release_buffers(&mut self, head: &mut RequestHead) {
+        self.buf = BytesMut::new();
+        self.out = Vec::new();
+        self.resp.release();
+        head.release();
+    }
+
+    /// One of Velocity's own answers, then the connection closes.
+    async fn answer_and_close(&mut self, status: u16, body: &[u8]) {
+        self.write_local(status, &[], body, true, 1).await;
+        self.close_gracefully().await;
+    }
+
     /// Half-close, then read and drop input until the client closes or `LINGER` passes.
     pub async fn close_gracefully(&mut self) {
         let _ = self.stream.shutdown().await;
         let deadline = Instant::now() + LINGER;
-        let mut scratch = [0u8; 2048];
+        // On the heap: an array here would be part of every connection task's size.
+        let mut scratch = vec![0u8; 2048];
         loop {
             match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
                 Ok(Ok(n)) if n > 0 => continue,
@@ -93,14 +114,31 @@ impl ClientConn {
     }
 }
 
+/// How long a kept-alive connection waits for its next request with its buffers before it
+/// gives them back. A busy connection keeps them (large allocations and the boxing of the
+/// request path per request cost about a quarter more instructions per request), an idle
+/// one is small; for this the connection's timer moves about once per `IDLE_GRACE` while
+/// it is busy, not once per request. Short, so that a burst of requests on many
+/// connections leaves little memory held at once.
+const IDLE_GRACE: Duration = Duration::from_millis(50);
+
 /// What reading the next request head gave.
 enum Next {
     Request,
     /// The client closed, went idle too long, or the connection is draining.
     Close,
+    /// Nothing of a next request for `IDLE_GRACE` since this instant: time to go idle.
+    Idle(Instant),
     /// Headers started but did not finish within `client_header`.
     TimedOut,
     Bad(HeadError),
+}
+
+/// How a run of requests ended.
+enum Busy {
+    Done,
+    /// Waiting for the next request since this instant, with nothing read.
+    Idle(Instant),
 }
 
 pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: &Drain) {
@@ -109,8 +147,8 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
     let limits = state.load().config.limits;
     let mut conn = ClientConn {
         stream,
-        buf: BytesMut::with_capacity(READ_BUFFER),
-        out: Vec::with_capacity(512),
+        buf: BytesMut::new(),
+        out: Vec::new(),
         // A new connection gets `client_header` for its first request, as in NGINX.
         timer: LazyTimer::new(limits.timeouts.client_header),
         resp: ResponseHead::default(),
@@ -121,37 +159,73 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
     };
     let mut head = RequestHead::default();
     let mut first = true;
+    let mut idle_until = Instant::now() + limits.timeouts.client_header;
     loop {
-        match next_request(&mut conn, &mut head, first, drain).await {
+        // Idle: no buffers, and this loop's state is all the task holds.
+        if !wait_readable(&mut conn, idle_until, drain).await {
+            return;
+        }
+        // Busy: requests back to back. Boxed, so that the request path's state (a few KiB of
+        // nested futures) exists only while the connection is busy.
+        match Box::pin(serve_busy(&mut conn, &mut head, &mut first, drain)).await {
+            Busy::Done => return,
+            Busy::Idle(since) => {
+                conn.release_buffers(&mut head);
+                idle_until = since + limits.timeouts.client_idle;
+            }
+        }
+    }
+}
+
+/// Wait, holding nothing, until the client sends something (`true`) or `deadline` passes, the
+/// client closes or the connection drains (`false`).
+async fn wait_readable(conn: &mut ClientConn, deadline: Instant, drain: &Drain) -> bool {
+    drain.idle.store(true, Ordering::Relaxed);
+    if drain.is_draining() {
+        return false;
+    }
+    let ready = conn.timer.within(|| deadline, conn.stream.readable()).await;
+    drain.idle.store(false, Ordering::Relaxed);
+    matches!(ready, Ok(Ok(())))
+}
+
+/// Serve requests until the connection closes or waits `IDLE_GRACE` for the next one.
+async fn serve_busy(conn: &mut ClientConn, head: &mut RequestHead, first: &mut bool, drain: &Drain) -> Busy {
+    let client = conn.client;
+    loop {
+        match next_request(conn, head, *first, drain).await {
             Next::Request => {}
-            Next::Close => return,
+            Next::Close => return Busy::Done,
+            Next::Idle(since) => return Busy::Idle(since),
             Next::TimedOut => {
-                debug!(%client, timeout = ?limits.timeouts.client_header, "client did not send its request headers in time: 408");
-                conn.write_local(408, &[], b"408 request timeout\n", true, 1).await;
-                conn.close_gracefully().await;
-                return;
+                let timeout = conn.limits.timeouts.client_header;
+                debug!(%client, ?timeout, "client did not send its request headers in time: 408");
+                conn.answer_and_close(408, b"408 request timeout\n").await;
+                return Busy::Done;
             }
             Next::Bad(e) => {
                 let (status, body) = match e {
                     HeadError::TooLarge => (431, "431 request header fields too large\n".to_string()),
                     HeadError::UnsupportedEncoding => (501, "501 not implemented: transfer-encoding\n".to_string()),
+                    HeadError::MethodNotAllowed => {
+                        (405, "405 method not allowed: Velocity is not a forward proxy (CONNECT)\n".to_string())
+                    }
                     HeadError::Malformed(why) => (400, format!("400 bad request: {why}\n")),
                 };
                 info!(%client, status, error = e.message(), "malformed request answered and closed");
-                conn.write_local(status, &[], body.as_bytes(), true, 1).await;
-                conn.close_gracefully().await;
-                return;
+                conn.answer_and_close(status, body.as_bytes()).await;
+                return Busy::Done;
             }
         }
-        first = false;
-        let keep_alive = forward::handle(&mut conn, &head, drain).await;
+        *first = false;
+        let keep_alive = forward::handle(conn, head, drain).await;
         if !keep_alive {
             conn.close_gracefully().await;
-            return;
+            return Busy::Done;
         }
         if drain.is_draining() {
             let _ = conn.stream.shutdown().await;
-            return;
+            return Busy::Done;
         }
     }
 }
@@ -181,13 +255,27 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
             head_deadline = Some(Instant::now() + timeouts.client_header);
         }
         let idle = if first { timeouts.client_header } else { timeouts.client_idle };
-        let deadline = || head_deadline.unwrap_or_else(|| Instant::now() + idle);
-        let read = conn.timer.within(deadline, read_more(&mut conn.stream, &mut conn.buf, READ_BUFFER)).await;
+        // With nothing read, wait at most `IDLE_GRACE` here; the rest of the idle time is
+        // waited without buffers (`serve`).
+        let mut since = None;
+        let deadline = || {
+            head_deadline.unwrap_or_else(|| {
+                let now = Instant::now();
+                since = Some(now);
+                now + idle.min(IDLE_GRACE)
+            })
+        };
+        let read = conn.timer.within(deadline, read_head(&mut conn.stream, &mut conn.buf)).await;
         drain.idle.store(false, Ordering::Relaxed);
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
             Ok(Ok(_)) => {}
-            Err(_) if waiting => return Next::Close,
+            Err(_) if waiting => {
+                return match since {
+                    Some(since) if idle > IDLE_GRACE => Next::Idle(since),
+                    _ => Next::Close,
+                }
+            }
             Err(_) => return Next::TimedOut,
         }
     }
@@ -204,6 +292,22 @@ pub(super) async fn send(
     match timer.within(|| Instant::now() + limit, write_all_vectored(stream, parts)).await {
         Ok(written) => written.map_err(|(e, _)| e),
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client_send timeout")),
+    }
+}
+
+/// Read more of a request head into `buf`. An empty buffer without room (an idle
+/// connection's) gets its memory only once the socket is readable.
+async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() > buf.len() {
+        return read_more(stream, buf, READ_BUFFER).await;
+    }
+    loop {
+        stream.readable().await?;
+        buf.reserve(READ_BUFFER);
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
     }
 }
 

@@ -154,7 +154,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
     let mut req =
         Exchange { head, drain, log: &mut log, body_pending: head.has_body(), continued: false, set_cookie: None };
     let Some(service) = routed else {
-        let body = format!("no service for host {host:?}\n");
+        let body = c.state.load().router.explain_miss(host, path);
         return req.local(c, 404, &[], body.as_bytes(), "no_route").await;
     };
     req.serve(c, &service, start).await

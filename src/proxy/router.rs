@@ -61,17 +61,8 @@ impl Router {
 
     /// The index of the service for this Host header value (port allowed) and path.
     pub fn route(&self, host: &str, path: &str) -> Option<usize> {
-        let host = strip_port(host);
         let mut buf = [0u8; MAX_HOST];
-        let lower = if host.len() <= MAX_HOST {
-            let b = &mut buf[..host.len()];
-            b.copy_from_slice(host.as_bytes());
-            b.make_ascii_lowercase();
-            std::str::from_utf8(b).ok()
-        } else {
-            None
-        };
-        if let Some(host) = lower {
+        if let Some(host) = lowercase(strip_port(host), &mut buf) {
             if let Some(s) = self.exact.get(host).and_then(|r| r.find(path)) {
                 return Some(s);
             }
@@ -85,6 +76,30 @@ impl Router {
         }
         self.default.find(path)
     }
+
+    /// The body of the 404 for a request that [`Router::route`] found no service for: whether
+    /// the host is known (and only the path matched nothing) or not. Not on the hot path.
+    pub fn explain_miss(&self, host: &str, path: &str) -> String {
+        let mut buf = [0u8; MAX_HOST];
+        let known = lowercase(strip_port(host), &mut buf).is_some_and(|h| {
+            self.exact.contains_key(h) || self.wildcard.iter().any(|(s, _)| h.len() > s.len() && h.ends_with(&**s))
+        });
+        if known {
+            format!("404 not found: host {host:?} has services, but no path_prefix of theirs matches {path:?}\n")
+        } else if !self.default.0.is_empty() {
+            format!("404 not found: no service for host {host:?}, and no path_prefix of the default services matches {path:?}\n")
+        } else {
+            format!("404 not found: no service for host {host:?}\n")
+        }
+    }
+}
+
+/// `host` lowercased into `buf`, if it fits (no configured name is longer).
+fn lowercase<'a>(host: &str, buf: &'a mut [u8; MAX_HOST]) -> Option<&'a str> {
+    let b = buf.get_mut(..host.len())?;
+    b.copy_from_slice(host.as_bytes());
+    b.make_ascii_lowercase();
+    std::str::from_utf8(b).ok()
 }
 
 fn strip_port(host: &str) -> &str {
@@ -136,6 +151,8 @@ mod tests {
         let router = Router::new(&[svc("api", &[HostPattern::Exact("a".into())], "/api")]);
         assert_eq!(router.route("a", "/other"), None);
         assert_eq!(router.route("b", "/api"), None);
+        assert!(router.explain_miss("A:80", "/other").contains("host \"A:80\" has services, but no path_prefix"));
+        assert_eq!(router.explain_miss("b", "/api"), "404 not found: no service for host \"b\"\n");
     }
 
     #[test]
