@@ -183,6 +183,51 @@ async fn backend_response_counts_from_the_end_of_a_slow_upload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_response_counts_from_the_end_of_a_slow_body_read_whole() {
+    // Two backends and an idempotent method: the body is read whole first (for a retry), and
+    // the client takes 4 x 150 ms over its 4 bytes. The backends answer at once.
+    let (a, b) = (TestBackend::start("a").await, TestBackend::start("b").await);
+    let service = "    timeouts: {backend_response: 300ms}\n    passive: {consecutive_failures: 1}\n";
+    let lb = Velocity::start(&config("", service, &[(&a, ""), (&b, "")])).await;
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+        s.write_all(b"PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n").await.unwrap();
+        for byte in [b"a", b"b", b"c", b"d"] {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            s.write_all(byte).await.unwrap();
+        }
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut out)).await.unwrap().unwrap();
+        let out = String::from_utf8_lossy(&out[..n]);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    }
+    // Neither backend was blamed for the client's slowness.
+    assert!(!lb.log_contains("ejected"), "{:#?}", lb.log_lines());
+    assert_eq!((a.hits(), b.hits()), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backend_response_does_not_count_the_queue_wait() {
+    // One slot; each request takes 400 ms at the backend, within `backend_response` (600 ms).
+    // The second and third wait 400 and 800 ms in the queue first: not the backend's time.
+    let a = TestBackend::start_slow("a", Duration::from_millis(400)).await;
+    let service = "    timeouts: {backend_response: 600ms}\n    queue: {size: 5, timeout: 5s}\n";
+    let lb = Velocity::start(&config("", service, &[(&a, "        max_connections: 1\n")])).await;
+    let addr = lb.addr();
+    let first = tokio::spawn(async move { get(addr, "x", "/slow").await });
+    eventually("the first request at the backend", DEADLINE, || a.hits() == 1).await;
+    let start = Instant::now();
+    let queued: Vec<_> = (0..2).map(|_| tokio::spawn(async move { get(addr, "x", "/slow").await })).collect();
+    assert_eq!(first.await.unwrap().status, 200);
+    for q in queued {
+        let r = q.await.unwrap();
+        assert_eq!(r.status, 200, "{r:?} after {:?}: {:#?}", start.elapsed(), lb.log_lines());
+    }
+    assert!(start.elapsed() > Duration::from_millis(1000), "they did queue: {:?}", start.elapsed());
+    assert!(!lb.log_contains("ejected"), "{:#?}", lb.log_lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_before_the_answer_abandons_the_backend_request() {
     let a = TestBackend::start_slow("a", Duration::from_secs(5)).await;
     let yaml = config("access_log: stdout\n", "", &[(&a, "")]);

@@ -9,5 +9,5 @@ mod connection;
 mod pool;
 
 pub use backend::{Backend, InFlight};
-pub use connection::{write_all_vectored, BackendConn, ConnectError};
+pub use connection::{is_local_exhaustion, write_all_vectored, BackendConn, ConnectError};
 pub use pool::Pool;
