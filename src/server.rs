@@ -166,7 +166,11 @@ async fn shutdown(
     loop {
         tokio::select! {
             _ = tracker.wait_idle() => {
-                info!("shutdown: drained, exiting");
+                // Connections give up at `drain_timeout` on their own: say how many were cut.
+                match tracker.cut() {
+                    0 => info!("shutdown: drained, exiting"),
+                    cut => warn!("shutdown: drain_timeout ({drain:?}) passed with {cut} request(s) in progress, cut; exiting"),
+                }
                 flush_access_log(state).await;
                 return Ok(());
             }

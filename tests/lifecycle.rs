@@ -375,6 +375,31 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_by_drain_timeout_is_logged_with_note_shutdown() {
+    let a = TestBackend::start_slow("a", Duration::from_secs(20)).await;
+    let yaml = config("access_log: stdout\nshutdown: {drain_timeout: 300ms}\n", "", &[(&a, "")]);
+    let mut lb = Velocity::start(&yaml).await;
+    let addr = lb.addr();
+    let slow =
+        tokio::spawn(async move { raw_exchange(addr, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", DEADLINE).await });
+    eventually("the slow request at the backend", DEADLINE, || a.hits() == 1).await;
+    kill(lb.pid(), "-TERM");
+    let status = wait_exit(&mut lb, DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{:#?}", lb.log_lines());
+    // The client got no answer: the connection was closed.
+    assert_eq!(slow.await.unwrap(), "");
+    eventually("the cut request's access-log line", DEADLINE, || lb.log_contains(" GET x /slow - - ")).await;
+    let line = lb.log_lines().into_iter().find(|l| l.contains(" GET x /slow ")).unwrap();
+    assert!(line.ends_with(" shutdown"), "{line}");
+    // The line the README shows.
+    assert!(
+        lb.log_contains("shutdown: drain_timeout (300ms) passed with 1 request(s) in progress, cut; exiting"),
+        "{:#?}",
+        lb.log_lines()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let a = TestBackend::start_slow("a", Duration::from_secs(20)).await;
     let mut lb = Velocity::start(&config("", "", &[(&a, "")])).await;

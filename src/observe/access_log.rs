@@ -130,18 +130,14 @@ fn format_record(out: &mut String, r: &AccessRecord, us: u64, format: LogFormat)
     match format {
         LogFormat::Text => {
             super::time::write_now(out);
-            let _ = write!(
-                out,
-                " {} {} {} {} {} {} {:.3}ms {}B",
-                r.client.ip(),
-                r.method,
-                host,
-                path,
-                r.status,
-                backend,
-                ms,
-                r.bytes
-            );
+            let _ = write!(out, " {} {} {} {} ", r.client.ip(), r.method, host, path);
+            // 0: no answer reached the client (a request cut at shutdown).
+            if r.status == 0 {
+                out.push('-');
+            } else {
+                let _ = write!(out, "{}", r.status);
+            }
+            let _ = write!(out, " {} {:.3}ms {}B", backend, ms, r.bytes);
             if let Some(note) = r.note {
                 let _ = write!(out, " {note}");
             }
@@ -155,7 +151,11 @@ fn format_record(out: &mut String, r: &AccessRecord, us: u64, format: LogFormat)
             json_str(out, host);
             out.push_str(",\"path\":");
             json_str(out, path);
-            let _ = write!(out, ",\"status\":{},\"backend\":", r.status);
+            if r.status == 0 {
+                out.push_str(",\"status\":null,\"backend\":");
+            } else {
+                let _ = write!(out, ",\"status\":{},\"backend\":", r.status);
+            }
             json_str(out, backend);
             let _ = write!(out, ",\"duration_ms\":{ms:.3},\"bytes\":{}", r.bytes);
             if let Some(note) = r.note {

@@ -156,12 +156,16 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         (snapshot.router.route(host, path).map(|i| snapshot.services[i].clone()), log)
     };
     let mut log = LogLine(log);
-    let mut req = Exchange { head, drain, log: &mut log, body_pending: head.has_body(), continued: false };
-    let Some(service) = routed else {
-        let body = format!("no service for host {host:?}\n");
-        return req.local(c, 404, &[], body.as_bytes(), "no_route").await;
+    let mut req = Exchange { head, drain, log: &mut log, body_pending: head.has_body(), continued: false, done: false };
+    let keep_alive = match routed {
+        Some(service) => req.serve(c, &service, start).await,
+        None => {
+            let body = format!("no service for host {host:?}\n");
+            req.local(c, 404, &[], body.as_bytes(), "no_route").await
+        }
     };
-    req.serve(c, &service, start).await
+    req.done = true;
+    keep_alive
 }
 
 /// One request on its way through.
@@ -173,6 +177,18 @@ pub(super) struct Exchange<'a> {
     pub(super) body_pending: bool,
     /// `100 Continue` sent.
     continued: bool,
+    /// Served to the end. An exchange dropped before that was cut by the listener because
+    /// `drain_timeout` passed (the only place a request's future is dropped half-way).
+    done: bool,
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.drain.is_draining() {
+            // The line keeps the status the client saw, if any (`-` if none).
+            self.log.note("shutdown");
+        }
+    }
 }
 
 impl Exchange<'_> {

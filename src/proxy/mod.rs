@@ -24,12 +24,18 @@ use client::Drain;
 #[derive(Debug, Default)]
 pub struct Tracker {
     open: AtomicUsize,
+    /// Connections closed with a request in progress because `drain_timeout` passed.
+    cut: AtomicUsize,
     closed: Notify,
 }
 
 impl Tracker {
     pub fn open(&self) -> usize {
         self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn cut(&self) -> usize {
+        self.cut.load(Ordering::SeqCst)
     }
 
     /// Wait until no connection is open.
@@ -167,7 +173,7 @@ async fn serve(
         let state = state.clone();
         let stopped = stopped.clone();
         tokio::spawn(async move {
-            serve_connection(stream, client, state, stopped).await;
+            serve_connection(stream, client, state, stopped, &tracked.0).await;
             drop((admitted, tracked));
         });
     }
@@ -180,6 +186,7 @@ async fn serve_connection(
     client: SocketAddr,
     state: Shared,
     mut stopped: watch::Receiver<Option<Duration>>,
+    tracker: &Tracker,
 ) {
     let drain = Drain::default();
     let mut conn = pin!(client::serve(stream, client, state, &drain));
@@ -195,6 +202,9 @@ async fn serve_connection(
             // A closed channel means the listener is gone without a word: drain with no wait.
             let drain_timeout = drain_timeout.unwrap_or_default();
             if tokio::time::timeout(drain_timeout, conn.as_mut()).await.is_err() {
+                tracker.cut.fetch_add(1, Ordering::SeqCst);
+                // The request's access-log line is written as its future is dropped, with note
+                // `shutdown`.
                 warn!(%client, "drain_timeout passed with a request still in progress: closing the connection");
             }
         }
