@@ -31,6 +31,10 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // Before any listener: a signal that arrives once "listening" is logged must be handled,
     // not take the default action (which kills the process, even for SIGHUP).
     let mut signals = Signals::new()?;
+    let fd_limit = crate::fd_limit::raise_and_log();
+    if let Some(limit) = fd_limit {
+        crate::fd_limit::check(&config, limit);
+    }
     let listen = config.listen.clone();
     let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log: {e}"))?;
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
@@ -54,7 +58,12 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
             _ = file_changed(&mut watch) => "file change",
         };
         match &options.config_path {
-            Some(path) => reload(path, reload_reason, &state, &mut listeners, &tracker).await,
+            Some(path) => {
+                reload(path, reload_reason, &state, &mut listeners, &tracker).await;
+                if let Some(limit) = fd_limit {
+                    crate::fd_limit::check(&state.load().config, limit);
+                }
+            }
             None => warn!("reload ({reload_reason}) ignored: this config was not read from a file"),
         }
     };

@@ -431,7 +431,7 @@ async fn out_of_file_descriptors_neither_ejects_nor_fails_checks() {
     // Ejected at the first counted failure, down at the first failed check: any blame shows.
     let extra = "    health_check: {type: tcp, interval: 50ms, timeout: 1s, healthy_threshold: 1, unhealthy_threshold: 1}\n    passive: {consecutive_failures: 1, max_ejected_percent: 100, base_ejection: 60s}\n";
     let nofile = 64;
-    let lb = Velocity::start_with_nofile(&service(&[&a], extra), nofile).await;
+    let lb = Velocity::start_with_nofile(&service(&[&a], extra), nofile, nofile).await;
     let addr = lb.addr();
     eventually("health checks", DEADLINE, || a.health_checks() > 0 || a.connections.load(Ordering::SeqCst) > 0).await;
     let mut client = Client::connect(addr).await;

@@ -571,3 +571,55 @@ async fn a_busy_keepalive_connection_outlives_client_header() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_fd_limit_is_raised_and_a_config_that_cannot_fit_is_named() {
+    let a = TestBackend::start("a").await;
+    // The default max_client_connections (10000): clients, as many backend connections, one
+    // idle pool, one listener and the reserve do not fit in 4096.
+    let lb = Velocity::start_with_nofile(&config("", "", &[(&a, "")]), 256, 4096).await;
+    assert!(lb.log_contains("file descriptors: soft limit raised to 4096"), "{:#?}", lb.log_lines());
+    let warning = "file descriptors: the limit is 4096 but this config may need 20545: max_client_connections 10000 x 1 listener(s), up to 10000 backend connection(s) in flight, 512 idle x 1 backend(s), 33 for the rest";
+    assert!(lb.log_contains(warning), "{:#?}", lb.log_lines());
+    assert_eq!(get(lb.addr(), "x", "/").await.status, 200);
+
+    // 100 x 2 + 512 + 33 fits.
+    let lb = Velocity::start_with_nofile(&config("max_client_connections: 100\n", "", &[(&a, "")]), 4096, 4096).await;
+    assert!(lb.log_contains("file descriptors: limit 4096"), "{:#?}", lb.log_lines());
+    assert!(!lb.log_contains("may need"), "{:#?}", lb.log_lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_accept_loop_backs_off_and_says_so_once() {
+    let a = TestBackend::start("a").await;
+    let nofile = 48;
+    let lb = Velocity::start_with_nofile(&config("", "", &[(&a, "")]), nofile, nofile).await;
+    let addr = lb.addr();
+    let mut fillers = Vec::new();
+    let start = Instant::now();
+    while lb.open_fds() < nofile as usize {
+        assert!(start.elapsed() < DEADLINE, "fds stuck at {}", lb.open_fds());
+        fillers.push(TcpStream::connect(addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // These wait in the backlog: every 50 ms the accept loop tries again and fails.
+    for _ in 0..4 {
+        fillers.push(TcpStream::connect(addr).await.unwrap());
+    }
+    eventually("the accept failure in the log", DEADLINE, || {
+        lb.log_contains("out of file descriptors") || lb.log_contains("accept failed")
+    })
+    .await;
+    // Long enough for several retries (the bug logged each one).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(fillers);
+    eventually("accepting again", DEADLINE, || lb.log_contains("accepting again")).await;
+    assert_eq!(get(addr, "x", "/").await.status, 200);
+    let lines = lb.log_lines();
+    let failures = lines.iter().filter(|l| l.contains("accept")).count();
+    assert_eq!(failures, 2, "one line when it starts, one when it ends: {lines:#?}");
+    let recovered = lines.iter().find(|l| l.contains("accepting again")).unwrap();
+    let retries: u64 =
+        recovered.split("failed_accepts=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(retries >= 4, "retried every 50 ms: {recovered}");
+}

@@ -252,13 +252,14 @@ impl Velocity {
         Self::start_command(Command::new(env!("CARGO_BIN_EXE_velocity")), config_path, extra_args).await
     }
 
-    /// Start with this YAML under an open-file limit of `nofile` (soft and hard): `sh` sets it
-    /// and execs Velocity, so the pid is Velocity's.
-    pub async fn start_with_nofile(yaml: &str, nofile: u64) -> Velocity {
+    /// Start with this YAML under open-file limits `soft` and `hard`: `sh` sets them and execs
+    /// Velocity, so the pid is Velocity's.
+    pub async fn start_with_nofile(yaml: &str, soft: u64, hard: u64) -> Velocity {
         let path = temp_path("velocity.yaml");
         std::fs::write(&path, yaml).unwrap();
         let mut sh = Command::new("sh");
-        sh.arg("-c").arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\"")).arg(env!("CARGO_BIN_EXE_velocity"));
+        let limits = format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\"");
+        sh.arg("-c").arg(limits).arg(env!("CARGO_BIN_EXE_velocity"));
         Self::start_command(sh, path, &[]).await
     }
 
