@@ -623,3 +623,65 @@ async fn out_of_descriptors_the_accept_loop_backs_off_and_says_so_once() {
         recovered.split("failed_accepts=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
     assert!(retries >= 4, "retried every 50 ms: {recovered}");
 }
+
+/// Resident memory of a process, in KiB (Linux: /proc).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_access_log_drops_lines_and_stays_bounded() {
+    let a = TestBackend::start("a").await;
+    // A FIFO that is opened for reading (so Velocity can open it) and then not read.
+    let fifo = temp_path("access.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (drain_tx, drain_rx) = std::sync::mpsc::channel::<()>();
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::open(&reader_path).unwrap();
+        opened_tx.send(()).unwrap();
+        // Stalled until told to read.
+        let _ = drain_rx.recv();
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut sink).unwrap();
+        sink.len()
+    });
+    let yaml = config(&format!("access_log: {}\n", fifo.display()), "", &[(&a, "")]);
+    let lb = Velocity::start(&yaml).await;
+    opened_rx.recv_timeout(DEADLINE).unwrap();
+    let before = rss_kib(lb.pid());
+    // 8 KiB targets: each line is big, so the 8 MiB queue fills after about a thousand.
+    let path = format!("/{}", "p".repeat(8 * 1024));
+    let addr = lb.addr();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            tokio::spawn(async move {
+                let mut client = Client::connect(addr).await;
+                for _ in 0..400 {
+                    assert_eq!(client.get("x", &path).await.status, 200);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eventually("the drops in the log", DEADLINE, || lb.log_contains("access log: the writer is not keeping up")).await;
+    let grown = rss_kib(lb.pid()).saturating_sub(before);
+    // 3200 requests of 8 KiB heads; the queue holds at most 8 MiB of them.
+    assert!(grown < 24 * 1024, "RSS grew by {grown} KiB");
+    drop(drain_tx);
+    eventually("the writer caught up", DEADLINE, || lb.log_contains("access log: caught up")).await;
+    let line = lb.log_lines().into_iter().find(|l| l.contains("access log: caught up")).unwrap();
+    let dropped: u64 = line.split("dropped=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(dropped > 1000, "{line}");
+    eprintln!("stalled access log: RSS grew by {grown} KiB, {dropped} lines dropped");
+    drop(lb);
+    let written = reader.join().unwrap();
+    assert!(written > 1000 * 8 * 1024, "{written} bytes of log");
+    let _ = std::fs::remove_file(&fifo);
+}

@@ -1,24 +1,31 @@
 //! The access log. The request path only builds a small record and hands it to a channel
-//! (`try_send`: no lock, no syscall); a dedicated thread formats and writes in batches,
-//! flushing whenever the channel runs dry. When the log is off nothing is built at all.
+//! (no lock, no syscall); a dedicated thread formats and writes in batches, flushing whenever
+//! the channel runs dry. When the log is off nothing is built at all.
+//!
+//! What waits in the channel is bounded in bytes, not lines: when stdout or the disk stalls
+//! the writer blocks, lines beyond [`MAX_QUEUED_BYTES`] are dropped and counted
+//! ([`AccessLog::dropped`]), and requests never wait for the log. A queued record holds its
+//! own copy of the host and target, so it does not keep the request's read buffer alive.
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::Method;
+use tracing::warn;
 
 use crate::config::{AccessLog as Target, LogFormat};
 use crate::upstream::Backend;
 
-/// Records waiting to be written; beyond this the log drops lines rather than slow requests.
-const QUEUE: usize = 64 * 1024;
+/// Bytes of records waiting to be written (about 40,000 ordinary lines, a second or more of
+/// heavy traffic); beyond this the log drops lines rather than slow requests or grow.
+pub const MAX_QUEUED_BYTES: usize = 8 << 20;
 
 /// One request, as the access log sees it.
 #[derive(Debug)]
@@ -50,8 +57,30 @@ enum Msg {
 /// Handle to the access log writer; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: SyncSender<Msg>,
-    dropped: Arc<AtomicU64>,
+    tx: Sender<Msg>,
+    queue: Arc<Queue>,
+}
+
+/// What the request path and the writer share.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Bytes of the records sent and not yet written (see [`cost`]).
+    bytes: AtomicUsize,
+    dropped: AtomicU64,
+    /// Lines are being dropped: set by the first drop (which logs it), cleared by the writer
+    /// when it has caught up (which logs that).
+    dropping: AtomicBool,
+    /// `dropped` when the current episode began, for the count in the caught-up line.
+    dropped_before: AtomicU64,
+    /// Warn when dropping starts. Not when the access log is stdout: the process log goes
+    /// there too, and a warning into a stalled stdout would block the request's thread; the
+    /// caught-up line reports those drops.
+    warn_on_drop: bool,
+}
+
+/// What a queued record holds on to: itself (in the channel) and its own host and target.
+fn cost(record: &AccessRecord) -> usize {
+    std::mem::size_of::<Msg>() + record.target.len() + record.host.as_ref().map_or(0, |h| h.len())
 }
 
 impl AccessLog {
@@ -62,14 +91,38 @@ impl AccessLog {
             Target::Stdout => Box::new(io::stdout()),
             Target::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
-        std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(rx, sink, format))?;
-        Ok(Some(AccessLog { tx, dropped: Arc::new(AtomicU64::new(0)) }))
+        // Unbounded in lines (its blocks are allocated as needed), bounded in bytes by `log`.
+        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue { warn_on_drop: !matches!(target, Target::Stdout), ..Queue::default() });
+        let shared = queue.clone();
+        std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(rx, sink, format, &shared))?;
+        Ok(Some(AccessLog { tx, queue }))
     }
 
-    pub fn log(&self, record: AccessRecord, duration_us: u64) {
-        if self.tx.try_send(Msg::Record(record, duration_us)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    pub fn log(&self, mut record: AccessRecord, duration_us: u64) {
+        let q = &self.queue;
+        let cost = cost(&record);
+        if q.bytes.fetch_add(cost, Ordering::Relaxed) + cost > MAX_QUEUED_BYTES {
+            q.bytes.fetch_sub(cost, Ordering::Relaxed);
+            let before = q.dropped.fetch_add(1, Ordering::Relaxed);
+            if !q.dropping.swap(true, Ordering::Relaxed) {
+                q.dropped_before.store(before, Ordering::Relaxed);
+                if q.warn_on_drop {
+                    warn!(
+                        queued_bytes = MAX_QUEUED_BYTES,
+                        "access log: the writer is not keeping up (output stalled): dropping lines until it catches up"
+                    );
+                }
+            }
+            return;
+        }
+        // Shared with the request's read buffer, they would pin all of it while queued.
+        record.target = Bytes::copy_from_slice(&record.target);
+        record.host = record.host.as_deref().map(Bytes::copy_from_slice);
+        if self.tx.send(Msg::Record(record, duration_us)).is_err() {
+            // The writer is gone (its sink failed): count the line as dropped.
+            q.bytes.fetch_sub(cost, Ordering::Relaxed);
+            q.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -82,13 +135,18 @@ impl AccessLog {
         }
     }
 
-    /// Lines dropped because the writer could not keep up.
+    /// Lines dropped because the writer could not keep up (or its output failed).
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of lines waiting to be written (at most [`MAX_QUEUED_BYTES`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.bytes.load(Ordering::Relaxed)
     }
 }
 
-fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat) {
+fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat, queue: &Queue) {
     let mut out = io::BufWriter::with_capacity(64 * 1024, sink);
     let mut line = String::with_capacity(256);
     // Block for the first message of a batch, then drain without blocking, then flush.
@@ -99,7 +157,11 @@ fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat)
                 Msg::Record(record, us) => {
                     line.clear();
                     format_record(&mut line, &record, us, format);
-                    if out.write_all(line.as_bytes()).is_err() {
+                    let written = out.write_all(line.as_bytes());
+                    queue.bytes.fetch_sub(cost(&record), Ordering::Relaxed);
+                    if let Err(e) = written {
+                        // Every later line is counted as dropped by `log`.
+                        warn!(error = %e, "access log: cannot write, the access log stops here");
                         return;
                     }
                 }
@@ -118,6 +180,16 @@ fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat)
             }
         }
         let _ = out.flush();
+        if queue.dropping.load(Ordering::Relaxed) && queue.bytes.load(Ordering::Relaxed) < MAX_QUEUED_BYTES / 2 {
+            queue.dropping.store(false, Ordering::Relaxed);
+            let dropped = queue.dropped.load(Ordering::Relaxed);
+            let episode = dropped - queue.dropped_before.load(Ordering::Relaxed);
+            warn!(
+                dropped = episode,
+                dropped_total = dropped,
+                "access log: caught up after its output stalled; lines were dropped meanwhile"
+            );
+        }
     }
     let _ = out.flush();
 }
