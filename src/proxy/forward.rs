@@ -303,7 +303,11 @@ impl Exchange<'_> {
                 Err(AttemptError::Local(why)) => {
                     // Not recorded against the backend: the trial (if this was one) is released.
                     drop(trial);
-                    warn!(service = %service.config.name, backend = %backend.name, error = %why, "cannot connect to the backend: Velocity is out of a local resource (not counted against the backend): 503");
+                    warn!(service = %service.config.name, backend = %backend.name, error = %why, "cannot connect to the backend: Velocity is out of a local resource (not counted against the backend)");
+                    if let Some((conn, resp, in_flight)) = held {
+                        c.resp = resp;
+                        return self.relay(c, conn, in_flight, timeouts.backend_response).await;
+                    }
                     self.log.set(0, None, Some(backend));
                     let body = b"503 service unavailable: the proxy is out of resources, retry later\n";
                     return self.local(c, 503, &[("retry-after", b"1")], body, "local_error").await;
