@@ -5,14 +5,15 @@
 //! What waits in the channel is bounded in bytes, not lines: when stdout or the disk stalls
 //! the writer blocks, lines beyond [`MAX_QUEUED_BYTES`] are dropped and counted
 //! ([`AccessLog::dropped`]), and requests never wait for the log. A queued record holds its
-//! own copy of the host and target, so it does not keep the request's read buffer alive.
+//! own copy of the host and target (one small allocation), so it does not keep the request's
+//! read buffer alive.
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,13 +27,17 @@ use crate::upstream::Backend;
 /// Bytes of records waiting to be written (about 40,000 ordinary lines, a second or more of
 /// heavy traffic); beyond this the log drops lines rather than slow requests or grow.
 pub const MAX_QUEUED_BYTES: usize = 8 << 20;
+/// Slots of the channel, allocated (and touched) up front: a cap on lines only when they are
+/// tiny; the byte bound is the one that matters.
+const SLOTS: usize = 16 * 1024;
 
 /// One request, as the access log sees it.
 #[derive(Debug)]
 pub struct AccessRecord {
     pub client: SocketAddr,
     pub method: Method,
-    /// As the client sent them (shared with the request's head buffer: no copy).
+    /// As the client sent them (shared with the request's head buffer; the log copies them
+    /// when it queues the record).
     pub host: Option<Bytes>,
     pub target: Bytes,
     pub status: u16,
@@ -49,22 +54,36 @@ pub struct AccessRecord {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Msg {
-    Record(AccessRecord, u64),
+    Record(Queued),
     /// Write out everything before this, then answer.
     Flush(SyncSender<()>),
+}
+
+/// A record on its way to the writer.
+#[derive(Debug)]
+struct Queued {
+    /// Without its host and target: those are copied into `text`.
+    record: AccessRecord,
+    /// The target, then the host.
+    text: Box<[u8]>,
+    target_len: usize,
+    has_host: bool,
+    duration_us: u64,
+    /// What it counts against [`MAX_QUEUED_BYTES`].
+    cost: usize,
 }
 
 /// Handle to the access log writer; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: Sender<Msg>,
+    tx: SyncSender<Msg>,
     queue: Arc<Queue>,
 }
 
 /// What the request path and the writer share.
 #[derive(Debug, Default)]
 struct Queue {
-    /// Bytes of the records sent and not yet written (see [`cost`]).
+    /// Bytes of the records sent and not yet written (`Queued::cost`).
     bytes: AtomicUsize,
     dropped: AtomicU64,
     /// Lines are being dropped: set by the first drop (which logs it), cleared by the writer
@@ -78,11 +97,6 @@ struct Queue {
     warn_on_drop: bool,
 }
 
-/// What a queued record holds on to: itself (in the channel) and its own host and target.
-fn cost(record: &AccessRecord) -> usize {
-    std::mem::size_of::<Msg>() + record.target.len() + record.host.as_ref().map_or(0, |h| h.len())
-}
-
 impl AccessLog {
     /// Start a writer for `target`; `None` when the log is off.
     pub fn start(target: &Target, format: LogFormat) -> io::Result<Option<AccessLog>> {
@@ -91,8 +105,7 @@ impl AccessLog {
             Target::Stdout => Box::new(io::stdout()),
             Target::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
-        // Unbounded in lines (its blocks are allocated as needed), bounded in bytes by `log`.
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(SLOTS);
         let queue = Arc::new(Queue { warn_on_drop: !matches!(target, Target::Stdout), ..Queue::default() });
         let shared = queue.clone();
         std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(rx, sink, format, &shared))?;
@@ -101,28 +114,44 @@ impl AccessLog {
 
     pub fn log(&self, mut record: AccessRecord, duration_us: u64) {
         let q = &self.queue;
-        let cost = cost(&record);
+        let host_len = record.host.as_ref().map_or(0, |h| h.len());
+        let cost = std::mem::size_of::<Msg>() + record.target.len() + host_len;
         if q.bytes.fetch_add(cost, Ordering::Relaxed) + cost > MAX_QUEUED_BYTES {
             q.bytes.fetch_sub(cost, Ordering::Relaxed);
-            let before = q.dropped.fetch_add(1, Ordering::Relaxed);
-            if !q.dropping.swap(true, Ordering::Relaxed) {
-                q.dropped_before.store(before, Ordering::Relaxed);
-                if q.warn_on_drop {
-                    warn!(
-                        queued_bytes = MAX_QUEUED_BYTES,
-                        "access log: the writer is not keeping up (output stalled): dropping lines until it catches up"
-                    );
-                }
-            }
+            self.note_drop();
             return;
         }
-        // Shared with the request's read buffer, they would pin all of it while queued.
-        record.target = Bytes::copy_from_slice(&record.target);
-        record.host = record.host.as_deref().map(Bytes::copy_from_slice);
-        if self.tx.send(Msg::Record(record, duration_us)).is_err() {
-            // The writer is gone (its sink failed): count the line as dropped.
+        // Shared with the request's read buffer, host and target would pin all of it while
+        // queued: copy them (one allocation) and let go of the buffer.
+        let mut text = Vec::with_capacity(record.target.len() + host_len);
+        text.extend_from_slice(&record.target);
+        let has_host = match record.host.take() {
+            Some(h) => {
+                text.extend_from_slice(&h);
+                true
+            }
+            None => false,
+        };
+        let target_len = std::mem::take(&mut record.target).len();
+        let queued = Queued { record, text: text.into_boxed_slice(), target_len, has_host, duration_us, cost };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(Msg::Record(queued)) {
+            // Out of slots, or the writer is gone (its output failed).
             q.bytes.fetch_sub(cost, Ordering::Relaxed);
-            q.dropped.fetch_add(1, Ordering::Relaxed);
+            self.note_drop();
+        }
+    }
+
+    fn note_drop(&self) {
+        let q = &self.queue;
+        let before = q.dropped.fetch_add(1, Ordering::Relaxed);
+        if !q.dropping.swap(true, Ordering::Relaxed) {
+            q.dropped_before.store(before, Ordering::Relaxed);
+            if q.warn_on_drop {
+                warn!(
+                    queued_bytes = MAX_QUEUED_BYTES,
+                    "access log: the writer is not keeping up (output stalled): dropping lines until it catches up"
+                );
+            }
         }
     }
 
@@ -154,11 +183,13 @@ fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat,
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Record(record, us) => {
+                Msg::Record(q) => {
                     line.clear();
-                    format_record(&mut line, &record, us, format);
+                    let (target, host) = q.text.split_at(q.target_len);
+                    let host = q.has_host.then_some(host);
+                    format_record(&mut line, &q.record, host, target, q.duration_us, format);
                     let written = out.write_all(line.as_bytes());
-                    queue.bytes.fetch_sub(cost(&record), Ordering::Relaxed);
+                    queue.bytes.fetch_sub(q.cost, Ordering::Relaxed);
                     if let Err(e) = written {
                         // Every later line is counted as dropped by `log`.
                         warn!(error = %e, "access log: cannot write, the access log stops here");
@@ -194,22 +225,40 @@ fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat,
     let _ = out.flush();
 }
 
-fn format_record(out: &mut String, r: &AccessRecord, us: u64, format: LogFormat) {
-    let host = r.host.as_ref().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("-");
-    let path = std::str::from_utf8(&r.target).unwrap_or("-");
+/// A status as logged: `-` for 0 (no answer reached the client, as for a request cut at
+/// shutdown).
+struct Status(u16);
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => f.write_str("-"),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+/// One line for `r`, whose host and target are given apart (see [`Queued`]).
+fn format_record(out: &mut String, r: &AccessRecord, host: Option<&[u8]>, target: &[u8], us: u64, format: LogFormat) {
+    let host = host.and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("-");
+    let path = std::str::from_utf8(target).unwrap_or("-");
     let backend = r.backend.as_ref().map_or("-", |b| b.name.as_str());
     let ms = us as f64 / 1000.0;
     match format {
         LogFormat::Text => {
             super::time::write_now(out);
-            let _ = write!(out, " {} {} {} {} ", r.client.ip(), r.method, host, path);
-            // 0: no answer reached the client (a request cut at shutdown).
-            if r.status == 0 {
-                out.push('-');
-            } else {
-                let _ = write!(out, "{}", r.status);
-            }
-            let _ = write!(out, " {} {:.3}ms {}B", backend, ms, r.bytes);
+            let _ = write!(
+                out,
+                " {} {} {} {} {} {} {:.3}ms {}B",
+                r.client.ip(),
+                r.method,
+                host,
+                path,
+                Status(r.status),
+                backend,
+                ms,
+                r.bytes
+            );
             if let Some(note) = r.note {
                 let _ = write!(out, " {note}");
             }
@@ -276,14 +325,16 @@ mod tests {
     #[test]
     fn text_line() {
         let mut s = String::new();
-        format_record(&mut s, &record(), 1500, LogFormat::Text);
+        let r = record();
+        format_record(&mut s, &r, r.host.as_deref(), &r.target, 1500, LogFormat::Text);
         assert!(s.ends_with(" 127.0.0.1 GET we\"b /a?q=1 200 - 1.500ms 3B\n"), "{s}");
     }
 
     #[test]
     fn json_line_escapes() {
         let mut s = String::new();
-        format_record(&mut s, &record(), 1500, LogFormat::Json);
+        let r = record();
+        format_record(&mut s, &r, r.host.as_deref(), &r.target, 1500, LogFormat::Json);
         assert!(s.contains(r#""host":"we\"b""#), "{s}");
         assert!(s.contains(r#""status":200"#), "{s}");
     }
