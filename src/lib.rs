@@ -5,6 +5,7 @@
 
 pub mod balancer;
 pub mod config;
+pub mod fd_limit;
 pub mod health;
 pub mod http1;
 pub mod observe;

@@ -31,6 +31,10 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // Before any listener: a signal that arrives once "listening" is logged must be handled,
     // not take the default action (which kills the process, even for SIGHUP).
     let mut signals = Signals::new()?;
+    let fd_limit = crate::fd_limit::raise_and_log();
+    if let Some(limit) = fd_limit {
+        crate::fd_limit::check(&config, limit);
+    }
     let listen = config.listen.clone();
     let log = config.access_log.clone();
     let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log {log}: {e}"))?;
@@ -55,7 +59,12 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
             _ = file_changed(&mut watch) => "file change",
         };
         match &options.config_path {
-            Some(path) => reload(path, reload_reason, &state, &mut listeners, &tracker).await,
+            Some(path) => {
+                reload(path, reload_reason, &state, &mut listeners, &tracker).await;
+                if let Some(limit) = fd_limit {
+                    crate::fd_limit::check(&state.load().config, limit);
+                }
+            }
             None => warn!("reload ({reload_reason}) ignored: this config was not read from a file"),
         }
     };
@@ -170,7 +179,11 @@ async fn shutdown(
     loop {
         tokio::select! {
             _ = tracker.wait_idle() => {
-                info!("shutdown: drained, exiting");
+                // Connections give up at `drain_timeout` on their own: say how many were cut.
+                match tracker.cut() {
+                    0 => info!("shutdown: drained, exiting"),
+                    cut => warn!("shutdown: drain_timeout ({drain:?}) passed with {cut} request(s) in progress, cut; exiting"),
+                }
                 flush_access_log(state).await;
                 return Ok(());
             }

@@ -390,3 +390,80 @@ services:
     assert!(!lb.log_lines().iter().any(|l| l.contains("service=insecure") && l.contains("backend is down")));
     task.abort();
 }
+
+/// An address nothing listens on: connecting is refused at once.
+async fn refusing_address() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_moves_to_the_next_backend_without_backoff() {
+    let (dead1, dead2) = (refusing_address().await, refusing_address().await);
+    let up = TestBackend::start("up").await;
+    // A backoff far longer than the bound below: any wait before the next backend shows.
+    let yaml = format!(
+        "listen: 127.0.0.1:0\naccess_log: off\nservices:\n  - name: web\n    passive: {{consecutive_failures: 0}}\n    retry: {{attempts: 2, backoff: {{base: 2s, max: 4s}}}}\n    backends:\n      - address: {dead1}\n      - address: {dead2}\n      - address: {}\n",
+        up.addr
+    );
+    let lb = Velocity::start(&yaml).await;
+    // Round robin: requests start at a refusing backend and most go through both before they
+    // reach `up`. Three requests: six retries stay within the retry budget's floor.
+    for _ in 0..3 {
+        let start = Instant::now();
+        let r = get(lb.addr(), "web.local", "/").await;
+        let took = start.elapsed();
+        assert_eq!(r.status, 200, "{r:?}: {:#?}", lb.log_lines());
+        assert!(took < Duration::from_millis(500), "failover took {took:?}");
+    }
+    assert!(lines_about_addr(&lb, dead1, "connection refused") > 0, "{:#?}", lb.log_lines());
+    assert!(lines_about_addr(&lb, dead2, "connection refused") > 0, "{:#?}", lb.log_lines());
+}
+
+fn lines_about_addr(lb: &Velocity, addr: std::net::SocketAddr, needle: &str) -> usize {
+    let tag = format!("backend={addr}");
+    lb.log_lines().iter().filter(|l| l.contains(&tag) && l.contains(needle)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_neither_ejects_nor_fails_checks() {
+    let a = TestBackend::start("a").await;
+    // Ejected at the first counted failure, down at the first failed check: any blame shows.
+    let extra = "    health_check: {type: tcp, interval: 50ms, timeout: 1s, healthy_threshold: 1, unhealthy_threshold: 1}\n    passive: {consecutive_failures: 1, max_ejected_percent: 100, base_ejection: 60s}\n";
+    let nofile = 64;
+    let lb = Velocity::start_with_nofile(&service(&[&a], extra), nofile, nofile).await;
+    let addr = lb.addr();
+    eventually("health checks", DEADLINE, || a.health_checks() > 0 || a.connections.load(Ordering::SeqCst) > 0).await;
+    let mut client = Client::connect(addr).await;
+    // Idle connections until Velocity has no descriptor left (the last ones wait unaccepted).
+    let mut fillers = Vec::new();
+    let start = Instant::now();
+    while lb.open_fds() < nofile as usize {
+        assert!(start.elapsed() < DEADLINE, "fds stuck at {}", lb.open_fds());
+        fillers.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // A few more wait in the backlog, to take any descriptor a check in progress gives back.
+    for _ in 0..8 {
+        fillers.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // A check that ran out of descriptors: from now on nothing is free.
+    eventually("a check without a descriptor", DEADLINE, || {
+        lb.log_contains("health check not run") || !lines_about(&lb, &a, "backend is down").is_empty()
+    })
+    .await;
+    assert!(lines_about(&lb, &a, "backend is down").is_empty(), "{:#?}", lb.log_lines());
+    for _ in 0..3 {
+        let r = client.get("web.local", "/").await;
+        assert_eq!(r.status, 503, "{r:?}: {:#?}", lb.log_lines());
+        assert!(r.body.contains("out of resources"), "{r:?}");
+    }
+    eventually("the local error in the log", DEADLINE, || lb.log_contains("out of a local resource")).await;
+    drop(fillers);
+    eventually("descriptors back", DEADLINE, || lb.open_fds() < nofile as usize - 8).await;
+    eventually("checks running again", DEADLINE, || lb.log_contains("health checks run again")).await;
+    let r = client.get("web.local", "/").await;
+    assert_eq!((r.status, r.backend()), (200, "a".to_string()), "{r:?}: {:#?}", lb.log_lines());
+    assert!(lines_about(&lb, &a, "ejected").is_empty(), "{:#?}", lb.log_lines());
+    assert!(lines_about(&lb, &a, "backend is down").is_empty(), "{:#?}", lb.log_lines());
+}

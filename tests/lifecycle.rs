@@ -183,6 +183,51 @@ async fn backend_response_counts_from_the_end_of_a_slow_upload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_response_counts_from_the_end_of_a_slow_body_read_whole() {
+    // Two backends and an idempotent method: the body is read whole first (for a retry), and
+    // the client takes 4 x 150 ms over its 4 bytes. The backends answer at once.
+    let (a, b) = (TestBackend::start("a").await, TestBackend::start("b").await);
+    let service = "    timeouts: {backend_response: 300ms}\n    passive: {consecutive_failures: 1}\n";
+    let lb = Velocity::start(&config("", service, &[(&a, ""), (&b, "")])).await;
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+        s.write_all(b"PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n").await.unwrap();
+        for byte in [b"a", b"b", b"c", b"d"] {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            s.write_all(byte).await.unwrap();
+        }
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut out)).await.unwrap().unwrap();
+        let out = String::from_utf8_lossy(&out[..n]);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    }
+    // Neither backend was blamed for the client's slowness.
+    assert!(!lb.log_contains("ejected"), "{:#?}", lb.log_lines());
+    assert_eq!((a.hits(), b.hits()), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backend_response_does_not_count_the_queue_wait() {
+    // One slot; each request takes 400 ms at the backend, within `backend_response` (600 ms).
+    // The second and third wait 400 and 800 ms in the queue first: not the backend's time.
+    let a = TestBackend::start_slow("a", Duration::from_millis(400)).await;
+    let service = "    timeouts: {backend_response: 600ms}\n    queue: {size: 5, timeout: 5s}\n";
+    let lb = Velocity::start(&config("", service, &[(&a, "        max_connections: 1\n")])).await;
+    let addr = lb.addr();
+    let first = tokio::spawn(async move { get(addr, "x", "/slow").await });
+    eventually("the first request at the backend", DEADLINE, || a.hits() == 1).await;
+    let start = Instant::now();
+    let queued: Vec<_> = (0..2).map(|_| tokio::spawn(async move { get(addr, "x", "/slow").await })).collect();
+    assert_eq!(first.await.unwrap().status, 200);
+    for q in queued {
+        let r = q.await.unwrap();
+        assert_eq!(r.status, 200, "{r:?} after {:?}: {:#?}", start.elapsed(), lb.log_lines());
+    }
+    assert!(start.elapsed() > Duration::from_millis(1000), "they did queue: {:?}", start.elapsed());
+    assert!(!lb.log_contains("ejected"), "{:#?}", lb.log_lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_before_the_answer_abandons_the_backend_request() {
     let a = TestBackend::start_slow("a", Duration::from_secs(5)).await;
     let yaml = config("access_log: stdout\n", "", &[(&a, "")]);
@@ -327,6 +372,31 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     // The access log (stdout here) was flushed before the exit: the last request is in it.
     let line = " GET x /slow 200 ";
     eventually("the drained request's access-log line", DEADLINE, || lb.log_contains(line)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_by_drain_timeout_is_logged_with_note_shutdown() {
+    let a = TestBackend::start_slow("a", Duration::from_secs(20)).await;
+    let yaml = config("access_log: stdout\nshutdown: {drain_timeout: 300ms}\n", "", &[(&a, "")]);
+    let mut lb = Velocity::start(&yaml).await;
+    let addr = lb.addr();
+    let slow =
+        tokio::spawn(async move { raw_exchange(addr, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", DEADLINE).await });
+    eventually("the slow request at the backend", DEADLINE, || a.hits() == 1).await;
+    kill(lb.pid(), "-TERM");
+    let status = wait_exit(&mut lb, DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{:#?}", lb.log_lines());
+    // The client got no answer: the connection was closed.
+    assert_eq!(slow.await.unwrap(), "");
+    eventually("the cut request's access-log line", DEADLINE, || lb.log_contains(" GET x /slow - - ")).await;
+    let line = lb.log_lines().into_iter().find(|l| l.contains(" GET x /slow ")).unwrap();
+    assert!(line.ends_with(" shutdown"), "{line}");
+    // The line the README shows.
+    assert!(
+        lb.log_contains("shutdown: drain_timeout (300ms) passed with 1 request(s) in progress, cut; exiting"),
+        "{:#?}",
+        lb.log_lines()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,4 +570,118 @@ async fn a_busy_keepalive_connection_outlives_client_header() {
         assert_eq!(r.status, 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_fd_limit_is_raised_and_a_config_that_cannot_fit_is_named() {
+    let a = TestBackend::start("a").await;
+    // The default max_client_connections (10000): clients, as many backend connections, one
+    // idle pool, one listener and the reserve do not fit in 4096.
+    let lb = Velocity::start_with_nofile(&config("", "", &[(&a, "")]), 256, 4096).await;
+    assert!(lb.log_contains("file descriptors: soft limit raised to 4096"), "{:#?}", lb.log_lines());
+    let warning = "file descriptors: the limit is 4096 but this config may need 20545: max_client_connections 10000 x 1 listener(s), up to 10000 backend connection(s) in flight, 512 idle x 1 backend(s), 33 for the rest";
+    assert!(lb.log_contains(warning), "{:#?}", lb.log_lines());
+    assert_eq!(get(lb.addr(), "x", "/").await.status, 200);
+
+    // 100 x 2 + 512 + 33 fits.
+    let lb = Velocity::start_with_nofile(&config("max_client_connections: 100\n", "", &[(&a, "")]), 4096, 4096).await;
+    assert!(lb.log_contains("file descriptors: limit 4096"), "{:#?}", lb.log_lines());
+    assert!(!lb.log_contains("may need"), "{:#?}", lb.log_lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_accept_loop_backs_off_and_says_so_once() {
+    let a = TestBackend::start("a").await;
+    let nofile = 48;
+    let lb = Velocity::start_with_nofile(&config("", "", &[(&a, "")]), nofile, nofile).await;
+    let addr = lb.addr();
+    let mut fillers = Vec::new();
+    let start = Instant::now();
+    while lb.open_fds() < nofile as usize {
+        assert!(start.elapsed() < DEADLINE, "fds stuck at {}", lb.open_fds());
+        fillers.push(TcpStream::connect(addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // These wait in the backlog: every 50 ms the accept loop tries again and fails.
+    for _ in 0..4 {
+        fillers.push(TcpStream::connect(addr).await.unwrap());
+    }
+    eventually("the accept failure in the log", DEADLINE, || {
+        lb.log_contains("out of file descriptors") || lb.log_contains("accept failed")
+    })
+    .await;
+    // Long enough for several retries (the bug logged each one).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(fillers);
+    eventually("accepting again", DEADLINE, || lb.log_contains("accepting again")).await;
+    assert_eq!(get(addr, "x", "/").await.status, 200);
+    let lines = lb.log_lines();
+    let failures = lines.iter().filter(|l| l.contains("accept")).count();
+    assert_eq!(failures, 2, "one line when it starts, one when it ends: {lines:#?}");
+    let recovered = lines.iter().find(|l| l.contains("accepting again")).unwrap();
+    let retries: u64 =
+        recovered.split("failed_accepts=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(retries >= 4, "retried every 50 ms: {recovered}");
+}
+
+/// Resident memory of a process, in KiB (Linux: /proc).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_access_log_drops_lines_and_stays_bounded() {
+    let a = TestBackend::start("a").await;
+    // A FIFO that is opened for reading (so Velocity can open it) and then not read.
+    let fifo = temp_path("access.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (drain_tx, drain_rx) = std::sync::mpsc::channel::<()>();
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::open(&reader_path).unwrap();
+        opened_tx.send(()).unwrap();
+        // Stalled until told to read.
+        let _ = drain_rx.recv();
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut sink).unwrap();
+        sink.len()
+    });
+    let yaml = config(&format!("access_log: {}\n", fifo.display()), "", &[(&a, "")]);
+    let lb = Velocity::start(&yaml).await;
+    opened_rx.recv_timeout(DEADLINE).unwrap();
+    let before = rss_kib(lb.pid());
+    // 8 KiB targets: each line is big, so the 8 MiB queue fills after about a thousand.
+    let path = format!("/{}", "p".repeat(8 * 1024));
+    let addr = lb.addr();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            tokio::spawn(async move {
+                let mut client = Client::connect(addr).await;
+                for _ in 0..400 {
+                    assert_eq!(client.get("x", &path).await.status, 200);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eventually("the drops in the log", DEADLINE, || lb.log_contains("access log: the writer is not keeping up")).await;
+    let grown = rss_kib(lb.pid()).saturating_sub(before);
+    // 3200 requests of 8 KiB heads; the queue holds at most 8 MiB of them.
+    assert!(grown < 24 * 1024, "RSS grew by {grown} KiB");
+    drop(drain_tx);
+    eventually("the writer caught up", DEADLINE, || lb.log_contains("access log: caught up")).await;
+    let line = lb.log_lines().into_iter().find(|l| l.contains("access log: caught up")).unwrap();
+    let dropped: u64 = line.split("dropped=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(dropped > 1000, "{line}");
+    eprintln!("stalled access log: RSS grew by {grown} KiB, {dropped} lines dropped");
+    drop(lb);
+    let written = reader.join().unwrap();
+    assert!(written > 1000 * 8 * 1024, "{written} bytes of log");
+    let _ = std::fs::remove_file(&fifo);
 }

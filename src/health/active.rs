@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::{jitter_down, passive, random_fraction, HealthState};
 use crate::config::{CheckKind, HealthCheckConfig};
-use crate::upstream::Backend;
+use crate::upstream::{is_local_exhaustion, Backend};
 
 /// The checker tasks of one service; dropping it (with the service) stops them.
 #[derive(Debug)]
@@ -70,14 +70,30 @@ async fn run(probe: Arc<Probe>, backend: Arc<Backend>) {
     let interval = probe.cfg.interval;
     // Spread the first checks over one interval so backends are not probed in lock-step.
     let mut next = Instant::now() + interval.mul_f64(random_fraction());
+    // Checks that could not run for a reason of Velocity's own, in a row (logged once).
+    let mut skipped = 0u64;
     loop {
         tokio::time::sleep_until(next).await;
         // Start to start, each interval up to 10% shorter: never later than configured.
         next = Instant::now() + jitter_down(interval, 0.1);
         let result = match tokio::time::timeout(probe.cfg.timeout, check(&probe, &backend)).await {
-            Ok(r) => r,
+            Ok(Err(Failed::Local(e))) => {
+                // Out of file descriptors and the like: the backend was never reached, so the
+                // check neither passes nor fails. Logged when it starts and when it ends.
+                if skipped == 0 {
+                    warn!(service = %probe.service, backend = %backend.name, error = %e, "health check not run: Velocity is out of a local resource (not counted against the backend)");
+                }
+                skipped += 1;
+                continue;
+            }
+            Ok(Err(Failed::Backend(why))) => Err(why),
+            Ok(Ok(r)) => Ok(r),
             Err(_) => Err(format!("timeout after {:?}", probe.cfg.timeout)),
         };
+        if skipped > 0 {
+            info!(service = %probe.service, backend = %backend.name, skipped, "health checks run again");
+            skipped = 0;
+        }
         let pass = result.is_ok();
         let why = result.unwrap_or_else(|e| e);
         match record(&backend.health, pass, probe.cfg.healthy_threshold, probe.cfg.unhealthy_threshold) {
@@ -122,25 +138,40 @@ pub fn record(h: &HealthState, pass: bool, rise: u32, fall: u32) -> Option<Trans
     Some(if up { Transition::Down } else { Transition::Up })
 }
 
+/// Why a check did not pass.
+enum Failed {
+    /// The backend's failure: counts towards `unhealthy_threshold`.
+    Backend(String),
+    /// No connection could be opened for a reason of Velocity's own (out of file descriptors).
+    Local(std::io::Error),
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Failed {
+        Failed::Backend(why)
+    }
+}
+
 /// One check: `Ok` with what passed, or `Err` with why it failed.
-async fn check(probe: &Probe, backend: &Backend) -> Result<String, String> {
+async fn check(probe: &Probe, backend: &Backend) -> Result<String, Failed> {
     let stream = TcpStream::connect(backend.addr).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
-        _ => format!("connect error: {e}"),
+        std::io::ErrorKind::ConnectionRefused => Failed::Backend("connection refused".to_owned()),
+        _ if is_local_exhaustion(&e) => Failed::Local(e),
+        _ => Failed::Backend(format!("connect error: {e}")),
     })?;
     let host = probe.host.as_ref().unwrap_or(&backend.host_header);
     match probe.cfg.kind {
         CheckKind::Tcp => Ok("connected".to_owned()),
-        CheckKind::Http => http_get(probe, host, stream).await,
+        CheckKind::Http => Ok(http_get(probe, host, stream).await?),
         CheckKind::Https => {
             let tls = match &probe.tls {
                 Some(Ok(tls)) => tls,
-                Some(Err(e)) => return Err(e.clone()),
-                None => return Err("TLS is not set up".to_owned()),
+                Some(Err(e)) => return Err(e.clone().into()),
+                None => return Err("TLS is not set up".to_owned().into()),
             };
             let name = super::tls::server_name(host, backend)?;
             let stream = tls.connect(name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
-            http_get(probe, host, stream).await
+            Ok(http_get(probe, host, stream).await?)
         }
     }
 }

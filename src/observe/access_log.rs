@@ -1,31 +1,43 @@
 //! The access log. The request path only builds a small record and hands it to a channel
-//! (`try_send`: no lock, no syscall); a dedicated thread formats and writes in batches,
-//! flushing whenever the channel runs dry. When the log is off nothing is built at all.
+//! (no lock, no syscall); a dedicated thread formats and writes in batches, flushing whenever
+//! the channel runs dry. When the log is off nothing is built at all.
+//!
+//! What waits in the channel is bounded in bytes, not lines: when stdout or the disk stalls
+//! the writer blocks, lines beyond [`MAX_QUEUED_BYTES`] are dropped and counted
+//! ([`AccessLog::dropped`]), and requests never wait for the log. A queued record holds its
+//! own copy of the host and target (one small allocation), so it does not keep the request's
+//! read buffer alive.
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::Method;
+use tracing::warn;
 
 use crate::config::{AccessLog as Target, LogFormat};
 use crate::upstream::Backend;
 
-/// Records waiting to be written; beyond this the log drops lines rather than slow requests.
-const QUEUE: usize = 64 * 1024;
+/// Bytes of records waiting to be written (about 40,000 ordinary lines, a second or more of
+/// heavy traffic); beyond this the log drops lines rather than slow requests or grow.
+pub const MAX_QUEUED_BYTES: usize = 8 << 20;
+/// Slots of the channel, allocated (and touched) up front: a cap on lines only when they are
+/// tiny; the byte bound is the one that matters.
+const SLOTS: usize = 16 * 1024;
 
 /// One request, as the access log sees it.
 #[derive(Debug)]
 pub struct AccessRecord {
     pub client: SocketAddr,
     pub method: Method,
-    /// As the client sent them (shared with the request's head buffer: no copy).
+    /// As the client sent them (shared with the request's head buffer; the log copies them
+    /// when it queues the record).
     pub host: Option<Bytes>,
     pub target: Bytes,
     pub status: u16,
@@ -42,16 +54,47 @@ pub struct AccessRecord {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Msg {
-    Record(AccessRecord, u64),
+    Record(Queued),
     /// Write out everything before this, then answer.
     Flush(SyncSender<()>),
+}
+
+/// A record on its way to the writer.
+#[derive(Debug)]
+struct Queued {
+    /// Without its host and target: those are copied into `text`.
+    record: AccessRecord,
+    /// The target, then the host.
+    text: Box<[u8]>,
+    target_len: usize,
+    has_host: bool,
+    duration_us: u64,
+    /// What it counts against [`MAX_QUEUED_BYTES`].
+    cost: usize,
 }
 
 /// Handle to the access log writer; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     tx: SyncSender<Msg>,
-    dropped: Arc<AtomicU64>,
+    queue: Arc<Queue>,
+}
+
+/// What the request path and the writer share.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Bytes of the records sent and not yet written (`Queued::cost`).
+    bytes: AtomicUsize,
+    dropped: AtomicU64,
+    /// Lines are being dropped: set by the first drop (which logs it), cleared by the writer
+    /// when it has caught up (which logs that).
+    dropping: AtomicBool,
+    /// `dropped` when the current episode began, for the count in the caught-up line.
+    dropped_before: AtomicU64,
+    /// Warn when dropping starts. Not when the access log is stdout: the process log goes
+    /// there too, and a warning into a stalled stdout would block the request's thread; the
+    /// caught-up line reports those drops.
+    warn_on_drop: bool,
 }
 
 impl AccessLog {
@@ -62,14 +105,53 @@ impl AccessLog {
             Target::Stdout => Box::new(io::stdout()),
             Target::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
-        std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(rx, sink, format))?;
-        Ok(Some(AccessLog { tx, dropped: Arc::new(AtomicU64::new(0)) }))
+        let (tx, rx) = mpsc::sync_channel(SLOTS);
+        let queue = Arc::new(Queue { warn_on_drop: !matches!(target, Target::Stdout), ..Queue::default() });
+        let shared = queue.clone();
+        std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(rx, sink, format, &shared))?;
+        Ok(Some(AccessLog { tx, queue }))
     }
 
-    pub fn log(&self, record: AccessRecord, duration_us: u64) {
-        if self.tx.try_send(Msg::Record(record, duration_us)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    pub fn log(&self, mut record: AccessRecord, duration_us: u64) {
+        let q = &self.queue;
+        let host_len = record.host.as_ref().map_or(0, |h| h.len());
+        let cost = std::mem::size_of::<Msg>() + record.target.len() + host_len;
+        if q.bytes.fetch_add(cost, Ordering::Relaxed) + cost > MAX_QUEUED_BYTES {
+            q.bytes.fetch_sub(cost, Ordering::Relaxed);
+            self.note_drop();
+            return;
+        }
+        // Shared with the request's read buffer, host and target would pin all of it while
+        // queued: copy them (one allocation) and let go of the buffer.
+        let mut text = Vec::with_capacity(record.target.len() + host_len);
+        text.extend_from_slice(&record.target);
+        let has_host = match record.host.take() {
+            Some(h) => {
+                text.extend_from_slice(&h);
+                true
+            }
+            None => false,
+        };
+        let target_len = std::mem::take(&mut record.target).len();
+        let queued = Queued { record, text: text.into_boxed_slice(), target_len, has_host, duration_us, cost };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(Msg::Record(queued)) {
+            // Out of slots, or the writer is gone (its output failed).
+            q.bytes.fetch_sub(cost, Ordering::Relaxed);
+            self.note_drop();
+        }
+    }
+
+    fn note_drop(&self) {
+        let q = &self.queue;
+        let before = q.dropped.fetch_add(1, Ordering::Relaxed);
+        if !q.dropping.swap(true, Ordering::Relaxed) {
+            q.dropped_before.store(before, Ordering::Relaxed);
+            if q.warn_on_drop {
+                warn!(
+                    queued_bytes = MAX_QUEUED_BYTES,
+                    "access log: the writer is not keeping up (output stalled): dropping lines until it catches up"
+                );
+            }
         }
     }
 
@@ -82,13 +164,18 @@ impl AccessLog {
         }
     }
 
-    /// Lines dropped because the writer could not keep up.
+    /// Lines dropped because the writer could not keep up (or its output failed).
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of lines waiting to be written (at most [`MAX_QUEUED_BYTES`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.bytes.load(Ordering::Relaxed)
     }
 }
 
-fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat) {
+fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat, queue: &Queue) {
     let mut out = io::BufWriter::with_capacity(64 * 1024, sink);
     let mut line = String::with_capacity(256);
     // Block for the first message of a batch, then drain without blocking, then flush.
@@ -96,10 +183,16 @@ fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat)
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Record(record, us) => {
+                Msg::Record(q) => {
                     line.clear();
-                    format_record(&mut line, &record, us, format);
-                    if out.write_all(line.as_bytes()).is_err() {
+                    let (target, host) = q.text.split_at(q.target_len);
+                    let host = q.has_host.then_some(host);
+                    format_record(&mut line, &q.record, host, target, q.duration_us, format);
+                    let written = out.write_all(line.as_bytes());
+                    queue.bytes.fetch_sub(q.cost, Ordering::Relaxed);
+                    if let Err(e) = written {
+                        // Every later line is counted as dropped by `log`.
+                        warn!(error = %e, "access log: cannot write, the access log stops here");
                         return;
                     }
                 }
@@ -118,13 +211,37 @@ fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat)
             }
         }
         let _ = out.flush();
+        if queue.dropping.load(Ordering::Relaxed) && queue.bytes.load(Ordering::Relaxed) < MAX_QUEUED_BYTES / 2 {
+            queue.dropping.store(false, Ordering::Relaxed);
+            let dropped = queue.dropped.load(Ordering::Relaxed);
+            let episode = dropped - queue.dropped_before.load(Ordering::Relaxed);
+            warn!(
+                dropped = episode,
+                dropped_total = dropped,
+                "access log: caught up after its output stalled; lines were dropped meanwhile"
+            );
+        }
     }
     let _ = out.flush();
 }
 
-fn format_record(out: &mut String, r: &AccessRecord, us: u64, format: LogFormat) {
-    let host = r.host.as_ref().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("-");
-    let path = std::str::from_utf8(&r.target).unwrap_or("-");
+/// A status as logged: `-` for 0 (no answer reached the client, as for a request cut at
+/// shutdown).
+struct Status(u16);
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => f.write_str("-"),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+/// One line for `r`, whose host and target are given apart (see [`Queued`]).
+fn format_record(out: &mut String, r: &AccessRecord, host: Option<&[u8]>, target: &[u8], us: u64, format: LogFormat) {
+    let host = host.and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("-");
+    let path = std::str::from_utf8(target).unwrap_or("-");
     let backend = r.backend.as_ref().map_or("-", |b| b.name.as_str());
     let ms = us as f64 / 1000.0;
     match format {
@@ -137,7 +254,7 @@ fn format_record(out: &mut String, r: &AccessRecord, us: u64, format: LogFormat)
                 r.method,
                 host,
                 path,
-                r.status,
+                Status(r.status),
                 backend,
                 ms,
                 r.bytes
@@ -155,7 +272,11 @@ fn format_record(out: &mut String, r: &AccessRecord, us: u64, format: LogFormat)
             json_str(out, host);
             out.push_str(",\"path\":");
             json_str(out, path);
-            let _ = write!(out, ",\"status\":{},\"backend\":", r.status);
+            if r.status == 0 {
+                out.push_str(",\"status\":null,\"backend\":");
+            } else {
+                let _ = write!(out, ",\"status\":{},\"backend\":", r.status);
+            }
             json_str(out, backend);
             let _ = write!(out, ",\"duration_ms\":{ms:.3},\"bytes\":{}", r.bytes);
             if let Some(note) = r.note {
@@ -204,14 +325,16 @@ mod tests {
     #[test]
     fn text_line() {
         let mut s = String::new();
-        format_record(&mut s, &record(), 1500, LogFormat::Text);
+        let r = record();
+        format_record(&mut s, &r, r.host.as_deref(), &r.target, 1500, LogFormat::Text);
         assert!(s.ends_with(" 127.0.0.1 GET we\"b /a?q=1 200 - 1.500ms 3B\n"), "{s}");
     }
 
     #[test]
     fn json_line_escapes() {
         let mut s = String::new();
-        format_record(&mut s, &record(), 1500, LogFormat::Json);
+        let r = record();
+        format_record(&mut s, &r, r.host.as_deref(), &r.target, 1500, LogFormat::Json);
         assert!(s.contains(r#""host":"we\"b""#), "{s}");
         assert!(s.contains(r#""status":200"#), "{s}");
     }

@@ -24,7 +24,7 @@ use crate::http1::{ChunkedScanner, Forwarding, RequestHead, ResponseHead};
 use crate::observe::AccessRecord;
 use crate::policy::{QueueRejection, Ticket};
 use crate::state::{LoadBalancer, Service};
-use crate::upstream::{Backend, BackendConn, InFlight};
+use crate::upstream::{Backend, BackendConn, ConnectError, InFlight};
 
 /// A backend's response head may not be larger than this: 502.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -80,6 +80,9 @@ impl ReqBody {
 enum AttemptError {
     /// Nothing reached the backend: the request may go to the next one.
     NotSent(String),
+    /// No connection could be opened for a reason of Velocity's own (out of file descriptors,
+    /// say): not the backend's failure, and another backend would fare no better.
+    Local(String),
     /// The backend failed after (part of) the request was sent.
     Sent(String),
     /// No response headers in time: 504.
@@ -104,7 +107,9 @@ pub(super) enum TimeoutKind {
 /// What bounds one try at a backend.
 #[derive(Debug, Clone, Copy)]
 struct Bounds {
-    /// When the try starts.
+    /// About when the try starts (the request's arrival, or later after a wait): for the
+    /// connect timeout and the idle pool. `backend_response` does not count from here but
+    /// from when the request has been written (see [`read_response_head`]).
     now: Instant,
     connect: Duration,
     backend_response: Duration,
@@ -151,13 +156,24 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         (snapshot.router.route(host, path).map(|i| snapshot.services[i].clone()), log)
     };
     let mut log = LogLine(log);
-    let mut req =
-        Exchange { head, drain, log: &mut log, body_pending: head.has_body(), continued: false, set_cookie: None };
-    let Some(service) = routed else {
-        let body = c.state.load().router.explain_miss(host, path);
-        return req.local(c, 404, &[], body.as_bytes(), "no_route").await;
+    let mut req = Exchange {
+        head,
+        drain,
+        log: &mut log,
+        body_pending: head.has_body(),
+        continued: false,
+        set_cookie: None,
+        done: false,
     };
-    req.serve(c, &service, start).await
+    let keep_alive = match routed {
+        Some(service) => req.serve(c, &service, start).await,
+        None => {
+            let body = c.state.load().router.explain_miss(host, path);
+            req.local(c, 404, &[], body.as_bytes(), "no_route").await
+        }
+    };
+    req.done = true;
+    keep_alive
 }
 
 /// One request on its way through.
@@ -171,6 +187,18 @@ pub(super) struct Exchange<'a> {
     continued: bool,
     /// A `Set-Cookie` value the balancer asked the response to carry.
     pub(super) set_cookie: Option<Bytes>,
+    /// Served to the end. An exchange dropped before that was cut by the listener because
+    /// `drain_timeout` passed (the only place a request's future is dropped half-way).
+    done: bool,
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.drain.is_draining() {
+            // The line keeps the status the client saw, if any (`-` if none).
+            self.log.note("shutdown");
+        }
+    }
 }
 
 impl Exchange<'_> {
@@ -179,6 +207,10 @@ impl Exchange<'_> {
         let lb = service.lb.load_full();
         let timeouts = service.config.limits.timeouts;
         let deadline = start + timeouts.request;
+        // When the try begins, as far as the connect timeout and the idle pool care; read again
+        // only after a wait (a body read whole, a queue, a retry), so a plain GET reads the
+        // clock no more than before.
+        let mut now = start;
         let retry = &service.config.health.retry;
         let passive_cfg = &service.config.health.passive;
         let max_body = service.config.limits.max_body_bytes;
@@ -201,7 +233,10 @@ impl Exchange<'_> {
         if let (true, ReqBody::Length(n)) = (may_replay, &body) {
             if *n <= retry.buffer_body_limit {
                 match self.read_whole_body(c, *n as usize, deadline).await {
-                    Ok(bytes) => body = ReqBody::Buffered(bytes),
+                    Ok(bytes) => {
+                        body = ReqBody::Buffered(bytes);
+                        now = Instant::now();
+                    }
                     Err(why) => {
                         warn!(service = %service.config.name, error = why, "reading the request body failed");
                         return self.local(c, 400, &[], b"400 bad request body\n", "bad_request_body").await;
@@ -214,13 +249,8 @@ impl Exchange<'_> {
         let mut last_failure = String::new();
         let mut retries = 0u32;
         let mut attempted = false;
-        let mut bounds = Bounds {
-            now: start,
-            connect: timeouts.connect,
-            backend_response: timeouts.backend_response,
-            deadline,
-            max_body,
-        };
+        let mut bounds =
+            Bounds { now, connect: timeouts.connect, backend_response: timeouts.backend_response, deadline, max_body };
         // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend
         // takes the request: if none can, the client gets this answer rather than an error.
         let mut held: Option<(BackendConn, ResponseHead, InFlight, Option<Bytes>)> = None;
@@ -232,7 +262,10 @@ impl Exchange<'_> {
                 acquire(service, &lb, &ctx, &usable, deadline.into_std()).await
             };
             let (i, in_flight) = match acquired {
-                Acquired::Backend(pick, in_flight) => {
+                Acquired::Backend(pick, in_flight, queued) => {
+                    if queued {
+                        bounds.now = Instant::now();
+                    }
                     // The answer that goes out says how to come back here (sticky's cookie).
                     self.set_cookie = pick.set_cookie;
                     (pick.index, in_flight)
@@ -253,6 +286,8 @@ impl Exchange<'_> {
             }
             // Only latency-aware algorithms pay for the clock read.
             let sent_at = lb.balancer.observes_latency().then(std::time::Instant::now);
+            // Set when the next try must wait first: only after a backend had the request.
+            let mut back_off = true;
             match self.attempt(c, &mut body, backend, bounds).await {
                 Ok(conn) => {
                     if let Some(t) = sent_at {
@@ -279,6 +314,21 @@ impl Exchange<'_> {
                     if !may_retry(service, retries) {
                         break;
                     }
+                    // Nothing was sent, so there is nothing to let settle: the next backend now.
+                    back_off = false;
+                }
+                Err(AttemptError::Local(why)) => {
+                    // Not recorded against the backend: the trial (if this was one) is released.
+                    drop(trial);
+                    warn!(service = %service.config.name, backend = %backend.name, error = %why, "cannot connect to the backend: Velocity is out of a local resource (not counted against the backend)");
+                    if let Some((conn, resp, in_flight, cookie)) = held {
+                        c.resp = resp;
+                        self.set_cookie = cookie;
+                        return self.relay(c, conn, in_flight, timeouts.backend_response).await;
+                    }
+                    self.log.set(0, None, Some(backend));
+                    let body = b"503 service unavailable: the proxy is out of resources, retry later\n";
+                    return self.local(c, 503, &[("retry-after", b"1")], body, "local_error").await;
                 }
                 Err(AttemptError::Sent(why)) => {
                     passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
@@ -322,7 +372,9 @@ impl Exchange<'_> {
                     return self.local(c, 400, &[], b"400 bad request body\n", "bad_request_body").await;
                 }
             }
-            tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
+            if back_off {
+                tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
+            }
             retries += 1;
         }
         if let Some((conn, resp, in_flight, cookie)) = held {
@@ -388,7 +440,7 @@ impl Exchange<'_> {
         let connect_timeout = bounds.connect.min(bounds.deadline - bounds.now);
         let mut conn = match backend.checkout(connect_timeout, bounds.now.into_std()).await {
             Ok(conn) => conn,
-            Err(e) => return Err(AttemptError::NotSent(e.to_string())),
+            Err(e) => return Err(connect_failed(e)),
         };
         match self.exchange(c, body, backend, &mut conn, bounds).await {
             Ok(()) => Ok(conn),
@@ -397,7 +449,7 @@ impl Exchange<'_> {
             Err(AttemptError::NotSent(_)) if conn.reused && body.replayable() => {
                 let mut fresh = match backend.connect(connect_timeout).await {
                     Ok(conn) => conn,
-                    Err(e) => return Err(AttemptError::NotSent(e.to_string())),
+                    Err(e) => return Err(connect_failed(e)),
                 };
                 self.exchange(c, body, backend, &mut fresh, bounds).await.map(|()| fresh)
             }
@@ -414,15 +466,17 @@ impl Exchange<'_> {
         conn: &mut BackendConn,
         bounds: Bounds,
     ) -> Result<(), AttemptError> {
-        // Writing a head and a held body is quick: the try's start stands for the time sent.
-        let (until, kind) = bounds.response(bounds.now);
         let fwd = Forwarding { client_ip: &c.client_ip, proto: b"http" };
         self.head.encode_for_backend(&mut c.out, &fwd, backend.host_header.as_bytes());
         let sent = match body {
-            ReqBody::None => c.timer.within(|| until, conn.write_all_vectored(&mut [IoSlice::new(&c.out)])).await,
+            // A backend that does not take the request in is bounded by the request deadline:
+            // `backend_response` starts once it has all of it.
+            ReqBody::None => {
+                c.timer.within(|| bounds.deadline, conn.write_all_vectored(&mut [IoSlice::new(&c.out)])).await
+            }
             ReqBody::Buffered(b) => {
                 let parts = &mut [IoSlice::new(&c.out), IoSlice::new(b)];
-                c.timer.within(|| until, conn.write_all_vectored(parts)).await
+                c.timer.within(|| bounds.deadline, conn.write_all_vectored(parts)).await
             }
             // Not reached: a request whose body went out is never tried again.
             ReqBody::Gone => return Err(AttemptError::Sent("the request body was sent already".into())),
@@ -432,12 +486,12 @@ impl Exchange<'_> {
             }
         };
         match sent {
-            Err(_) => return Err(AttemptError::Timeout(kind)),
+            Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
             Ok(Err((e, 0))) => return Err(AttemptError::NotSent(e.to_string())),
             Ok(Err((e, _))) => return Err(AttemptError::Sent(e.to_string())),
             Ok(Ok(())) => {}
         }
-        read_response_head(c, conn, until, kind).await
+        read_response_head(c, conn, bounds).await
     }
 
     /// Send the head and a streamed body, the body read from the client as it goes.
@@ -473,8 +527,7 @@ impl Exchange<'_> {
                     Ok(Err((e, _))) => {
                         // The backend may have answered early and closed (a 413, say): take
                         // that answer if it is there. The client's body stays unread.
-                        let (until, kind) = bounds.response(bounds.now);
-                        return match read_response_head(c, conn, until, kind).await {
+                        return match read_response_head(c, conn, bounds).await {
                             Ok(()) => Ok(()),
                             Err(_) => Err(AttemptError::Sent(e.to_string())),
                         };
@@ -504,18 +557,15 @@ impl Exchange<'_> {
         }
         *body = ReqBody::Gone;
         // `backend_response` counts from the end of the upload, however long that took.
-        let (until, kind) = bounds.response(Instant::now());
-        read_response_head(c, conn, until, kind).await
+        read_response_head(c, conn, bounds).await
     }
 }
 
-/// Read the backend's response head into `c.resp`, past any interim (1xx) answers.
-async fn read_response_head(
-    c: &mut ClientConn,
-    conn: &mut BackendConn,
-    until: Instant,
-    kind: TimeoutKind,
-) -> Result<(), AttemptError> {
+/// Read the backend's response head into `c.resp`, past any interim (1xx) answers. Called
+/// once the request has been written: `backend_response` counts from the first wait here (the
+/// clock is read only if the answer is not there at once), capped by the request deadline.
+async fn read_response_head(c: &mut ClientConn, conn: &mut BackendConn, bounds: Bounds) -> Result<(), AttemptError> {
+    let mut until: Option<(Instant, TimeoutKind)> = None;
     loop {
         if !conn.buf.is_empty() {
             match c.resp.parse(&conn.buf, MAX_RESPONSE_HEAD) {
@@ -531,13 +581,22 @@ async fn read_response_head(
                 Err(e) => return Err(AttemptError::Sent(format!("invalid response: {}", e.message()))),
             }
         }
-        match c.timer.within(|| until, backend_or_client(&mut c.stream, &mut c.buf, conn)).await {
+        let deadline = || until.get_or_insert_with(|| bounds.response(Instant::now())).0;
+        match c.timer.within(deadline, backend_or_client(&mut c.stream, &mut c.buf, conn)).await {
             Ok(Waited::Backend(Ok(n))) if n > 0 => {}
             Ok(Waited::Backend(Ok(_))) => return Err(AttemptError::Sent("the backend closed the connection".into())),
             Ok(Waited::Backend(Err(e))) => return Err(AttemptError::Sent(e.to_string())),
             Ok(Waited::ClientGone) => return Err(AttemptError::ClientGone),
-            Err(_) => return Err(AttemptError::Timeout(kind)),
+            Err(_) => return Err(AttemptError::Timeout(until.map_or(TimeoutKind::Request, |(_, kind)| kind))),
         }
+    }
+}
+
+/// A failed connect as the retry loop sees it.
+fn connect_failed(e: ConnectError) -> AttemptError {
+    match e {
+        ConnectError::Local(_) => AttemptError::Local(e.to_string()),
+        e => AttemptError::NotSent(e.to_string()),
     }
 }
 
@@ -609,7 +668,8 @@ impl std::fmt::Display for StatusReason {
 
 /// What [`acquire`] found.
 enum Acquired {
-    Backend(Pick, InFlight),
+    /// The backend, its in-flight count, and whether the request waited in the queue first.
+    Backend(Pick, InFlight, bool),
     /// No backend is usable (all tried, or none eligible): not a capacity problem.
     NoneUsable,
     Rejected(QueueRejection),
@@ -636,10 +696,11 @@ async fn acquire(
             let has_room = |i: usize| usable(i) && lb.pool.backends[i].has_capacity();
             if let Some(pick) = lb.balancer.pick(&lb.pool, ctx, &has_room) {
                 if let Some(in_flight) = lb.pool.backends[pick.index].try_start_request() {
+                    let queued = ticket.is_some();
                     if let Some(t) = ticket.take() {
                         t.done();
                     }
-                    return Acquired::Backend(pick, in_flight);
+                    return Acquired::Backend(pick, in_flight, queued);
                 }
                 // Another request took the last slot between the check and the count.
             } else if !(0..lb.pool.len()).any(usable) {

@@ -15,21 +15,33 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::state::Shared;
+use crate::upstream::is_local_exhaustion;
 use client::Drain;
+
+/// The wait before accepting again after an accept failed for want of a descriptor (or
+/// another non-transient reason): long enough not to spin, short enough to pick the backlog up
+/// soon after connections close.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Counts open client connections (of every listener) so that shutdown can wait for them.
 #[derive(Debug, Default)]
 pub struct Tracker {
     open: AtomicUsize,
+    /// Connections closed with a request in progress because `drain_timeout` passed.
+    cut: AtomicUsize,
     closed: Notify,
 }
 
 impl Tracker {
     pub fn open(&self) -> usize {
         self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn cut(&self) -> usize {
+        self.cut.load(Ordering::SeqCst)
     }
 
     /// Wait until no connection is open.
@@ -142,6 +154,9 @@ async fn serve(
     limit: Arc<ConnLimit>,
     mut stopped: watch::Receiver<Option<Duration>>,
 ) {
+    // Failed accepts in the current out-of-descriptors episode (0: none): logged when it
+    // starts and when it ends, not every 50 ms.
+    let mut exhausted = 0u64;
     loop {
         let admitted = tokio::select! {
             g = limit.admit(local) => g,
@@ -153,21 +168,31 @@ async fn serve(
         };
         let (stream, client) = match accepted {
             Ok(accepted) => accepted,
+            // The client gave up while in the backlog: nothing to do.
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) => continue,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                if !matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors (EMFILE, ENFILE) or memory: the connection waits in
+                // the backlog; back off instead of spinning, and say so once.
+                if !is_local_exhaustion(&e) {
+                    warn!(listener = %local, error = %e, "accept failed");
+                } else if exhausted == 0 {
+                    warn!(listener = %local, error = %e, "cannot accept: out of file descriptors; new connections wait in the backlog, retrying every 50ms");
                 }
+                exhausted += u64::from(is_local_exhaustion(&e));
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        if exhausted > 0 {
+            info!(listener = %local, failed_accepts = exhausted, "accepting again: file descriptors are free");
+            exhausted = 0;
+        }
         let _ = stream.set_nodelay(true);
         let tracked = tracker.enter();
         let state = state.clone();
         let stopped = stopped.clone();
         tokio::spawn(async move {
-            serve_connection(stream, client, state, stopped).await;
+            serve_connection(stream, client, state, stopped, &tracked.0).await;
             drop((admitted, tracked));
         });
     }
@@ -180,6 +205,7 @@ async fn serve_connection(
     client: SocketAddr,
     state: Shared,
     mut stopped: watch::Receiver<Option<Duration>>,
+    tracker: &Tracker,
 ) {
     let drain = Drain::default();
     let mut conn = pin!(client::serve(stream, client, state, &drain));
@@ -195,6 +221,9 @@ async fn serve_connection(
             // A closed channel means the listener is gone without a word: drain with no wait.
             let drain_timeout = drain_timeout.unwrap_or_default();
             if tokio::time::timeout(drain_timeout, conn.as_mut()).await.is_err() {
+                tracker.cut.fetch_add(1, Ordering::SeqCst);
+                // The request's access-log line is written as its future is dropped, with note
+                // `shutdown`.
                 warn!(%client, "drain_timeout passed with a request still in progress: closing the connection");
             }
         }

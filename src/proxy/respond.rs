@@ -34,7 +34,7 @@ impl LogLine {
         }
     }
 
-    fn note(&mut self, note: &'static str) {
+    pub(super) fn note(&mut self, note: &'static str) {
         if let Some((_, r)) = &mut self.0 {
             r.note = Some(note);
         }

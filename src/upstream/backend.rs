@@ -12,7 +12,7 @@ use crate::health::HealthState;
 use crate::policy::Queue;
 
 /// Idle keep-alive connections kept per backend. Beyond this, a finished connection is closed.
-pub(super) const MAX_IDLE_PER_BACKEND: usize = 512;
+pub(crate) const MAX_IDLE_PER_BACKEND: usize = 512;
 /// An idle connection older than this is not reused (the backend may be about to close it).
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 

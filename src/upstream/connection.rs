@@ -28,7 +28,22 @@ const MAX_READ: usize = 128 * 1024;
 pub enum ConnectError {
     Refused,
     Timeout,
+    /// Velocity itself ran out of something (file descriptors, socket buffers, local ports):
+    /// it says nothing about the backend, so it must not count against it.
+    Local(io::Error),
     Io(io::Error),
+}
+
+impl ConnectError {
+    fn from_io(e: io::Error) -> ConnectError {
+        if e.kind() == io::ErrorKind::ConnectionRefused {
+            ConnectError::Refused
+        } else if is_local_exhaustion(&e) {
+            ConnectError::Local(e)
+        } else {
+            ConnectError::Io(e)
+        }
+    }
 }
 
 impl fmt::Display for ConnectError {
@@ -36,9 +51,18 @@ impl fmt::Display for ConnectError {
         match self {
             ConnectError::Refused => f.write_str("connection refused"),
             ConnectError::Timeout => f.write_str("connect timeout"),
+            ConnectError::Local(e) => write!(f, "cannot open a connection here: {e}"),
             ConnectError::Io(e) => write!(f, "connect error: {e}"),
         }
     }
+}
+
+/// Whether `e` (from opening a socket or connecting) means this process or host is out of a
+/// resource: too many open files (EMFILE, ENFILE), no buffer space or memory (ENOBUFS,
+/// ENOMEM), no free local port (EADDRNOTAVAIL). HAProxy and Envoy do not hold these against
+/// the server either: the server was never reached.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL))
 }
 
 /// A connection to a backend, checked out for one request at a time.
@@ -149,8 +173,7 @@ impl Backend {
     pub async fn connect(self: &Arc<Self>, connect_timeout: Duration) -> Result<BackendConn, ConnectError> {
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
             Err(_) => return Err(ConnectError::Timeout),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(ConnectError::Refused),
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Ok(Err(e)) => return Err(ConnectError::from_io(e)),
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);

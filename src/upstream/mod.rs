@@ -8,6 +8,7 @@ mod backend;
 mod connection;
 mod pool;
 
+pub(crate) use backend::MAX_IDLE_PER_BACKEND;
 pub use backend::{Backend, InFlight};
-pub use connection::{write_all_vectored, BackendConn, ConnectError};
+pub use connection::{is_local_exhaustion, write_all_vectored, BackendConn, ConnectError};
 pub use pool::Pool;

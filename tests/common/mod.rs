@@ -261,7 +261,27 @@ impl Velocity {
     }
 
     pub async fn start_file(config_path: PathBuf, extra_args: &[&str]) -> Velocity {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_velocity"))
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_velocity")), config_path, extra_args).await
+    }
+
+    /// Start with this YAML under open-file limits `soft` and `hard`: `sh` sets them and execs
+    /// Velocity, so the pid is Velocity's.
+    pub async fn start_with_nofile(yaml: &str, soft: u64, hard: u64) -> Velocity {
+        let path = temp_path("velocity.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut sh = Command::new("sh");
+        let limits = format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\"");
+        sh.arg("-c").arg(limits).arg(env!("CARGO_BIN_EXE_velocity"));
+        Self::start_command(sh, path, &[]).await
+    }
+
+    /// File descriptors the process has open (Linux: /proc).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
+    }
+
+    async fn start_command(mut command: Command, config_path: PathBuf, extra_args: &[&str]) -> Velocity {
+        let mut child = command
             .arg("run")
             .arg("-c")
             .arg(&config_path)
