@@ -1,5 +1,5 @@
 //! Process lifecycle: load the config, open listeners, serve; reload on SIGHUP or a file change;
-//! drain and exit on SIGTERM/SIGINT.
+//! reopen log files on SIGUSR1 (and SIGHUP); drain and exit on SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config};
+use crate::observe::{events, history};
 use crate::proxy::{Listener, Tracker};
 use crate::state::{Shared, Snapshot};
 
@@ -32,9 +33,12 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // not take the default action (which kills the process, even for SIGHUP).
     let mut signals = Signals::new()?;
     let listen = config.listen.clone();
+    events::configure(&config.event_log, config.log_format)
+        .map_err(|e| format!("cannot open the event log {:?}: {e}", config.event_log))?;
     let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log: {e}"))?;
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let tracker = Arc::new(Tracker::default());
+    history::spawn_sampler(state.clone());
     let mut listeners = Vec::new();
     for addr in listen {
         let listener = bind(addr).await?;
@@ -50,12 +54,23 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
             sig = signals.next() => match sig {
                 Sig::Stop(name) => break name,
                 Sig::Reload => "SIGHUP",
+                Sig::Reopen => {
+                    reopen_logs("SIGUSR1", &state).await;
+                    continue;
+                }
             },
             _ = file_changed(&mut watch) => "file change",
         };
         match &options.config_path {
-            Some(path) => reload(path, reload_reason, &state, &mut listeners, &tracker).await,
+            Some(path) => {
+                let ok = reload(path, reload_reason, &state, &mut listeners, &tracker).await;
+                state.load().metrics.reload_done(ok);
+            }
             None => warn!("reload ({reload_reason}) ignored: this config was not read from a file"),
+        }
+        if reload_reason == "SIGHUP" {
+            // logrotate configs written for NGINX send either signal: both reopen.
+            reopen_logs("SIGHUP", &state).await;
         }
     };
 
@@ -82,8 +97,31 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     Ok(listener)
 }
 
+/// Open every log file again by its name (after logrotate renamed it): the event log and the
+/// access log. Lines written before the signal are in the old file.
+async fn reopen_logs(reason: &str, state: &Shared) {
+    if let Err(e) = events::reopen() {
+        error!("reopening the event log ({reason}) failed: {e}; still writing to the old file");
+    }
+    if let Some(log) = state.load().access_log.clone() {
+        match tokio::task::spawn_blocking(move || log.reopen(Duration::from_secs(5))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("reopening the access log ({reason}) failed: {e}; still writing to the old file"),
+            Err(e) => error!("reopening the access log ({reason}) failed: {e}"),
+        }
+    }
+    info!("log files reopened ({reason})");
+}
+
 /// Load, validate and switch to the config in `path`; on any problem keep the current one.
-async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<Listener>, tracker: &Arc<Tracker>) {
+/// Returns whether the new config is running.
+async fn reload(
+    path: &Path,
+    reason: &str,
+    state: &Shared,
+    listeners: &mut Vec<Listener>,
+    tracker: &Arc<Tracker>,
+) -> bool {
     let shown = path.display();
     let new = match config::load(path) {
         Ok(cfg) => cfg,
@@ -95,7 +133,7 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
             for e in errors {
                 error!("{e}");
             }
-            return;
+            return false;
         }
     };
     // Open added listeners before switching, so a port in use rejects the whole reload.
@@ -106,17 +144,26 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
                 Ok(l) => added.push((*addr, l)),
                 Err(e) => {
                     error!("reload rejected ({reason}): {e}; still serving the previous config");
-                    return;
+                    return false;
                 }
             }
         }
+    }
+    if let Err(e) = events::configure(&new.event_log, new.log_format) {
+        error!(
+            "reload rejected ({reason}): cannot open the event log {:?}: {e}; still serving the previous config",
+            new.event_log
+        );
+        return false;
     }
     let old = state.load_full();
     let snapshot = match Snapshot::build(new, Some(&old)) {
         Ok(s) => s,
         Err(e) => {
             error!("reload rejected ({reason}): cannot open the access log: {e}; still serving the previous config");
-            return;
+            let old = &old.config;
+            let _ = events::configure(&old.event_log, old.log_format);
+            return false;
         }
     };
     let cfg = snapshot.config.clone();
@@ -143,6 +190,7 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
         cfg.services.len(),
         listeners.len()
     );
+    true
 }
 
 async fn shutdown(
@@ -180,6 +228,7 @@ async fn shutdown(
                     return Err(format!("shutdown: second signal ({name}): exiting now with {} connection(s) open", tracker.open()));
                 }
                 Sig::Reload => warn!("reload (SIGHUP) ignored: shutting down"),
+                Sig::Reopen => reopen_logs("SIGUSR1", state).await,
             },
         }
     }
@@ -232,6 +281,8 @@ impl FileWatch {
 enum Sig {
     Stop(&'static str),
     Reload,
+    /// SIGUSR1: reopen the log files.
+    Reopen,
 }
 
 #[cfg(unix)]
@@ -239,6 +290,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 #[cfg(unix)]
@@ -250,6 +302,7 @@ impl Signals {
             term: watch(SignalKind::terminate(), "SIGTERM")?,
             int: watch(SignalKind::interrupt(), "SIGINT")?,
             hup: watch(SignalKind::hangup(), "SIGHUP")?,
+            usr1: watch(SignalKind::user_defined1(), "SIGUSR1")?,
         })
     }
 
@@ -258,6 +311,7 @@ impl Signals {
             _ = self.term.recv() => Sig::Stop("SIGTERM"),
             _ = self.int.recv() => Sig::Stop("SIGINT"),
             _ = self.hup.recv() => Sig::Reload,
+            _ = self.usr1.recv() => Sig::Reopen,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::balancer::{self, Balancer};
 use crate::config::{Config, ServiceConfig};
 use crate::health::active::{self, Checker};
 use crate::health::retry::RetryBudget;
-use crate::observe::AccessLog;
+use crate::observe::{AccessLog, Metrics, ServiceMetrics};
 use crate::policy::Queue;
 use crate::proxy::router::Router;
 use crate::upstream::{Backend, Pool};
@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub router: Router,
     pub services: Vec<Arc<Service>>,
     pub access_log: Option<AccessLog>,
+    /// Process-wide metrics, the same object in every snapshot.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A service's pool and the balancer built for it, swapped as one.
@@ -43,6 +45,8 @@ pub struct Service {
     /// Requests waiting for a backend under `max_connections`; carried over by a reload so
     /// that waiting requests keep their place.
     pub queue: Arc<Queue>,
+    /// Request counters, carried over by a reload like the queue.
+    pub metrics: Arc<ServiceMetrics>,
     /// Active checks of the pool's backends, stopped when the service is dropped (a reload
     /// that keeps the service starts new ones; the backends keep their state).
     _checker: Option<Checker>,
@@ -52,6 +56,7 @@ impl Service {
     fn new(config: ServiceConfig, previous: Option<&Service>) -> Service {
         let old = previous.map(|s| s.lb.load_full());
         let queue = previous.map_or_else(Arc::default, |s| s.queue.clone());
+        let metrics = previous.map_or_else(|| ServiceMetrics::new(&config.name), |s| s.metrics.clone());
         let backends = config
             .backends
             .iter()
@@ -73,6 +78,7 @@ impl Service {
             lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }),
             retry_budget,
             queue,
+            metrics,
             _checker: checker,
         }
     }
@@ -82,11 +88,19 @@ impl Snapshot {
     /// Build a snapshot, carrying backends (and the access log writer, when its target is
     /// unchanged) over from `previous`.
     pub fn build(config: Config, previous: Option<&Snapshot>) -> std::io::Result<Snapshot> {
+        let metrics = previous.map_or_else(Arc::default, |p| p.metrics.clone());
+        metrics.recent.set_capacity(config.access_log_ring);
         let access_log = match previous {
             Some(p) if p.config.access_log == config.access_log && p.config.log_format == config.log_format => {
                 p.access_log.clone()
             }
-            _ => AccessLog::start(&config.access_log, config.log_format)?,
+            _ => {
+                let log = AccessLog::start(&config.access_log, config.log_format, metrics.recent.clone())?;
+                if let Some(old) = previous.and_then(|p| p.access_log.as_ref()) {
+                    metrics.access_log_replaced(old.dropped());
+                }
+                log
+            }
         };
         let services = config
             .services
@@ -96,6 +110,6 @@ impl Snapshot {
                 Arc::new(Service::new(s.clone(), old.map(|o| &**o)))
             })
             .collect();
-        Ok(Snapshot { router: Router::new(&config.services), services, access_log, config: Arc::new(config) })
+        Ok(Snapshot { router: Router::new(&config.services), services, access_log, metrics, config: Arc::new(config) })
     }
 }

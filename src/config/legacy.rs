@@ -40,6 +40,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
         listen,
         access_log: AccessLog::Stdout,
         log_format: LogFormat::Text,
+        event_log: super::EventLog::Stderr,
+        access_log_ring: crate::observe::ring::DEFAULT_LINES,
         services,
         limits: Limits::default(),
         shutdown: Shutdown::default(),
@@ -141,6 +143,18 @@ pub fn to_yaml(cfg: &Config) -> String {
     }
     if cfg.log_format == LogFormat::Json {
         let _ = writeln!(out, "log_format: json");
+    }
+    match &cfg.event_log {
+        super::EventLog::Stderr => {}
+        super::EventLog::Stdout => {
+            let _ = writeln!(out, "event_log: stdout");
+        }
+        super::EventLog::File(p) => {
+            let _ = writeln!(out, "event_log: {}", quote(&p.display().to_string()));
+        }
+    }
+    if cfg.access_log_ring != crate::observe::ring::DEFAULT_LINES {
+        let _ = writeln!(out, "access_log_ring: {}", cfg.access_log_ring);
     }
     lifecycle::global_yaml(&mut out, cfg);
     let _ = writeln!(out, "services:");

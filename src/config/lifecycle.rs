@@ -152,7 +152,7 @@ fn size(ctx: &mut Ctx, key: &str, v: &S<Scalar>, min: u64, max: u64) -> Option<u
     }
 }
 
-fn count(ctx: &mut Ctx, key: &str, v: &S<Scalar>, min: i64, max: i64) -> Option<usize> {
+pub(super) fn count(ctx: &mut Ctx, key: &str, v: &S<Scalar>, min: i64, max: i64) -> Option<usize> {
     match v.value {
         Scalar::Int(n) if (min..=max).contains(&n) => usize::try_from(n).ok(),
         _ => {

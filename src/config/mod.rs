@@ -24,6 +24,10 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub access_log: AccessLog,
     pub log_format: LogFormat,
+    /// Where events (everything but access lines) go.
+    pub event_log: EventLog,
+    /// Access-log lines kept in memory for `GET /api/v1/logs` (0: none).
+    pub access_log_ring: usize,
     pub services: Vec<ServiceConfig>,
     /// Listener-wide timeouts and limits (client side), and the defaults services inherit.
     pub limits: Limits,
@@ -36,6 +40,13 @@ pub struct Config {
 pub enum AccessLog {
     Stdout,
     Off,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventLog {
+    Stderr,
+    Stdout,
     File(PathBuf),
 }
 

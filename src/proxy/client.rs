@@ -23,6 +23,7 @@ use super::forward;
 use super::timer::LazyTimer;
 use crate::config::Limits;
 use crate::http1::{encode_local, ClientFraming, HeadError, RequestHead, ResponseHead};
+use crate::observe::metrics::Reject;
 use crate::state::Shared;
 use crate::upstream::write_all_vectored;
 
@@ -127,6 +128,7 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
             Next::Close => return,
             Next::TimedOut => {
                 debug!(%client, timeout = ?limits.timeouts.client_header, "client did not send its request headers in time: 408");
+                conn.state.load().metrics.unrouted.before_routing(408, Some(Reject::Timeout));
                 conn.write_local(408, &[], b"408 request timeout\n", true, 1).await;
                 conn.close_gracefully().await;
                 return;
@@ -138,6 +140,11 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
                     HeadError::Malformed(why) => (400, format!("400 bad request: {why}\n")),
                 };
                 info!(%client, status, error = e.message(), "malformed request answered and closed");
+                conn.state
+                    .load()
+                    .metrics
+                    .unrouted
+                    .before_routing(status, (status == 431).then_some(Reject::HeaderTooLarge));
                 conn.write_local(status, &[], body.as_bytes(), true, 1).await;
                 conn.close_gracefully().await;
                 return;

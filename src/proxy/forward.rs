@@ -21,7 +21,7 @@ use crate::config::HealthConfig;
 use crate::health::passive::{self, Admission};
 use crate::health::{active, retry};
 use crate::http1::{ChunkedScanner, Forwarding, RequestHead, ResponseHead};
-use crate::observe::AccessRecord;
+use crate::observe::{AccessRecord, BackendMetrics, RequestEnd};
 use crate::policy::{QueueRejection, Ticket};
 use crate::state::{LoadBalancer, Service};
 use crate::upstream::{Backend, BackendConn, InFlight};
@@ -132,7 +132,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
     let start = Instant::now();
     let host = head.host().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
     let path = std::str::from_utf8(head.path()).unwrap_or("");
-    let (routed, log) = {
+    let (routed, mut log) = {
         let snapshot = c.state.load();
         let log = snapshot.access_log.as_ref().map(|log| {
             let record = AccessRecord {
@@ -141,6 +141,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
                 host: head.host_bytes(),
                 target: head.target_bytes(),
                 status: 0,
+                service: None,
                 backend: None,
                 start: start.into_std(),
                 bytes: 0,
@@ -148,9 +149,10 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
             };
             (log.clone(), record)
         });
-        (snapshot.router.route(host, path).map(|i| snapshot.services[i].clone()), log)
+        let routed = snapshot.router.route(host, path).map(|i| snapshot.services[i].clone());
+        let metrics = routed.as_ref().map_or_else(|| snapshot.metrics.unrouted.clone(), |s| s.metrics.clone());
+        (routed, LogLine { end: RequestEnd::new(metrics, &head.method, start.into_std()), access: log })
     };
-    let mut log = LogLine(log);
     let mut req = Exchange { head, drain, log: &mut log, body_pending: head.has_body(), continued: false };
     let Some(service) = routed else {
         let body = format!("no service for host {host:?}\n");
@@ -247,6 +249,7 @@ impl Exchange<'_> {
             match self.attempt(c, &mut body, backend, bounds).await {
                 Ok(conn) => {
                     let status = c.resp.status;
+                    backend.metrics.response(status, bounds.now.into_std());
                     if passive_cfg.on_5xx && (500..600).contains(&status) {
                         let why = StatusReason(status);
                         passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
@@ -261,6 +264,7 @@ impl Exchange<'_> {
                     }
                 }
                 Err(AttemptError::NotSent(why)) => {
+                    BackendMetrics::inc(&backend.metrics.connection_errors);
                     passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
                     warn!(service = %service.config.name, backend = %backend.name, error = %why, "backend unavailable, trying the next one");
                     last_failure = why;
@@ -309,6 +313,7 @@ impl Exchange<'_> {
                     return self.local(c, 400, &[], b"400 bad request body\n", "bad_request_body").await;
                 }
             }
+            BackendMetrics::inc(&backend.metrics.retries);
             tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
             retries += 1;
         }
@@ -355,6 +360,7 @@ impl Exchange<'_> {
             }
         }
         self.body_pending = false;
+        self.log.end.bytes_in += len as u64;
         Ok(c.buf.split_to(len).freeze())
     }
 
@@ -469,6 +475,7 @@ impl Exchange<'_> {
                 }
                 head_sent = true;
                 c.buf.advance(ready);
+                self.log.end.bytes_in += ready as u64;
             }
             let done = match body {
                 ReqBody::Length(remaining) => {

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
 
+use crate::observe::metrics::ListenerGauge;
 use crate::state::Shared;
 use client::Drain;
 
@@ -107,6 +108,8 @@ pub struct Listener {
     /// `Some(drain_timeout)` once the listener is told to stop.
     stop: watch::Sender<Option<Duration>>,
     limit: Arc<ConnLimit>,
+    /// Keeps `velocity_client_connections_open{listener}` listed while the listener runs.
+    _open: Arc<ListenerGauge>,
 }
 
 impl Listener {
@@ -116,8 +119,9 @@ impl Listener {
         let max = state.load().config.limits.max_client_connections;
         let limit = Arc::new(ConnLimit { open: AtomicUsize::new(0), max: AtomicUsize::new(max), freed: Notify::new() });
         let (stop, stopped) = watch::channel(None);
-        tokio::spawn(serve(listener, local, state, tracker, limit.clone(), stopped));
-        Listener { configured, local, stop, limit }
+        let open = state.load().metrics.listener(local);
+        tokio::spawn(serve(listener, local, state, tracker, limit.clone(), stopped, open.clone()));
+        Listener { configured, local, stop, limit, _open: open }
     }
 
     /// Apply a reloaded `max_client_connections`.
@@ -141,6 +145,7 @@ async fn serve(
     tracker: Arc<Tracker>,
     limit: Arc<ConnLimit>,
     mut stopped: watch::Receiver<Option<Duration>>,
+    open: Arc<ListenerGauge>,
 ) {
     loop {
         let admitted = tokio::select! {
@@ -163,7 +168,7 @@ async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let tracked = tracker.enter();
+        let tracked = (tracker.enter(), open.enter());
         let state = state.clone();
         let stopped = stopped.clone();
         tokio::spawn(async move {

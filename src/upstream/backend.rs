@@ -8,6 +8,7 @@ use hyper::header::HeaderValue;
 
 use super::connection::BackendConn;
 use crate::health::HealthState;
+use crate::observe::BackendMetrics;
 use crate::policy::Queue;
 
 /// Idle keep-alive connections kept per backend. Beyond this, a finished connection is closed.
@@ -25,6 +26,8 @@ pub struct Backend {
     pub host_header: HeaderValue,
     /// Up/down and circuit-breaker state; the rules that change it are in `crate::health`.
     pub health: HealthState,
+    /// Response, latency, retry and ejection counters (read at scrape time).
+    pub metrics: BackendMetrics,
     in_flight: AtomicUsize,
     requests: AtomicU64,
     connections_opened: AtomicU64,
@@ -45,6 +48,7 @@ impl Backend {
             addr,
             host_header,
             health: HealthState::default(),
+            metrics: BackendMetrics::default(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),

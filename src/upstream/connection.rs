@@ -147,6 +147,7 @@ impl Backend {
 
     /// Open a new connection, not taken from the pool.
     pub async fn connect(self: &Arc<Self>, connect_timeout: Duration) -> Result<BackendConn, ConnectError> {
+        let started = Instant::now();
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
             Err(_) => return Err(ConnectError::Timeout),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(ConnectError::Refused),
@@ -155,6 +156,7 @@ impl Backend {
         };
         let _ = stream.set_nodelay(true);
         self.note_connection_opened();
+        self.metrics.connect_time.observe_us(started.elapsed().as_micros() as u64);
         Ok(BackendConn::new(stream))
     }
 
