@@ -4,10 +4,14 @@
 # path. Kernel time (about three quarters of the CPU per request) is not counted: confirm a
 # change with bench/run.sh before believing it matters.
 # Usage: bench/callgrind.sh [BIN] [CONFIG]   (default: a release build with debug info,
-#        round robin over three `velocity testserver` backends on 127.0.0.1:19101-19103)
-# Writes /tmp/velocity-callgrind.out; read it with callgrind_annotate.
+#        round robin over three `velocity testserver` backends on 127.0.0.1)
+# Writes target/velocity-callgrind.out; read it with callgrind_annotate. Ports derive from the
+# checkout's path (or CALLGRIND_PORT), so two checkouts can count at once.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+base=${CALLGRIND_PORT:-$((20000 + $(echo "$root" | cksum | cut -d' ' -f1) % 400 * 10))}
+out=$root/target/velocity-callgrind.out
+mkdir -p "$root/target"
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 bin=${1:-}
@@ -20,26 +24,26 @@ dir=$(mktemp -d)
 config=${2:-$dir/velocity.yaml}
 if [ -z "${2:-}" ]; then
   cat > "$config" <<YAML
-listen: 127.0.0.1:19180
+listen: 127.0.0.1:$base
 access_log: off
 services:
   - name: bench
     backends:
-      - address: 127.0.0.1:19101
-      - address: 127.0.0.1:19102
-      - address: 127.0.0.1:19103
+      - address: 127.0.0.1:$((base + 1))
+      - address: 127.0.0.1:$((base + 2))
+      - address: 127.0.0.1:$((base + 3))
 YAML
 fi
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
 trap cleanup EXIT
-for p in 19101 19102 19103; do "$bin" testserver --listen 127.0.0.1:$p --name b$p >/dev/null 2>&1 & pids+=($!); done
-valgrind --tool=callgrind --callgrind-out-file=/tmp/velocity-callgrind.out "$bin" run -c "$config" \
+for p in $((base + 1)) $((base + 2)) $((base + 3)); do "$bin" testserver --listen 127.0.0.1:$p --name b$p >/dev/null 2>&1 & pids+=($!); done
+valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run -c "$config" \
   > "$dir/velocity.log" 2>&1 &
 vg=$!
 pids+=($vg)
-for _ in $(seq 300); do curl -sf -o /dev/null http://127.0.0.1:19180/ && break; sleep 0.1; done
-requests=$(wrk -t1 -c16 -d10s http://127.0.0.1:19180/ | awk '/requests in/{print $1}')
+for _ in $(seq 300); do curl -sf -o /dev/null http://127.0.0.1:$base/ && break; sleep 0.1; done
+requests=$(wrk -t1 -c16 -d10s http://127.0.0.1:$base/ | awk '/requests in/{print $1}')
 kill -INT "$vg"; wait "$vg" 2>/dev/null || true
-total=$(awk '/^(summary|totals):/{print $2; exit}' /tmp/velocity-callgrind.out)
+total=$(awk '/^(summary|totals):/{print $2; exit}' "$out")
 python3 -c "print(f'{$requests} requests, {$total / $requests:,.0f} user-space instructions per request')"

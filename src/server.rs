@@ -10,7 +10,9 @@ use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
+use crate::admin::{self, AdminState};
 use crate::config::{self, Config};
+use crate::membership::{self, Change, ChangeError, ErrorKind, Source};
 use crate::proxy::{Listener, Tracker};
 use crate::state::{Shared, Snapshot};
 
@@ -32,6 +34,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // not take the default action (which kills the process, even for SIGHUP).
     let mut signals = Signals::new()?;
     let listen = config.listen.clone();
+    let admin_config = config.admin.clone();
     let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log: {e}"))?;
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let tracker = Arc::new(Tracker::default());
@@ -40,25 +43,50 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
         let listener = bind(addr).await?;
         listeners.push(Listener::start(addr, listener, state.clone(), tracker.clone()));
     }
+    let (membership, mut writer) = membership::channel(state.load_full());
+    let admin = match &admin_config {
+        Some(cfg) => {
+            let token = admin::token(cfg)?;
+            let admin_state =
+                AdminState { shared: state.clone(), membership, token, metrics_public: cfg.metrics_public };
+            Some(admin::start(cfg, admin_state).await?)
+        }
+        None => None,
+    };
 
     let mut watch = match (&options.config_path, options.watch) {
         (Some(path), true) => Some(FileWatch::new(path.clone()).await),
         _ => None,
     };
+    // The one writer of the running state: every change, whatever its source, is applied here
+    // in turn.
     let stop_signal = loop {
-        let reload_reason = tokio::select! {
+        let (source, reply) = tokio::select! {
             sig = signals.next() => match sig {
                 Sig::Stop(name) => break name,
-                Sig::Reload => "SIGHUP",
+                Sig::Reload => (Source::Reload("SIGHUP"), None),
             },
-            _ = file_changed(&mut watch) => "file change",
+            _ = file_changed(&mut watch) => (Source::Reload("file change"), None),
+            Some(cmd) = writer.commands.recv() => match cmd.change {
+                Change::Reload => (Source::Reload("admin API"), Some(cmd.reply)),
+            },
         };
-        match &options.config_path {
-            Some(path) => reload(path, reload_reason, &state, &mut listeners, &tracker).await,
-            None => warn!("reload ({reload_reason}) ignored: this config was not read from a file"),
+        let Source::Reload(reason) = source else { continue };
+        let result = match &options.config_path {
+            Some(path) => reload(path, reason, &state, &mut listeners, &tracker).await,
+            None => {
+                warn!("reload ({reason}) ignored: this config was not read from a file");
+                Err(ChangeError::new(ErrorKind::Invalid, "this config was not read from a file", None))
+            }
+        };
+        let result = result.map(|()| writer.publish_view(state.load_full()));
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
         }
     };
 
+    // The admin API stops first: no changes while draining.
+    drop(admin);
     shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await
 }
 
@@ -83,7 +111,13 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 }
 
 /// Load, validate and switch to the config in `path`; on any problem keep the current one.
-async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<Listener>, tracker: &Arc<Tracker>) {
+async fn reload(
+    path: &Path,
+    reason: &str,
+    state: &Shared,
+    listeners: &mut Vec<Listener>,
+    tracker: &Arc<Tracker>,
+) -> Result<(), ChangeError> {
     let shown = path.display();
     let new = match config::load(path) {
         Ok(cfg) => cfg,
@@ -92,10 +126,16 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
                 "reload rejected ({reason}): {} problem(s) in {shown}; still serving the previous config",
                 errors.len()
             );
-            for e in errors {
+            for e in &errors {
                 error!("{e}");
             }
-            return;
+            let mut err = ChangeError::new(
+                ErrorKind::Invalid,
+                format!("{} problem(s) in {shown}; still serving the previous config", errors.len()),
+                None,
+            );
+            err.details = errors.iter().map(ToString::to_string).collect();
+            return Err(err);
         }
     };
     // Open added listeners before switching, so a port in use rejects the whole reload.
@@ -106,7 +146,7 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
                 Ok(l) => added.push((*addr, l)),
                 Err(e) => {
                     error!("reload rejected ({reason}): {e}; still serving the previous config");
-                    return;
+                    return Err(ChangeError::new(ErrorKind::Failed, e, Some("listen")));
                 }
             }
         }
@@ -116,7 +156,11 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
         Ok(s) => s,
         Err(e) => {
             error!("reload rejected ({reason}): cannot open the access log: {e}; still serving the previous config");
-            return;
+            return Err(ChangeError::new(
+                ErrorKind::Failed,
+                format!("cannot open the access log: {e}"),
+                Some("access_log"),
+            ));
         }
     };
     let cfg = snapshot.config.clone();
@@ -143,6 +187,7 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
         cfg.services.len(),
         listeners.len()
     );
+    Ok(())
 }
 
 async fn shutdown(

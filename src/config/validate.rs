@@ -41,7 +41,8 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let access_log = raw.access_log.map_or(AccessLog::Stdout, |v| access_log(ctx, &v));
     let log_format = raw.log_format.map_or(LogFormat::Text, |v| log_format(ctx, &v));
     let services = services(ctx, raw.services);
-    Config { listen, access_log, log_format, services, limits, shutdown, legacy_equivalent: None }
+    let admin = raw.admin.and_then(|a| super::admin::convert(ctx, a));
+    Config { listen, access_log, log_format, services, limits, shutdown, admin, legacy_equivalent: None }
 }
 
 /// Collects problems for one file.
