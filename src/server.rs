@@ -10,8 +10,10 @@ use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
+use crate::admin::{self, AdminState};
 use crate::config::{self, Config};
 use crate::observe::{events, history};
+use crate::membership::{self, Change, ChangeError, ErrorKind, Source};
 use crate::proxy::{Listener, Tracker};
 use crate::state::{Shared, Snapshot};
 
@@ -33,8 +35,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // not take the default action (which kills the process, even for SIGHUP).
     let mut signals = Signals::new()?;
     let listen = config.listen.clone();
+    let admin_config = config.admin.clone();
     events::configure(&config.event_log, config.log_format)
-        .map_err(|e| format!("cannot open the event log {:?}: {e}", config.event_log))?;
+        .map_err(|e| format!("cannot open the event log {}: {e}", config.event_log))?;
     let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log: {e}"))?;
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let tracker = Arc::new(Tracker::default());
@@ -44,36 +47,59 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
         let listener = bind(addr).await?;
         listeners.push(Listener::start(addr, listener, state.clone(), tracker.clone()));
     }
+    let (membership, mut writer) = membership::channel(state.load_full());
+    let admin = match &admin_config {
+        Some(cfg) => {
+            let token = admin::token(cfg)?;
+            let admin_state =
+                AdminState { shared: state.clone(), membership, token, metrics_public: cfg.metrics_public };
+            Some(admin::start(cfg, admin_state).await?)
+        }
+        None => None,
+    };
 
     let mut watch = match (&options.config_path, options.watch) {
         (Some(path), true) => Some(FileWatch::new(path.clone()).await),
         _ => None,
     };
+    // The one writer of the running state: every change, whatever its source, is applied here
+    // in turn.
     let stop_signal = loop {
-        let reload_reason = tokio::select! {
+        let (source, reply) = tokio::select! {
             sig = signals.next() => match sig {
                 Sig::Stop(name) => break name,
-                Sig::Reload => "SIGHUP",
+                Sig::Reload => (Source::Reload("SIGHUP"), None),
                 Sig::Reopen => {
                     reopen_logs("SIGUSR1", &state).await;
                     continue;
                 }
             },
-            _ = file_changed(&mut watch) => "file change",
+            _ = file_changed(&mut watch) => (Source::Reload("file change"), None),
+            Some(cmd) = writer.commands.recv() => match cmd.change {
+                Change::Reload => (Source::Reload("admin API"), Some(cmd.reply)),
+            },
         };
-        match &options.config_path {
-            Some(path) => {
-                let ok = reload(path, reload_reason, &state, &mut listeners, &tracker).await;
-                state.load().metrics.reload_done(ok);
+        let Source::Reload(reason) = source else { continue };
+        let result = match &options.config_path {
+            Some(path) => reload(path, reason, &state, &mut listeners, &tracker).await,
+            None => {
+                warn!("reload ({reason}) ignored: this config was not read from a file");
+                Err(ChangeError::new(ErrorKind::Invalid, "this config was not read from a file", None))
             }
-            None => warn!("reload ({reload_reason}) ignored: this config was not read from a file"),
-        }
-        if reload_reason == "SIGHUP" {
+        };
+        state.load().metrics.reload_done(result.is_ok());
+        if reason == "SIGHUP" {
             // logrotate configs written for NGINX send either signal: both reopen.
             reopen_logs("SIGHUP", &state).await;
         }
+        let result = result.map(|()| writer.publish_view(state.load_full()));
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
     };
 
+    // The admin API stops first: no changes while draining.
+    drop(admin);
     shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await
 }
 
@@ -114,14 +140,13 @@ async fn reopen_logs(reason: &str, state: &Shared) {
 }
 
 /// Load, validate and switch to the config in `path`; on any problem keep the current one.
-/// Returns whether the new config is running.
 async fn reload(
     path: &Path,
     reason: &str,
     state: &Shared,
     listeners: &mut Vec<Listener>,
     tracker: &Arc<Tracker>,
-) -> bool {
+) -> Result<(), ChangeError> {
     let shown = path.display();
     let new = match config::load(path) {
         Ok(cfg) => cfg,
@@ -130,10 +155,16 @@ async fn reload(
                 "reload rejected ({reason}): {} problem(s) in {shown}; still serving the previous config",
                 errors.len()
             );
-            for e in errors {
+            for e in &errors {
                 error!("{e}");
             }
-            return false;
+            let mut err = ChangeError::new(
+                ErrorKind::Invalid,
+                format!("{} problem(s) in {shown}; still serving the previous config", errors.len()),
+                None,
+            );
+            err.details = errors.iter().map(ToString::to_string).collect();
+            return Err(err);
         }
     };
     // Open added listeners before switching, so a port in use rejects the whole reload.
@@ -144,26 +175,26 @@ async fn reload(
                 Ok(l) => added.push((*addr, l)),
                 Err(e) => {
                     error!("reload rejected ({reason}): {e}; still serving the previous config");
-                    return false;
+                    return Err(ChangeError::new(ErrorKind::Failed, e, Some("listen")));
                 }
             }
         }
     }
     if let Err(e) = events::configure(&new.event_log, new.log_format) {
-        error!(
-            "reload rejected ({reason}): cannot open the event log {:?}: {e}; still serving the previous config",
-            new.event_log
-        );
-        return false;
+        error!("reload rejected ({reason}): cannot open the event log {}: {e}; still serving the previous config", new.event_log);
+        return Err(ChangeError::new(ErrorKind::Failed, format!("cannot open the event log: {e}"), Some("event_log")));
     }
     let old = state.load_full();
     let snapshot = match Snapshot::build(new, Some(&old)) {
         Ok(s) => s,
         Err(e) => {
             error!("reload rejected ({reason}): cannot open the access log: {e}; still serving the previous config");
-            let old = &old.config;
-            let _ = events::configure(&old.event_log, old.log_format);
-            return false;
+            let _ = events::configure(&old.config.event_log, old.config.log_format);
+            return Err(ChangeError::new(
+                ErrorKind::Failed,
+                format!("cannot open the access log: {e}"),
+                Some("access_log"),
+            ));
         }
     };
     let cfg = snapshot.config.clone();
@@ -190,7 +221,7 @@ async fn reload(
         cfg.services.len(),
         listeners.len()
     );
-    true
+    Ok(())
 }
 
 async fn shutdown(

@@ -3,6 +3,7 @@
 //! Everything the data plane needs is resolved here, once, at load: addresses are resolved,
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
+pub(crate) mod admin;
 mod duration;
 pub(crate) mod health;
 mod legacy;
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use admin::AdminConfig;
 pub use duration::parse_duration;
 pub use lifecycle::parse_size;
 
@@ -32,6 +34,8 @@ pub struct Config {
     /// Listener-wide timeouts and limits (client side), and the defaults services inherit.
     pub limits: Limits,
     pub shutdown: Shutdown,
+    /// `admin:`: the admin API listener; `None`: no admin API.
+    pub admin: Option<AdminConfig>,
     /// Set when the file was in the original Go Velocity format; holds the equivalent new YAML.
     pub legacy_equivalent: Option<String>,
 }
@@ -48,6 +52,16 @@ pub enum EventLog {
     Stderr,
     Stdout,
     File(PathBuf),
+}
+
+impl fmt::Display for EventLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventLog::Stderr => f.write_str("stderr"),
+            EventLog::Stdout => f.write_str("stdout"),
+            EventLog::File(p) => write!(f, "{}", p.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

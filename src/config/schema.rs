@@ -144,6 +144,7 @@ pub struct RawConfig {
     pub max_header_bytes: Option<S<Scalar>>,
     pub max_client_connections: Option<S<Scalar>>,
     pub shutdown: Option<S<RawShutdown>>,
+    pub admin: Option<S<super::admin::RawAdmin>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -43,6 +43,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let event_log = raw.event_log.map_or(EventLog::Stderr, |v| event_log(ctx, &v));
     let access_log_ring = raw.access_log_ring.map_or(crate::observe::ring::DEFAULT_LINES, |v| access_log_ring(ctx, &v));
     let services = services(ctx, raw.services);
+    let admin = raw.admin.and_then(|a| super::admin::convert(ctx, a));
     Config {
         listen,
         access_log,
@@ -52,6 +53,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
         services,
         limits,
         shutdown,
+        admin,
         legacy_equivalent: None,
     }
 }

@@ -293,6 +293,8 @@ impl Velocity {
             .lock()
             .unwrap()
             .iter()
+            // The admin listener's line is `admin API listening on ...`: see `admin_addr`.
+            .filter(|l| !l.contains("admin API listening"))
             .filter_map(|l| l.split("listening on http://").nth(1))
             .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
             .map(|mut a| {
@@ -307,6 +309,26 @@ impl Velocity {
 
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// The admin API's address, from its `admin API listening on http://ADDR` line (which
+    /// may come a moment after the proxy's).
+    pub async fn admin_addr(&self) -> SocketAddr {
+        let start = Instant::now();
+        loop {
+            let found = self
+                .output
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|l| l.split("admin API listening on http://").nth(1))
+                .find_map(|a| a.trim().parse::<SocketAddr>().ok());
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(start.elapsed() < DEADLINE, "no admin API line: {:#?}", self.output.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn log_lines(&self) -> Vec<String> {
