@@ -12,8 +12,8 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{self, Config};
-use crate::observe::{events, history};
 use crate::membership::{self, Change, ChangeError, ErrorKind, Source};
+use crate::observe::{events, history};
 use crate::proxy::{Listener, Tracker};
 use crate::state::{Shared, Snapshot};
 
@@ -181,7 +181,10 @@ async fn reload(
         }
     }
     if let Err(e) = events::configure(&new.event_log, new.log_format) {
-        error!("reload rejected ({reason}): cannot open the event log {}: {e}; still serving the previous config", new.event_log);
+        error!(
+            "reload rejected ({reason}): cannot open the event log {}: {e}; still serving the previous config",
+            new.event_log
+        );
         return Err(ChangeError::new(ErrorKind::Failed, format!("cannot open the event log: {e}"), Some("event_log")));
     }
     let old = state.load_full();

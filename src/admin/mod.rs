@@ -9,7 +9,10 @@
 
 mod api;
 pub mod auth;
+mod dashboard;
 pub mod error;
+mod logs;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,10 +95,12 @@ impl Routes {
 
 /// Every route of the admin API. `metrics_public` says whether `/metrics` skips the token.
 fn all_routes(metrics_public: bool) -> Routes {
-    let _ = metrics_public;
     let r = Routes::new();
-    api::routes(r)
+    let r = api::routes(r);
     // Other route files are added here: `let r = observe::routes(r, metrics_public);`
+    let r = metrics::routes(r, metrics_public);
+    let r = dashboard::routes(r);
+    logs::routes(r)
 }
 
 /// (method, path) of every route, as axum spells paths (`/api/v1/services/{name}`).

@@ -260,7 +260,7 @@ pub struct BackendMetrics {
     pub response_time: Histogram,
     pub connect_time: Histogram,
     pub connection_errors: AtomicU64,
-    /// Retries on another backend after a failure or a retryable answer here.
+    /// Tries of a request here after a failure or a retryable answer elsewhere.
     pub retries: AtomicU64,
     pub ejections: AtomicU64,
 }
@@ -588,7 +588,7 @@ impl Scrape {
         counters(
             enc,
             "velocity_backend_retries",
-            "Requests moved to another backend after a failure or a retryable answer here.",
+            "Retries sent to this backend after a failure or a retryable answer on another.",
             &counter(&|b| b.metrics.retries.load(Relaxed)),
         )?;
         gauges(

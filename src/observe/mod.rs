@@ -8,6 +8,7 @@ pub mod history;
 pub mod metrics;
 pub mod process;
 pub mod ring;
+pub mod stats;
 mod time;
 
 pub use access_log::{AccessLog, AccessRecord};

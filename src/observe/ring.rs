@@ -53,23 +53,23 @@ impl StatusFilter {
 
 impl Query {
     /// Parse a query string (`status=5xx&service=web&limit=100`); unknown keys are errors, so a
-    /// typo does not silently return everything.
-    pub fn parse(query: &str) -> Result<Query, String> {
+    /// typo does not silently return everything. An error names the parameter.
+    pub fn parse(query: &str) -> Result<Query, (&'static str, String)> {
         let mut q = Query { status: StatusFilter::Any, service: None, limit: DEFAULT_LIMIT };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = percent_decode(value);
             match key {
-                "status" => q.status = status_filter(&value)?,
+                "status" => q.status = status_filter(&value).map_err(|e| ("status", e))?,
                 "service" => q.service = Some(value),
                 "limit" => {
                     q.limit = value
                         .parse()
                         .ok()
                         .filter(|n| *n > 0)
-                        .ok_or_else(|| format!("limit must be a whole number above 0, got {value:?}"))?
+                        .ok_or_else(|| ("limit", format!("limit must be a whole number above 0, got {value:?}")))?
                 }
-                other => return Err(format!("unknown parameter {other:?}: use status, service or limit")),
+                other => return Err(("query", format!("unknown parameter {other:?}: use status, service or limit"))),
             }
         }
         Ok(q)

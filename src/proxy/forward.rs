@@ -245,6 +245,7 @@ impl Exchange<'_> {
             attempted = true;
             if retries > 0 {
                 bounds.now = Instant::now();
+                BackendMetrics::inc(&backend.metrics.retries);
             }
             match self.attempt(c, &mut body, backend, bounds).await {
                 Ok(conn) => {
@@ -313,7 +314,6 @@ impl Exchange<'_> {
                     return self.local(c, 400, &[], b"400 bad request body\n", "bad_request_body").await;
                 }
             }
-            BackendMetrics::inc(&backend.metrics.retries);
             tokio::time::sleep(retry::backoff(retry.backoff_base, retry.backoff_max, retries)).await;
             retries += 1;
         }
