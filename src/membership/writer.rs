@@ -361,6 +361,21 @@ impl Membership {
                     }
                     draining.remove(i);
                 } else {
+                    // A service keeps at least one backend, as in the file (`velocity check`);
+                    // draining ones are as good as gone.
+                    let remaining = service_of(service)?
+                        .backends
+                        .iter()
+                        .filter(|x| !same_address(&x.address, &b.address))
+                        .filter(|x| draining_at(&draining, service, &x.address).is_none())
+                        .count();
+                    if remaining == 0 {
+                        return Err(ChangeError::new(
+                            Conflict,
+                            format!("backend {address} is the last of service {service:?}; remove the service instead"),
+                            Some("address"),
+                        ));
+                    }
                     let e = overlay.edit(service, &b.address);
                     if e.added {
                         e.added = false;
