@@ -4,7 +4,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +12,7 @@ use bytes::Bytes;
 use common::{eventually, temp_path, Client, TestBackend, Velocity, DEADLINE};
 use http_body_util::Full;
 use hyper::Request;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const TOKEN: &str = "s3cret-token";
 
@@ -591,5 +590,4 @@ async fn velocity_ctl_end_to_end() {
 
     let (ok, _, err) = ctl("127.0.0.1:1".parse().unwrap(), &["services"]);
     assert!(!ok && err.contains("cannot reach the admin API at 127.0.0.1:1"), "{err}");
-    let _ = Path::new("");
 }
