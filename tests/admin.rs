@@ -532,6 +532,23 @@ async fn a_guarded_admin_api_without_its_token_does_not_start() {
     let _ = std::fs::remove_file(&path);
 }
 
+#[tokio::test]
+async fn a_state_file_that_cannot_be_written_stops_the_start() {
+    let path = temp_path("badstate.yaml");
+    let extra = "  state_file: /nonexistent-dir/velocity/overlay.json\n";
+    std::fs::write(&path, admin_config(extra, "  - name: web\n    backends: [{address: 127.0.0.1:9}]\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_velocity"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("VELOCITY_TEST_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("admin.state_file: cannot write the overlay to /nonexistent-dir"), "{text}");
+    let _ = std::fs::remove_file(&path);
+}
+
 fn ctl(admin: SocketAddr, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_velocity"))
         .args(["ctl", "--admin", &admin.to_string(), "--token-env", "VELOCITY_TEST_TOKEN"])

@@ -55,7 +55,12 @@ impl Membership {
                     );
                     o
                 }
-                Ok(None) => Overlay::empty(),
+                Ok(None) => {
+                    // Found out now rather than at the first change: a state file that cannot
+                    // be written would make every change fail.
+                    overlay::save(path, &Overlay::empty()).map_err(|e| format!("admin.state_file: {e}"))?;
+                    Overlay::empty()
+                }
                 Err(e) => {
                     // Not fatal: serving the file is better than not serving. The unreadable file
                     // is kept aside, as the next change writes a new one.
