@@ -270,7 +270,10 @@ fn invalid(errors: &[ConfigError], text: &str) -> ChangeError {
     let first = errors.first();
     let message = first.map_or_else(|| "invalid".to_owned(), |e| without_line_numbers(&e.message));
     let field = first.and_then(|e| field_at(text, e.line));
-    let mut err = ChangeError::new(ErrorKind::Invalid, message, field.as_deref());
+    // A clash with a service that exists is a conflict (409), not a malformed request.
+    let clash = message.contains("has the same route as") || message.starts_with("duplicate service name");
+    let kind = if clash { ErrorKind::Conflict } else { ErrorKind::Invalid };
+    let mut err = ChangeError::new(kind, message, field.as_deref());
     if errors.len() > 1 {
         err.details = errors.iter().map(|e| without_line_numbers(&e.message)).collect();
     }
@@ -375,7 +378,7 @@ mod tests {
         let mut o = Overlay::empty();
         o.services.push(json!({"name": "api", "backends": [{"address": "127.0.0.1:1"}]}));
         let e = merge(&file(), &o, &[], &HashSet::new()).unwrap_err();
-        assert!(e.message.contains("same route"), "{e:?}");
+        assert!(e.message.contains("same route") && e.kind == ErrorKind::Conflict, "{e:?}");
         assert!(!e.message.contains("line"), "{e:?}");
     }
 
