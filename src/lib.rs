@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod balancer;
 pub mod config;
+pub mod ctl;
 pub mod health;
 pub mod http1;
 pub mod membership;

@@ -6,16 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{self, Config};
-use crate::membership::{self, Change, ChangeError, ErrorKind, Source};
+use crate::membership::{Change, ChangeError, ErrorKind, Membership, Outcome, Source, DRAIN_POLL};
 use crate::observe::{events, history};
 use crate::proxy::{Listener, Tracker};
-use crate::state::{Shared, Snapshot};
+use crate::state::Shared;
 
 /// How often `--watch` looks at the config file.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -38,8 +37,8 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let admin_config = config.admin.clone();
     events::configure(&config.event_log, config.log_format)
         .map_err(|e| format!("cannot open the event log {}: {e}", config.event_log))?;
-    let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log: {e}"))?;
-    let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let (mut membership, handle, mut commands) = Membership::start(config)?;
+    let state: Shared = membership.shared();
     let tracker = Arc::new(Tracker::default());
     history::spawn_sampler(state.clone());
     let mut listeners = Vec::new();
@@ -47,12 +46,11 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
         let listener = bind(addr).await?;
         listeners.push(Listener::start(addr, listener, state.clone(), tracker.clone()));
     }
-    let (membership, mut writer) = membership::channel(state.load_full());
     let admin = match &admin_config {
         Some(cfg) => {
             let token = admin::token(cfg)?;
             let admin_state =
-                AdminState { shared: state.clone(), membership, token, metrics_public: cfg.metrics_public };
+                AdminState { shared: state.clone(), membership: handle, token, metrics_public: cfg.metrics_public };
             Some(admin::start(cfg, admin_state).await?)
         }
         None => None,
@@ -75,13 +73,22 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
                 }
             },
             _ = file_changed(&mut watch) => (Source::Reload("file change"), None),
-            Some(cmd) = writer.commands.recv() => match cmd.change {
+            Some(cmd) = commands.recv() => match cmd.change {
                 Change::Reload => (Source::Reload("admin API"), Some(cmd.reply)),
+                change => {
+                    let result = membership.apply(cmd.source, change).await;
+                    let _ = cmd.reply.send(result);
+                    continue;
+                }
             },
+            _ = tokio::time::sleep(DRAIN_POLL), if membership.is_draining() => {
+                membership.finish_drains().await;
+                continue;
+            }
         };
         let Source::Reload(reason) = source else { continue };
         let result = match &options.config_path {
-            Some(path) => reload(path, reason, &state, &mut listeners, &tracker).await,
+            Some(path) => reload(path, reason, &mut membership, &mut listeners, &tracker).await,
             None => {
                 warn!("reload ({reason}) ignored: this config was not read from a file");
                 Err(ChangeError::new(ErrorKind::Invalid, "this config was not read from a file", None))
@@ -92,7 +99,6 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
             // logrotate configs written for NGINX send either signal: both reopen.
             reopen_logs("SIGHUP", &state).await;
         }
-        let result = result.map(|()| writer.publish_view(state.load_full()));
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
@@ -139,14 +145,15 @@ async fn reopen_logs(reason: &str, state: &Shared) {
     info!("log files reopened ({reason})");
 }
 
-/// Load, validate and switch to the config in `path`; on any problem keep the current one.
+/// Load, validate and switch to the config in `path` (merged with the overlay); on any
+/// problem keep the current one.
 async fn reload(
     path: &Path,
-    reason: &str,
-    state: &Shared,
+    reason: &'static str,
+    membership: &mut Membership,
     listeners: &mut Vec<Listener>,
     tracker: &Arc<Tracker>,
-) -> Result<(), ChangeError> {
+) -> Result<Outcome, ChangeError> {
     let shown = path.display();
     let new = match config::load(path) {
         Ok(cfg) => cfg,
@@ -167,9 +174,14 @@ async fn reload(
             return Err(err);
         }
     };
+    let old_admin = membership.snapshot().config.admin.clone();
+    if new.admin != old_admin {
+        warn!("reload ({reason}): changes to `admin` take effect at the next start");
+    }
+    let desired = membership.prepare_reload(new.clone()).await;
     // Open added listeners before switching, so a port in use rejects the whole reload.
     let mut added = Vec::new();
-    for addr in &new.listen {
+    for addr in &desired.config.listen {
         if !listeners.iter().any(|l| l.configured == *addr) {
             match bind(*addr).await {
                 Ok(l) => added.push((*addr, l)),
@@ -187,22 +199,18 @@ async fn reload(
         );
         return Err(ChangeError::new(ErrorKind::Failed, format!("cannot open the event log: {e}"), Some("event_log")));
     }
-    let old = state.load_full();
-    let snapshot = match Snapshot::build(new, Some(&old)) {
-        Ok(s) => s,
+    let (old_events, old_format) =
+        (membership.snapshot().config.event_log.clone(), membership.snapshot().config.log_format);
+    let outcome = match membership.commit_reload(Source::Reload(reason), new, desired) {
+        Ok(o) => o,
         Err(e) => {
-            error!("reload rejected ({reason}): cannot open the access log: {e}; still serving the previous config");
-            let _ = events::configure(&old.config.event_log, old.config.log_format);
-            return Err(ChangeError::new(
-                ErrorKind::Failed,
-                format!("cannot open the access log: {e}"),
-                Some("access_log"),
-            ));
+            error!("reload rejected ({reason}): {}; still serving the previous config", e.message);
+            let _ = events::configure(&old_events, old_format);
+            return Err(e);
         }
     };
-    let cfg = snapshot.config.clone();
-    // One atomic store: a request sees the old snapshot or the new one, never a mix.
-    state.store(Arc::new(snapshot));
+    let cfg = outcome.snapshot.config.clone();
+    let state = membership.shared();
 
     let mut removed = 0;
     listeners.retain(|l| {
@@ -224,7 +232,7 @@ async fn reload(
         cfg.services.len(),
         listeners.len()
     );
-    Ok(())
+    Ok(outcome)
 }
 
 async fn shutdown(

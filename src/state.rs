@@ -1,8 +1,11 @@
 //! The snapshot the data plane reads: routes, services and their pools, built from a config.
 //!
-//! Requests load the current snapshot through `arc-swap` (no lock); reloads and admin changes
-//! publish a new one. Backends are carried over by (service, address), so a reload keeps their
-//! health state, counters and pooled connections.
+//! Requests load the current snapshot through `arc-swap` (no lock); the membership writer
+//! (`crate::membership`) publishes a new one for every change. Backends are carried over by
+//! (service, address), so a rebuild keeps their identity, health state, counters and pooled
+//! connections. Health checkers are not part of a snapshot: they live in a registry keyed by
+//! backend identity (`crate::health::registry`), so an old snapshot that requests still hold
+//! checks nothing.
 
 use std::sync::Arc;
 
@@ -10,7 +13,6 @@ use arc_swap::ArcSwap;
 
 use crate::balancer::{self, Balancer};
 use crate::config::{Config, ServiceConfig};
-use crate::health::active::{self, Checker};
 use crate::health::retry::RetryBudget;
 use crate::observe::{AccessLog, Metrics, ServiceMetrics};
 use crate::policy::Queue;
@@ -47,9 +49,6 @@ pub struct Service {
     pub queue: Arc<Queue>,
     /// Request counters, carried over by a reload like the queue.
     pub metrics: Arc<ServiceMetrics>,
-    /// Active checks of the pool's backends, stopped when the service is dropped (a reload
-    /// that keeps the service starts new ones; the backends keep their state).
-    _checker: Option<Checker>,
 }
 
 impl Service {
@@ -69,18 +68,10 @@ impl Service {
             .collect();
         let pool = Pool::new(backends);
         let balancer = balancer::build(config.algorithm, &pool);
-        let checker = config.health.check.as_ref().and_then(|c| active::start(&config.name, c, &pool.backends));
         let retry_budget = RetryBudget::new(config.health.retry.budget_percent);
         // Limits may have grown or backends been added: let waiting requests look again.
         queue.wake_all();
-        Service {
-            config,
-            lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }),
-            retry_budget,
-            queue,
-            metrics,
-            _checker: checker,
-        }
+        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }), retry_budget, queue, metrics }
     }
 }
 

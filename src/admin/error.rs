@@ -11,6 +11,8 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use crate::membership::{ChangeError, ErrorKind};
+
 /// An answer other than success. Nothing has changed when one is returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -18,11 +20,13 @@ pub struct ApiError {
     pub error: String,
     /// The request field the error is about (`address`, `weight`, `name`...), when there is one.
     pub field: Option<String>,
+    /// Every problem, when there are several (a reload's config errors).
+    pub details: Vec<String>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, error: impl Into<String>, field: Option<&str>) -> ApiError {
-        ApiError { status, error: error.into(), field: field.map(str::to_owned) }
+        ApiError { status, error: error.into(), field: field.map(str::to_owned), details: Vec::new() }
     }
 
     pub fn bad_request(error: impl Into<String>, field: &str) -> ApiError {
@@ -38,9 +42,25 @@ impl ApiError {
     }
 }
 
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> ApiError {
+        let status = match e.kind {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, error: e.message, field: e.field, details: e.details }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, Json(json!({ "error": self.error, "field": self.field }))).into_response();
+        let mut body = json!({ "error": self.error, "field": self.field });
+        if !self.details.is_empty() {
+            body["details"] = json!(self.details);
+        }
+        let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }

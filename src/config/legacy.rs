@@ -113,7 +113,11 @@ fn legacy_algorithm(name: &str) -> Option<Algorithm> {
 
 /// The legacy file's config in the new format, with what did not carry over as comments.
 fn equivalent_yaml(cfg: &Config) -> String {
-    let out = String::from("# The legacy Go Velocity config in the current format.\n");
+    let mut out = String::from("# The legacy Go Velocity config in the current format.\n");
+    if let Some(a) = &cfg.admin {
+        let port = a.listen.port();
+        out.push_str(&format!("# api_port {port}: the admin API, on loopback only (add token_env to open it wider)\n"));
+    }
     out + &to_yaml(cfg)
 }
 

@@ -19,6 +19,7 @@ use std::time::Duration;
 pub use admin::AdminConfig;
 pub use duration::parse_duration;
 pub use lifecycle::parse_size;
+pub use validate::MAX_WEIGHT;
 
 /// A fully validated configuration.
 #[derive(Debug, Clone, PartialEq)]

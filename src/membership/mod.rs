@@ -12,7 +12,16 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 
+pub mod desired;
+pub mod overlay;
+mod writer;
+
+pub use desired::Desired;
+pub use overlay::Overlay;
+pub use writer::{Membership, DRAIN_POLL};
+
 use crate::state::Snapshot;
+use crate::upstream::AdminState;
 
 /// Who asked for a change: logged with it, and what later sources will set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +44,42 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// One change to the desired state.
+/// One change to the desired state. Backends are named by service and address (as written
+/// in the file or given to the API).
 #[derive(Debug, Clone)]
 pub enum Change {
     /// Read the config file again (the overlay stays).
     Reload,
+    /// A whole service, in the file's schema (JSON).
+    AddService(serde_json::Value),
+    RemoveService(String),
+    AddBackend {
+        service: String,
+        address: String,
+        weight: u32,
+    },
+    /// With `drain`, the backend takes no new requests and goes when its in-flight ones are
+    /// done (or after `shutdown.drain_timeout`); without, at once.
+    RemoveBackend {
+        service: String,
+        address: String,
+        drain: bool,
+    },
+    SetWeight {
+        service: String,
+        address: String,
+        weight: u32,
+    },
+    /// `draining` is a removal with drain; `active` also cancels a drain.
+    SetState {
+        service: String,
+        address: String,
+        state: AdminState,
+    },
+    /// Forget every run-time change: the file alone.
+    ClearOverlay,
+    /// Several changes applied as one: all of them or none.
+    Batch(Vec<Change>),
 }
 
 /// What kind of problem kept a change from being applied (nothing changed).
@@ -87,6 +127,10 @@ pub struct Command {
 pub struct View {
     /// The snapshot this view describes.
     pub snapshot: Arc<Snapshot>,
+    /// The merged desired state it was built from (origins, admin states, conflicts).
+    pub desired: Arc<Desired>,
+    /// The overlay as kept (and written to the state file).
+    pub overlay: Overlay,
 }
 
 /// How sources reach the writer, and how readers see its last result. Cheap to clone.
@@ -111,25 +155,5 @@ impl Handle {
     }
 }
 
-/// The writer's end: commands to apply, and where to publish.
-pub struct Writer {
-    pub commands: mpsc::Receiver<Command>,
-    view: Arc<ArcSwap<View>>,
-}
-
 /// Commands that may wait for the writer; a source beyond this waits for room.
 const QUEUE: usize = 64;
-
-pub fn channel(first: Arc<Snapshot>) -> (Handle, Writer) {
-    let (tx, commands) = mpsc::channel(QUEUE);
-    let view = Arc::new(ArcSwap::from_pointee(View { snapshot: first }));
-    (Handle { tx, view: view.clone() }, Writer { commands, view })
-}
-
-impl Writer {
-    pub fn publish_view(&self, snapshot: Arc<Snapshot>) -> Outcome {
-        let view = Arc::new(View { snapshot });
-        self.view.store(view.clone());
-        view
-    }
-}

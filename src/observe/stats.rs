@@ -39,6 +39,8 @@ pub struct BackendStats {
     pub address: String,
     /// `up`, `down` (active checks), `ejected` or `half-open` (passive detection).
     pub health: &'static str,
+    /// `active`, `draining` or `disabled` (the admin API's state).
+    pub admin: &'static str,
     pub in_flight: usize,
     /// Tries: response heads received plus connection errors.
     pub requests: u64,
@@ -84,6 +86,7 @@ pub fn read(snap: &Snapshot, with_history: bool) -> Stats {
                     BackendStats {
                         address: b.name.clone(),
                         health: health(b),
+                        admin: b.admin_state().name(),
                         in_flight: b.in_flight(),
                         requests: responses + conn_errors,
                         errors: m.responses(5) + conn_errors,

@@ -227,7 +227,10 @@ impl Exchange<'_> {
             let acquired = {
                 let ctx = RequestContext { client_ip: c.client.ip(), head };
                 let pool = &lb.pool;
-                let usable = |i: usize| !tried.contains(i) && pool.backends[i].health.selectable();
+                let usable = |i: usize| {
+                    let b = &pool.backends[i];
+                    !tried.contains(i) && b.is_active() && b.health.selectable()
+                };
                 acquire(service, &lb, &ctx, &usable, deadline.into_std()).await
             };
             let (i, in_flight) = match acquired {

@@ -175,8 +175,9 @@ impl Backend {
 
     /// Give a connection back after a complete exchange. Only a connection with nothing unread
     /// is reusable: stray bytes would be taken for the next response.
+    /// A draining (or disabled) backend keeps none: its connections close as its requests end.
     pub fn put_idle(&self, mut conn: BackendConn) {
-        if !conn.buf.is_empty() {
+        if !conn.buf.is_empty() || !self.is_active() {
             return;
         }
         let now = conn.since;

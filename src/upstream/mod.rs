@@ -8,6 +8,6 @@ mod backend;
 mod connection;
 mod pool;
 
-pub use backend::{Backend, InFlight};
+pub use backend::{AdminState, Backend, InFlight, LastCheck};
 pub use connection::{write_all_vectored, BackendConn, ConnectError};
 pub use pool::Pool;

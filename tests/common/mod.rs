@@ -249,11 +249,17 @@ impl Velocity {
     }
 
     pub async fn start_file(config_path: PathBuf, extra_args: &[&str]) -> Velocity {
+        Self::start_file_env(config_path, extra_args, &[]).await
+    }
+
+    /// Like `start_file`, with extra environment variables (such as the admin token).
+    pub async fn start_file_env(config_path: PathBuf, extra_args: &[&str], env: &[(&str, &str)]) -> Velocity {
         let mut child = Command::new(env!("CARGO_BIN_EXE_velocity"))
             .arg("run")
             .arg("-c")
             .arg(&config_path)
             .args(extra_args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
