@@ -302,7 +302,7 @@ impl Velocity {
             // The admin listener's line is `admin API listening on ...`: see `admin_addr`.
             .filter(|l| !l.contains("admin API listening"))
             .filter_map(|l| l.split("listening on http://").nth(1))
-            .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
+            .filter_map(addr_in)
             .map(|mut a| {
                 // A wildcard listener is reached over loopback.
                 if a.ip().is_unspecified() {
@@ -328,7 +328,7 @@ impl Velocity {
                 .unwrap()
                 .iter()
                 .filter_map(|l| l.split("admin API listening on http://").nth(1))
-                .find_map(|a| a.trim().parse::<SocketAddr>().ok());
+                .find_map(addr_in);
             if let Some(a) = found {
                 return a;
             }
@@ -442,4 +442,9 @@ pub fn tally(resps: &[Resp]) -> HashMap<String, usize> {
         *m.entry(r.backend()).or_insert(0) += 1;
     }
     m
+}
+
+/// The address at the start of `text`, also when the line is a JSON event (`...:8000"}`).
+fn addr_in(text: &str) -> Option<SocketAddr> {
+    text.trim().split(['"', ' ', '}']).next()?.parse().ok()
 }
