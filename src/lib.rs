@@ -2,12 +2,16 @@
 //!
 //! Data flows `config` → `proxy` (listeners, per-request path) → `balancer` (pick a backend)
 //! → `upstream` (backends and their connection pools); `observe` logs on the side.
+//! `membership` is the one writer of the running state; `admin` (the REST API) sits beside it.
 
+pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod fd_limit;
+pub mod ctl;
 pub mod health;
 pub mod http1;
+pub mod membership;
 pub mod observe;
 pub mod policy;
 pub mod proxy;

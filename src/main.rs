@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use velocity::{config, observe, server, testserver};
+use velocity::{config, ctl, observe, server, testserver};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,6 +33,17 @@ enum Command {
         /// The file to check, as `nginx -t` users expect (`velocity check FILE`); wins over -c.
         file: Option<PathBuf>,
     },
+    /// Operate a running Velocity through its admin API (prints tables).
+    Ctl {
+        /// The admin API's address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// The environment variable holding the bearer token (sent when set).
+        #[arg(long, default_value = "VELOCITY_ADMIN_TOKEN")]
+        token_env: String,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
     /// Start three demo backends and the balancer on 127.0.0.1:8000.
     Demo,
     /// A tiny backend that answers every request with its name.
@@ -46,6 +57,27 @@ enum Command {
         #[arg(long)]
         delay: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Every service's backends: id, address, weight, state, health, in-flight, requests.
+    Services,
+    /// Add a backend to a service (it takes traffic after its first passing health check).
+    Add {
+        service: String,
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Stop new requests to a backend and remove it once its in-flight requests are done.
+    Drain { service: String, address: String },
+    /// Remove a backend at once.
+    Remove { service: String, address: String },
+    /// Set a backend's weight.
+    Weight { service: String, address: String, weight: u32 },
+    /// Read the config file again (as SIGHUP).
+    Reload,
 }
 
 const DEMO_CONFIG: &str = include_str!("../examples/demo.yaml");
@@ -68,6 +100,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ctl { admin, token_env, action } => ctl_cmd(&admin, &token_env, action),
         Command::Demo => {
             observe::init_logging();
             demo()
@@ -148,6 +181,35 @@ fn demo() -> ExitCode {
         println!("  Ctrl-C to stop.");
         server::run(cfg, server::Options::default()).await
     })
+}
+
+fn ctl_cmd(admin: &str, token_env: &str, action: CtlAction) -> ExitCode {
+    let action = match action {
+        CtlAction::Services => ctl::Action::Services,
+        CtlAction::Add { service, address, weight } => ctl::Action::Add { service, address, weight },
+        CtlAction::Drain { service, address } => ctl::Action::Drain { service, address },
+        CtlAction::Remove { service, address } => ctl::Action::Remove { service, address },
+        CtlAction::Weight { service, address, weight } => ctl::Action::Weight { service, address, weight },
+        CtlAction::Reload => ctl::Action::Reload,
+    };
+    let token = std::env::var(token_env).ok().filter(|t| !t.trim().is_empty());
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(ctl::run(admin, token.as_deref().map(str::trim), &action)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn testserver_cmd(listen: Option<String>, name: Option<String>, delay: Option<String>) -> ExitCode {

@@ -1,18 +1,20 @@
 //! Process lifecycle: load the config, open listeners, serve; reload on SIGHUP or a file change;
-//! drain and exit on SIGTERM/SIGINT.
+//! reopen log files on SIGUSR1 (and SIGHUP); drain and exit on SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
+use crate::admin::{self, AdminState};
 use crate::config::{self, Config};
+use crate::membership::{Change, ChangeError, ErrorKind, Membership, Outcome, Source, DRAIN_POLL};
+use crate::observe::{events, history};
 use crate::proxy::{Listener, Tracker};
-use crate::state::{Shared, Snapshot};
+use crate::state::Shared;
 
 /// How often `--watch` looks at the config file.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -36,39 +38,81 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
         crate::fd_limit::check(&config, limit);
     }
     let listen = config.listen.clone();
-    let log = config.access_log.clone();
-    let snapshot = Snapshot::build(config, None).map_err(|e| format!("cannot open the access log {log}: {e}"))?;
-    let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let admin_config = config.admin.clone();
+    events::configure(&config.event_log, config.log_format)
+        .map_err(|e| format!("cannot open the event log {}: {e}", config.event_log))?;
+    let (mut membership, handle, mut commands) = Membership::start(config)?;
+    let state: Shared = membership.shared();
     let tracker = Arc::new(Tracker::default());
+    history::spawn_sampler(state.clone());
     let mut listeners = Vec::new();
     for addr in listen {
         let listener = bind(addr).await?;
         listeners.push(Listener::start(addr, listener, state.clone(), tracker.clone()));
     }
+    let admin = match &admin_config {
+        Some(cfg) => {
+            let token = admin::token(cfg)?;
+            let admin_state =
+                AdminState { shared: state.clone(), membership: handle, token, metrics_public: cfg.metrics_public };
+            Some(admin::start(cfg, admin_state).await?)
+        }
+        None => None,
+    };
 
     let mut watch = match (&options.config_path, options.watch) {
         (Some(path), true) => Some(FileWatch::new(path.clone()).await),
         _ => None,
     };
+    // The one writer of the running state: every change, whatever its source, is applied here
+    // in turn.
     let stop_signal = loop {
-        let reload_reason = tokio::select! {
+        let (source, reply) = tokio::select! {
             sig = signals.next() => match sig {
                 Sig::Stop(name) => break name,
-                Sig::Reload => "SIGHUP",
-            },
-            _ = file_changed(&mut watch) => "file change",
-        };
-        match &options.config_path {
-            Some(path) => {
-                reload(path, reload_reason, &state, &mut listeners, &tracker).await;
-                if let Some(limit) = fd_limit {
-                    crate::fd_limit::check(&state.load().config, limit);
+                Sig::Reload => (Source::Reload("SIGHUP"), None),
+                Sig::Reopen => {
+                    reopen_logs("SIGUSR1", &state).await;
+                    continue;
                 }
+            },
+            _ = file_changed(&mut watch) => (Source::Reload("file change"), None),
+            Some(cmd) = commands.recv() => match cmd.change {
+                Change::Reload => (Source::Reload("admin API"), Some(cmd.reply)),
+                change => {
+                    let result = membership.apply(cmd.source, change).await;
+                    let _ = cmd.reply.send(result);
+                    continue;
+                }
+            },
+            _ = tokio::time::sleep(DRAIN_POLL), if membership.is_draining() => {
+                membership.finish_drains().await;
+                continue;
             }
-            None => warn!("reload ({reload_reason}) ignored: this config was not read from a file"),
+        };
+        let Source::Reload(reason) = source else { continue };
+        let result = match &options.config_path {
+            Some(path) => reload(path, reason, &mut membership, &mut listeners, &tracker).await,
+            None => {
+                warn!("reload ({reason}) ignored: this config was not read from a file");
+                Err(ChangeError::new(ErrorKind::Invalid, "this config was not read from a file", None))
+            }
+        };
+        state.load().metrics.reload_done(result.is_ok());
+        if let Some(limit) = fd_limit {
+            crate::fd_limit::check(&state.load().config, limit);
+        }
+        if reason == "SIGHUP" {
+            // logrotate configs written for NGINX send either signal: both reopen.
+            reopen_logs("SIGHUP", &state).await;
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
         }
     };
 
+    // The admin API stops first: no changes while draining.
+    drop(admin);
     shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await
 }
 
@@ -92,8 +136,31 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     Ok(listener)
 }
 
-/// Load, validate and switch to the config in `path`; on any problem keep the current one.
-async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<Listener>, tracker: &Arc<Tracker>) {
+/// Open every log file again by its name (after logrotate renamed it): the event log and the
+/// access log. Lines written before the signal are in the old file.
+async fn reopen_logs(reason: &str, state: &Shared) {
+    if let Err(e) = events::reopen() {
+        error!("reopening the event log ({reason}) failed: {e}; still writing to the old file");
+    }
+    if let Some(log) = state.load().access_log.clone() {
+        match tokio::task::spawn_blocking(move || log.reopen(Duration::from_secs(5))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("reopening the access log ({reason}) failed: {e}; still writing to the old file"),
+            Err(e) => error!("reopening the access log ({reason}) failed: {e}"),
+        }
+    }
+    info!("log files reopened ({reason})");
+}
+
+/// Load, validate and switch to the config in `path` (merged with the overlay); on any
+/// problem keep the current one.
+async fn reload(
+    path: &Path,
+    reason: &'static str,
+    membership: &mut Membership,
+    listeners: &mut Vec<Listener>,
+    tracker: &Arc<Tracker>,
+) -> Result<Outcome, ChangeError> {
     let shown = path.display();
     let new = match config::load(path) {
         Ok(cfg) => cfg,
@@ -102,39 +169,55 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
                 "reload rejected ({reason}): {} problem(s) in {shown}; still serving the previous config",
                 errors.len()
             );
-            for e in errors {
+            for e in &errors {
                 error!("{e}");
             }
-            return;
+            let mut err = ChangeError::new(
+                ErrorKind::Invalid,
+                format!("{} problem(s) in {shown}; still serving the previous config", errors.len()),
+                None,
+            );
+            err.details = errors.iter().map(ToString::to_string).collect();
+            return Err(err);
         }
     };
+    let old_admin = membership.snapshot().config.admin.clone();
+    if new.admin != old_admin {
+        warn!("reload ({reason}): changes to `admin` take effect at the next start");
+    }
+    let desired = membership.prepare_reload(new.clone()).await;
     // Open added listeners before switching, so a port in use rejects the whole reload.
     let mut added = Vec::new();
-    for addr in &new.listen {
+    for addr in &desired.config.listen {
         if !listeners.iter().any(|l| l.configured == *addr) {
             match bind(*addr).await {
                 Ok(l) => added.push((*addr, l)),
                 Err(e) => {
                     error!("reload rejected ({reason}): {e}; still serving the previous config");
-                    return;
+                    return Err(ChangeError::new(ErrorKind::Failed, e, Some("listen")));
                 }
             }
         }
     }
-    let old = state.load_full();
-    let log = new.access_log.clone();
-    let snapshot = match Snapshot::build(new, Some(&old)) {
-        Ok(s) => s,
+    if let Err(e) = events::configure(&new.event_log, new.log_format) {
+        error!(
+            "reload rejected ({reason}): cannot open the event log {}: {e}; still serving the previous config",
+            new.event_log
+        );
+        return Err(ChangeError::new(ErrorKind::Failed, format!("cannot open the event log: {e}"), Some("event_log")));
+    }
+    let (old_events, old_format) =
+        (membership.snapshot().config.event_log.clone(), membership.snapshot().config.log_format);
+    let outcome = match membership.commit_reload(Source::Reload(reason), new, desired) {
+        Ok(o) => o,
         Err(e) => {
-            error!(
-                "reload rejected ({reason}): cannot open the access log {log}: {e}; still serving the previous config"
-            );
-            return;
+            error!("reload rejected ({reason}): {}; still serving the previous config", e.message);
+            let _ = events::configure(&old_events, old_format);
+            return Err(e);
         }
     };
-    let cfg = snapshot.config.clone();
-    // One atomic store: a request sees the old snapshot or the new one, never a mix.
-    state.store(Arc::new(snapshot));
+    let cfg = outcome.snapshot.config.clone();
+    let state = membership.shared();
 
     let mut removed = 0;
     listeners.retain(|l| {
@@ -156,6 +239,7 @@ async fn reload(path: &Path, reason: &str, state: &Shared, listeners: &mut Vec<L
         cfg.services.len(),
         listeners.len()
     );
+    Ok(outcome)
 }
 
 async fn shutdown(
@@ -197,6 +281,7 @@ async fn shutdown(
                     return Err(format!("shutdown: second signal ({name}): exiting now with {} connection(s) open", tracker.open()));
                 }
                 Sig::Reload => warn!("reload (SIGHUP) ignored: shutting down"),
+                Sig::Reopen => reopen_logs("SIGUSR1", state).await,
             },
         }
     }
@@ -249,6 +334,8 @@ impl FileWatch {
 enum Sig {
     Stop(&'static str),
     Reload,
+    /// SIGUSR1: reopen the log files.
+    Reopen,
 }
 
 #[cfg(unix)]
@@ -256,6 +343,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 #[cfg(unix)]
@@ -267,6 +355,7 @@ impl Signals {
             term: watch(SignalKind::terminate(), "SIGTERM")?,
             int: watch(SignalKind::interrupt(), "SIGINT")?,
             hup: watch(SignalKind::hangup(), "SIGHUP")?,
+            usr1: watch(SignalKind::user_defined1(), "SIGUSR1")?,
         })
     }
 
@@ -275,6 +364,7 @@ impl Signals {
             _ = self.term.recv() => Sig::Stop("SIGTERM"),
             _ = self.int.recv() => Sig::Stop("SIGINT"),
             _ = self.hup.recv() => Sig::Reload,
+            _ = self.usr1.recv() => Sig::Reopen,
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The snapshot the data plane reads: routes, services and their pools, built from a config.
 //!
-//! Requests load the current snapshot through `arc-swap` (no lock); reloads and admin changes
-//! publish a new one. Backends are carried over by (service, address), so a reload keeps their
-//! health state, counters and pooled connections.
+//! Requests load the current snapshot through `arc-swap` (no lock); the membership writer
+//! (`crate::membership`) publishes a new one for every change. Backends are carried over by
+//! (service, address), so a rebuild keeps their identity, health state, counters and pooled
+//! connections. Health checkers are not part of a snapshot: they live in a registry keyed by
+//! backend identity (`crate::health::registry`), so an old snapshot that requests still hold
+//! checks nothing.
 
 use std::sync::Arc;
 
@@ -10,9 +13,8 @@ use arc_swap::ArcSwap;
 
 use crate::balancer::{self, Balancer};
 use crate::config::{Config, ServiceConfig};
-use crate::health::active::{self, Checker};
 use crate::health::retry::RetryBudget;
-use crate::observe::AccessLog;
+use crate::observe::{AccessLog, Metrics, ServiceMetrics};
 use crate::policy::Queue;
 use crate::proxy::router::Router;
 use crate::upstream::{Backend, Pool};
@@ -25,6 +27,8 @@ pub struct Snapshot {
     pub router: Router,
     pub services: Vec<Arc<Service>>,
     pub access_log: Option<AccessLog>,
+    /// Process-wide metrics, the same object in every snapshot.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A service's pool and the balancer built for it, swapped as one.
@@ -43,15 +47,15 @@ pub struct Service {
     /// Requests waiting for a backend under `max_connections`; carried over by a reload so
     /// that waiting requests keep their place.
     pub queue: Arc<Queue>,
-    /// Active checks of the pool's backends, stopped when the service is dropped (a reload
-    /// that keeps the service starts new ones; the backends keep their state).
-    _checker: Option<Checker>,
+    /// Request counters, carried over by a reload like the queue.
+    pub metrics: Arc<ServiceMetrics>,
 }
 
 impl Service {
     fn new(config: ServiceConfig, previous: Option<&Service>) -> Service {
         let old = previous.map(|s| s.lb.load_full());
         let queue = previous.map_or_else(Arc::default, |s| s.queue.clone());
+        let metrics = previous.map_or_else(|| ServiceMetrics::new(&config.name), |s| s.metrics.clone());
         let backends = config
             .backends
             .iter()
@@ -71,17 +75,10 @@ impl Service {
             .collect();
         let pool = Pool::new(backends);
         let balancer = balancer::build(&config, &pool);
-        let checker = config.health.check.as_ref().and_then(|c| active::start(&config.name, c, &pool.backends));
         let retry_budget = RetryBudget::new(config.health.retry.budget_percent);
         // Limits may have grown or backends been added: let waiting requests look again.
         queue.wake_all();
-        Service {
-            config,
-            lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }),
-            retry_budget,
-            queue,
-            _checker: checker,
-        }
+        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }), retry_budget, queue, metrics }
     }
 }
 
@@ -89,11 +86,19 @@ impl Snapshot {
     /// Build a snapshot, carrying backends (and the access log writer, when its target is
     /// unchanged) over from `previous`.
     pub fn build(config: Config, previous: Option<&Snapshot>) -> std::io::Result<Snapshot> {
+        let metrics = previous.map_or_else(Arc::default, |p| p.metrics.clone());
+        metrics.recent.set_capacity(config.access_log_ring);
         let access_log = match previous {
             Some(p) if p.config.access_log == config.access_log && p.config.log_format == config.log_format => {
                 p.access_log.clone()
             }
-            _ => AccessLog::start(&config.access_log, config.log_format)?,
+            _ => {
+                let log = AccessLog::start(&config.access_log, config.log_format, metrics.recent.clone())?;
+                if let Some(old) = previous.and_then(|p| p.access_log.as_ref()) {
+                    metrics.access_log_replaced(old.dropped());
+                }
+                log
+            }
         };
         let services = config
             .services
@@ -103,6 +108,6 @@ impl Snapshot {
                 Arc::new(Service::new(s.clone(), old.map(|o| &**o)))
             })
             .collect();
-        Ok(Snapshot { router: Router::new(&config.services), services, access_log, config: Arc::new(config) })
+        Ok(Snapshot { router: Router::new(&config.services), services, access_log, metrics, config: Arc::new(config) })
     }
 }

@@ -299,10 +299,11 @@ async fn testserver_answers_with_its_name() {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_velocity"))
         .args(["testserver", "--listen", "127.0.0.1:0", "--name", "alpha"])
-        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    // Events (the listening line among them) go to stderr.
+    let stdout = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {

@@ -92,11 +92,11 @@ mod tests {
         assert_eq!(pick_for(&by_ip, &pool, ip, &a), pick_for(&by_ip, &pool, mapped, &a));
 
         let by_header = ConsistentHash::new(HashKey::Header("x-user".into()), &pool);
-        let u1 = head("GET / HTTP/1.1\r\nX-User:  alice \r\n\r\n");
-        let u2 = head("GET /other HTTP/1.1\r\nx-user: alice\r\n\r\n");
+        let u1 = head("GET / HTTP/1.1\r\nhost: a\r\nX-User:  alice \r\n\r\n");
+        let u2 = head("GET /other HTTP/1.1\r\nhost: a\r\nx-user: alice\r\n\r\n");
         assert_eq!(pick_for(&by_header, &pool, ip, &u1), pick_for(&by_header, &pool, ip, &u2));
         // Without the header: rotation, so all backends get some.
-        let none = head("GET / HTTP/1.1\r\n\r\n");
+        let none = head("GET / HTTP/1.1\r\nhost: a\r\n\r\n");
         let mut seen = [false; 8];
         for _ in 0..200 {
             seen[pick_for(&by_header, &pool, ip, &none)] = true;

@@ -118,8 +118,8 @@ mod tests {
 
     fn pick_with(s: &Sticky, pool: &Pool, cookie: Option<&str>, usable: &dyn Fn(usize) -> bool) -> Option<Pick> {
         let text = match cookie {
-            Some(c) => format!("GET / HTTP/1.1\r\ncookie: {c}\r\n\r\n"),
-            None => "GET / HTTP/1.1\r\n\r\n".to_owned(),
+            Some(c) => format!("GET / HTTP/1.1\r\nhost: a\r\ncookie: {c}\r\n\r\n"),
+            None => "GET / HTTP/1.1\r\nhost: a\r\n\r\n".to_owned(),
         };
         let mut head = RequestHead::default();
         assert!(matches!(head.parse(&mut BytesMut::from(text.as_str()), 65536), Ok(true)));

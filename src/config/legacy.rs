@@ -10,7 +10,7 @@ use serde_saphyr::Spanned;
 
 use super::schema::{LegacyConfig, LegacyService, OneOrMany, RawBackend, RawService, Scalar, S};
 use super::validate::{self, map_spanned, Ctx, Scope};
-use super::{lifecycle, AccessLog, Algorithm, Config, ConfigError, Limits, LogFormat, Shutdown};
+use super::{admin, lifecycle, AccessLog, AdminConfig, Algorithm, Config, ConfigError, Limits, LogFormat, Shutdown};
 
 pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<ConfigError>> {
     let raw: LegacyConfig = serde_saphyr::from_str(text).map_err(|e| vec![validate::syntax_error(path, &e)])?;
@@ -40,12 +40,16 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
         listen,
         access_log: AccessLog::Stdout,
         log_format: LogFormat::Text,
+        event_log: super::EventLog::Stderr,
+        access_log_ring: crate::observe::ring::DEFAULT_LINES,
         services,
         limits: Limits::default(),
         shutdown: Shutdown::default(),
+        // The Go version served its API on api_port; ours listens on loopback only.
+        admin: api_port.map(AdminConfig::loopback),
         legacy_equivalent: None,
     };
-    cfg.legacy_equivalent = Some(equivalent_yaml(&cfg, api_port));
+    cfg.legacy_equivalent = Some(equivalent_yaml(&cfg));
     ctx.finish(cfg)
 }
 
@@ -108,10 +112,11 @@ fn legacy_algorithm(name: &str) -> Option<Algorithm> {
 }
 
 /// The legacy file's config in the new format, with what did not carry over as comments.
-fn equivalent_yaml(cfg: &Config, api_port: Option<u16>) -> String {
+fn equivalent_yaml(cfg: &Config) -> String {
     let mut out = String::from("# The legacy Go Velocity config in the current format.\n");
-    if let Some(p) = api_port {
-        out.push_str(&format!("# api_port {p}: the admin API is not available yet; this key is ignored\n"));
+    if let Some(a) = &cfg.admin {
+        let port = a.listen.port();
+        out.push_str(&format!("# api_port {port}: the admin API, on loopback only (add token_env to open it wider)\n"));
     }
     out + &to_yaml(cfg)
 }
@@ -142,7 +147,20 @@ pub fn to_yaml(cfg: &Config) -> String {
     if cfg.log_format == LogFormat::Json {
         let _ = writeln!(out, "log_format: json");
     }
+    match &cfg.event_log {
+        super::EventLog::Stderr => {}
+        super::EventLog::Stdout => {
+            let _ = writeln!(out, "event_log: stdout");
+        }
+        super::EventLog::File(p) => {
+            let _ = writeln!(out, "event_log: {}", quote(&p.display().to_string()));
+        }
+    }
+    if cfg.access_log_ring != crate::observe::ring::DEFAULT_LINES {
+        let _ = writeln!(out, "access_log_ring: {}", cfg.access_log_ring);
+    }
     lifecycle::global_yaml(&mut out, cfg);
+    admin::to_yaml(&mut out, &cfg.admin);
     let _ = writeln!(out, "services:");
     for s in &cfg.services {
         let _ = writeln!(out, "  - name: {}", quote(&s.name));
@@ -172,7 +190,7 @@ pub fn to_yaml(cfg: &Config) -> String {
 }
 
 /// A YAML scalar for `s`: plain when that is unambiguous, else double-quoted.
-fn quote(s: &str) -> String {
+pub(super) fn quote(s: &str) -> String {
     let lower = s.to_ascii_lowercase();
     let plain = s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '/')
         && s.chars().all(|c| c.is_ascii_alphanumeric() || "._/:-".contains(c))
@@ -246,7 +264,8 @@ services:
         assert!(other.hosts.is_empty());
         assert_eq!(other.algorithm, Algorithm::LeastConnections);
         let yaml = cfg.legacy_equivalent.as_deref().unwrap();
-        assert!(yaml.contains("# api_port 8081: the admin API is not available yet; this key is ignored\n"), "{yaml}");
+        assert!(yaml.contains("admin:\n  listen: \"127.0.0.1:8081\"\n"), "{yaml}");
+        assert_eq!(cfg.admin, Some(AdminConfig::loopback(8081)));
         assert!(yaml.contains("listen: 0.0.0.0:8080\n"), "{yaml}");
     }
 

@@ -114,7 +114,7 @@ fn timeouts(ctx: &mut Ctx, raw: RawTimeouts, base: &Timeouts, top_level: bool) -
     out
 }
 
-fn count(ctx: &mut Ctx, key: &str, v: &S<Scalar>, min: i64, max: i64) -> Option<usize> {
+pub(super) fn count(ctx: &mut Ctx, key: &str, v: &S<Scalar>, min: i64, max: i64) -> Option<usize> {
     value::whole(ctx, key, v, min, max).and_then(|n| usize::try_from(n).ok())
 }
 

@@ -3,6 +3,7 @@
 //! Everything the data plane needs is resolved here, once, at load: addresses are resolved,
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
+pub(crate) mod admin;
 mod balancing;
 pub(crate) mod health;
 mod legacy;
@@ -17,7 +18,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use validate::Scope;
+pub use admin::AdminConfig;
+pub use validate::{Scope, MAX_WEIGHT};
 pub use value::{format_duration, parse_duration, parse_size};
 
 /// A fully validated configuration.
@@ -26,10 +28,16 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub access_log: AccessLog,
     pub log_format: LogFormat,
+    /// Where events (everything but access lines) go.
+    pub event_log: EventLog,
+    /// Access-log lines kept in memory for `GET /api/v1/logs` (0: none).
+    pub access_log_ring: usize,
     pub services: Vec<ServiceConfig>,
     /// Listener-wide timeouts and limits (client side), and the defaults services inherit.
     pub limits: Limits,
     pub shutdown: Shutdown,
+    /// `admin:`: the admin API listener; `None`: no admin API.
+    pub admin: Option<AdminConfig>,
     /// Set when the file was in the original Go Velocity format; holds the equivalent new YAML.
     pub legacy_equivalent: Option<String>,
 }
@@ -48,6 +56,23 @@ impl fmt::Display for AccessLog {
             AccessLog::Stdout => f.write_str("stdout"),
             AccessLog::Off => f.write_str("off"),
             AccessLog::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventLog {
+    Stderr,
+    Stdout,
+    File(PathBuf),
+}
+
+impl fmt::Display for EventLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventLog::Stderr => f.write_str("stderr"),
+            EventLog::Stdout => f.write_str("stdout"),
+            EventLog::File(p) => write!(f, "{}", p.display()),
         }
     }
 }

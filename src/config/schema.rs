@@ -137,11 +137,14 @@ pub struct RawConfig {
     pub listen: Option<S<OneOrMany>>,
     pub access_log: Option<S<String>>,
     pub log_format: Option<S<String>>,
+    pub event_log: Option<S<String>>,
+    pub access_log_ring: Option<S<Scalar>>,
     pub services: Option<S<Vec<S<RawService>>>>,
     pub timeouts: Option<S<RawTimeouts>>,
     pub max_header_bytes: Option<S<Scalar>>,
     pub max_client_connections: Option<S<Scalar>>,
     pub shutdown: Option<S<RawShutdown>>,
+    pub admin: Option<S<super::admin::RawAdmin>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

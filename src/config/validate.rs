@@ -9,8 +9,8 @@ use serde_saphyr::{Location, MessageFormatter, Spanned};
 
 use super::schema::{OneOrMany, Probe, RawBackend, RawConfig, RawService, Scalar, S};
 use super::{
-    legacy, lifecycle, preflight, AccessLog, Algorithm, BackendConfig, CheckKind, Config, ConfigError, HostPattern,
-    LogFormat, ServiceConfig, Timeouts,
+    legacy, lifecycle, preflight, AccessLog, Algorithm, BackendConfig, CheckKind, Config, ConfigError, EventLog,
+    HostPattern, LogFormat, ServiceConfig, Timeouts,
 };
 
 pub const MAX_WEIGHT: i64 = 10_000;
@@ -52,8 +52,22 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     };
     let access_log = raw.access_log.map_or(AccessLog::Stdout, |v| access_log(ctx, &v));
     let log_format = raw.log_format.map_or(LogFormat::Text, |v| log_format(ctx, &v));
+    let event_log = raw.event_log.map_or(EventLog::Stderr, |v| event_log(ctx, &v));
+    let access_log_ring = raw.access_log_ring.map_or(crate::observe::ring::DEFAULT_LINES, |v| access_log_ring(ctx, &v));
     let services = services(ctx, raw.services);
-    Config { listen, access_log, log_format, services, limits, shutdown, legacy_equivalent: None }
+    let admin = raw.admin.and_then(|a| super::admin::convert(ctx, a));
+    Config {
+        listen,
+        access_log,
+        log_format,
+        event_log,
+        access_log_ring,
+        services,
+        limits,
+        shutdown,
+        admin,
+        legacy_equivalent: None,
+    }
 }
 
 /// Collects problems for one file.
@@ -255,6 +269,32 @@ fn access_log(ctx: &mut Ctx, v: &S<String>) -> AccessLog {
         );
         AccessLog::Stdout
     }
+}
+
+fn event_log(ctx: &mut Ctx, v: &S<String>) -> EventLog {
+    let text = v.value.trim();
+    if text.eq_ignore_ascii_case("stderr") {
+        EventLog::Stderr
+    } else if text.eq_ignore_ascii_case("stdout") {
+        EventLog::Stdout
+    } else if text.contains('/') {
+        EventLog::File(PathBuf::from(text))
+    } else {
+        ctx.error(
+            &v.referenced,
+            format!(
+                "unknown event_log {text:?}: use stderr, stdout, or a file path containing \"/\", such as ./{text}"
+            ),
+        );
+        EventLog::Stderr
+    }
+}
+
+/// The most lines `access_log_ring` may keep (each is a few hundred bytes).
+const MAX_RING_LINES: i64 = 1_000_000;
+
+fn access_log_ring(ctx: &mut Ctx, v: &S<Scalar>) -> usize {
+    lifecycle::count(ctx, "access_log_ring", v, 0, MAX_RING_LINES).unwrap_or(crate::observe::ring::DEFAULT_LINES)
 }
 
 fn log_format(ctx: &mut Ctx, v: &S<String>) -> LogFormat {

@@ -22,26 +22,13 @@ use super::{jitter_down, passive, random_fraction, HealthState};
 use crate::config::{CheckKind, HealthCheckConfig};
 use crate::upstream::{is_local_exhaustion, Backend};
 
-/// The checker tasks of one service; dropping it (with the service) stops them.
-#[derive(Debug)]
-pub struct Checker {
-    tasks: Vec<AbortHandle>,
-}
-
-impl Drop for Checker {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// Start checking `backends`. `None` outside a Tokio runtime (config tools and unit tests).
-pub fn start(service: &str, cfg: &HealthCheckConfig, backends: &[Arc<Backend>]) -> Option<Checker> {
-    let runtime = tokio::runtime::Handle::try_current().ok()?;
+/// Start one check task per backend of a service, sharing what its checks share; the caller
+/// (the checker registry, `health::registry`) owns the tasks. Empty outside a Tokio runtime
+/// (config tools and unit tests).
+pub fn start(service: &str, cfg: &HealthCheckConfig, backends: &[Arc<Backend>]) -> Vec<AbortHandle> {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return Vec::new() };
     let probe = Arc::new(Probe::new(service, cfg));
-    let tasks = backends.iter().map(|b| runtime.spawn(run(probe.clone(), b.clone())).abort_handle()).collect();
-    Some(Checker { tasks })
+    backends.iter().map(|b| runtime.spawn(run(probe.clone(), b.clone())).abort_handle()).collect()
 }
 
 /// What every check of a service shares, built once.
@@ -96,6 +83,7 @@ async fn run(probe: Arc<Probe>, backend: Arc<Backend>) {
         }
         let pass = result.is_ok();
         let why = result.unwrap_or_else(|e| e);
+        backend.note_check(pass, &why);
         match record(&backend.health, pass, probe.cfg.healthy_threshold, probe.cfg.unhealthy_threshold) {
             Some(Transition::Down) => {
                 // Pooled connections to a backend that is going away would only fail later.
@@ -122,8 +110,7 @@ pub enum Transition {
 
 /// Count one check result; a transition when a threshold is reached.
 pub fn record(h: &HealthState, pass: bool, rise: u32, fall: u32) -> Option<Transition> {
-    // Only this backend's checker writes these (a reload may briefly run two checkers for one
-    // backend; each result still counts once).
+    // Only this backend's checker writes these: the registry runs one per backend.
     let up = h.active_up.load(Ordering::Relaxed);
     if pass == up {
         h.active_streak.store(0, Ordering::Relaxed);

@@ -7,6 +7,7 @@
 
 pub mod active;
 pub mod passive;
+pub mod registry;
 pub mod retry;
 mod tls;
 

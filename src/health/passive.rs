@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::{jitter_down, now_ms};
 use crate::config::PassiveConfig;
+use crate::observe::BackendMetrics;
 use crate::upstream::{Backend, Pool};
 
 /// Whether a picked backend may take the request.
@@ -96,6 +97,7 @@ pub fn record_failure(
         h.ejections.store(n, Ordering::Relaxed);
         h.ejected_until.store(now_ms() + d.as_millis() as u64, Ordering::Release);
         h.trial.store(false, Ordering::Release);
+        BackendMetrics::inc(&backend.metrics.ejections);
         warn!(service, backend = %backend.name, from = "half-open", to = "ejected", reason = %reason, ejection_ms = d.as_millis() as u64, ejections = n, "trial request failed, backend ejected again");
         return;
     }
@@ -122,6 +124,7 @@ pub fn record_failure(
     if h.ejected_until.compare_exchange(0, until, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
         h.ejections.store(n, Ordering::Relaxed);
         h.failures.store(0, Ordering::Relaxed);
+        BackendMetrics::inc(&backend.metrics.ejections);
         warn!(service, backend = %backend.name, from = "closed", to = "ejected", reason = %reason, failures, ejection_ms = d.as_millis() as u64, ejections = n, "backend ejected after consecutive failures");
     }
 }

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use hyper::Method;
 use tracing::warn;
 
+use super::ring::{Entry, Ring};
 use crate::config::{AccessLog as Target, LogFormat};
 use crate::upstream::Backend;
 
@@ -41,6 +42,8 @@ pub struct AccessRecord {
     pub host: Option<Bytes>,
     pub target: Bytes,
     pub status: u16,
+    /// The service's name; `None` when the request matched none.
+    pub service: Option<Arc<str>>,
     pub backend: Option<Arc<Backend>>,
     pub start: Instant,
     pub bytes: u64,
@@ -57,6 +60,8 @@ enum Msg {
     Record(Queued),
     /// Write out everything before this, then answer.
     Flush(SyncSender<()>),
+    /// Write out everything, open the file again by its name (logrotate moved it), answer.
+    Reopen(SyncSender<io::Result<()>>),
 }
 
 /// A record on its way to the writer.
@@ -98,17 +103,20 @@ struct Queue {
 }
 
 impl AccessLog {
-    /// Start a writer for `target`; `None` when the log is off.
-    pub fn start(target: &Target, format: LogFormat) -> io::Result<Option<AccessLog>> {
-        let sink: Box<dyn Write + Send> = match target {
-            Target::Off => return Ok(None),
-            Target::Stdout => Box::new(io::stdout()),
-            Target::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
+    /// Start a writer for `target`; `None` when the log is off. Every line also goes to
+    /// `ring` (the recent lines the admin API shows).
+    pub fn start(target: &Target, format: LogFormat, ring: Arc<Ring>) -> io::Result<Option<AccessLog>> {
+        let sink = match open_sink(target)? {
+            Some(sink) => sink,
+            None => return Ok(None),
         };
         let (tx, rx) = mpsc::sync_channel(SLOTS);
         let queue = Arc::new(Queue { warn_on_drop: !matches!(target, Target::Stdout), ..Queue::default() });
         let shared = queue.clone();
-        std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(rx, sink, format, &shared))?;
+        let target = target.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_loop(rx, sink, format, &shared, &target, &ring))?;
         Ok(Some(AccessLog { tx, queue }))
     }
 
@@ -164,6 +172,14 @@ impl AccessLog {
         }
     }
 
+    /// Open the log file again by its name, after everything logged so far is written
+    /// (SIGUSR1/SIGHUP, after logrotate moved it). Stdout: nothing to do.
+    pub fn reopen(&self, wait: Duration) -> io::Result<()> {
+        let (ack, done) = mpsc::sync_channel(1);
+        self.tx.send(Msg::Reopen(ack)).map_err(|_| io::Error::other("the access-log writer has stopped"))?;
+        done.recv_timeout(wait).map_err(|_| io::Error::other("the access-log writer did not answer"))?
+    }
+
     /// Lines dropped because the writer could not keep up (or its output failed).
     pub fn dropped(&self) -> u64 {
         self.queue.dropped.load(Ordering::Relaxed)
@@ -175,9 +191,25 @@ impl AccessLog {
     }
 }
 
-fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat, queue: &Queue) {
+fn open_sink(target: &Target) -> io::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match target {
+        Target::Off => None,
+        Target::Stdout => Some(Box::new(io::stdout())),
+        Target::File(path) => Some(Box::new(OpenOptions::new().create(true).append(true).open(path)?)),
+    })
+}
+
+fn write_loop(
+    rx: Receiver<Msg>,
+    sink: Box<dyn Write + Send>,
+    format: LogFormat,
+    queue: &Queue,
+    target: &Target,
+    ring: &Ring,
+) {
     let mut out = io::BufWriter::with_capacity(64 * 1024, sink);
     let mut line = String::with_capacity(256);
+    let mut json = String::with_capacity(256);
     // Block for the first message of a batch, then drain without blocking, then flush.
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
@@ -195,10 +227,33 @@ fn write_loop(rx: Receiver<Msg>, sink: Box<dyn Write + Send>, format: LogFormat,
                         warn!(error = %e, "access log: cannot write, the access log stops here");
                         return;
                     }
+                    if ring.capacity() > 0 {
+                        let json = if format == LogFormat::Json {
+                            line.trim_end().to_string()
+                        } else {
+                            json.clear();
+                            format_record(&mut json, &q.record, host, target, q.duration_us, LogFormat::Json);
+                            json.trim_end().to_string()
+                        };
+                        ring.push(Entry { status: q.record.status, service: q.record.service.clone(), json });
+                    }
                 }
                 Msg::Flush(ack) => {
                     let _ = out.flush();
                     let _ = ack.send(());
+                }
+                Msg::Reopen(ack) => {
+                    let _ = out.flush();
+                    let reopened = match open_sink(target) {
+                        Ok(Some(sink)) if matches!(target, Target::File(_)) => {
+                            out = io::BufWriter::with_capacity(64 * 1024, sink);
+                            Ok(())
+                        }
+                        Ok(_) => Ok(()),
+                        // Keep writing to the old file rather than lose lines.
+                        Err(e) => Err(e),
+                    };
+                    let _ = ack.send(reopened);
                 }
             }
             match rx.try_recv() {
@@ -273,10 +328,12 @@ fn format_record(out: &mut String, r: &AccessRecord, host: Option<&[u8]>, target
             out.push_str(",\"path\":");
             json_str(out, path);
             if r.status == 0 {
-                out.push_str(",\"status\":null,\"backend\":");
+                out.push_str(",\"status\":null,\"service\":");
             } else {
-                let _ = write!(out, ",\"status\":{},\"backend\":", r.status);
+                let _ = write!(out, ",\"status\":{},\"service\":", r.status);
             }
+            json_str(out, r.service.as_deref().unwrap_or("-"));
+            out.push_str(",\"backend\":");
             json_str(out, backend);
             let _ = write!(out, ",\"duration_ms\":{ms:.3},\"bytes\":{}", r.bytes);
             if let Some(note) = r.note {
@@ -289,7 +346,7 @@ fn format_record(out: &mut String, r: &AccessRecord, host: Option<&[u8]>, target
 }
 
 /// Append `s` as a JSON string literal.
-fn json_str(out: &mut String, s: &str) {
+pub(super) fn json_str(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -315,6 +372,7 @@ mod tests {
             host: Some(Bytes::from_static(b"we\"b")),
             target: Bytes::from_static(b"/a?q=1"),
             status: 200,
+            service: Some("web".into()),
             backend: None,
             start: Instant::now(),
             bytes: 3,
@@ -336,6 +394,6 @@ mod tests {
         let r = record();
         format_record(&mut s, &r, r.host.as_deref(), &r.target, 1500, LogFormat::Json);
         assert!(s.contains(r#""host":"we\"b""#), "{s}");
-        assert!(s.contains(r#""status":200"#), "{s}");
+        assert!(s.contains(r#""status":200,"service":"web""#), "{s}");
     }
 }

@@ -1,14 +1,16 @@
-//! Logging: the access log (one line per request, written off the request path) and the
-//! process log set-up.
+//! Observability, beside the request path: metrics (atomics recorded per request, encoded at
+//! scrape time), the access log (one line per request, written off the request path) with its
+//! in-memory ring, the event log, and the dashboard's history.
 
 pub mod access_log;
+pub mod events;
+pub mod history;
+pub mod metrics;
+pub mod process;
+pub mod ring;
+pub mod stats;
 mod time;
 
 pub use access_log::{AccessLog, AccessRecord};
-
-/// Events go to stdout through `tracing`; `RUST_LOG` overrides the default `info` level.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
-}
+pub use events::init_logging;
+pub use metrics::{BackendMetrics, Metrics, RequestEnd, ServiceMetrics};

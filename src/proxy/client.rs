@@ -29,6 +29,7 @@ use super::forward;
 use super::timer::LazyTimer;
 use crate::config::Limits;
 use crate::http1::{encode_local, ClientFraming, HeadError, RequestHead, ResponseHead};
+use crate::observe::metrics::Reject;
 use crate::state::Shared;
 use crate::upstream::write_all_vectored;
 
@@ -200,6 +201,7 @@ async fn serve_busy(conn: &mut ClientConn, head: &mut RequestHead, first: &mut b
             Next::TimedOut => {
                 let timeout = conn.limits.timeouts.client_header;
                 debug!(%client, ?timeout, "client did not send its request headers in time: 408");
+                conn.state.load().metrics.unrouted.before_routing(408, Some(Reject::Timeout));
                 conn.answer_and_close(408, b"408 request timeout\n").await;
                 return Busy::Done;
             }
@@ -213,6 +215,11 @@ async fn serve_busy(conn: &mut ClientConn, head: &mut RequestHead, first: &mut b
                     HeadError::Malformed(why) => (400, format!("400 bad request: {why}\n")),
                 };
                 info!(%client, status, error = e.message(), "malformed request answered and closed");
+                conn.state
+                    .load()
+                    .metrics
+                    .unrouted
+                    .before_routing(status, (status == 431).then_some(Reject::HeaderTooLarge));
                 conn.answer_and_close(status, body.as_bytes()).await;
                 return Busy::Done;
             }

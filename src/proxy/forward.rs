@@ -21,7 +21,7 @@ use crate::config::HealthConfig;
 use crate::health::passive::{self, Admission};
 use crate::health::{active, retry};
 use crate::http1::{ChunkedScanner, Forwarding, RequestHead, ResponseHead};
-use crate::observe::AccessRecord;
+use crate::observe::{AccessRecord, BackendMetrics, RequestEnd};
 use crate::policy::{QueueRejection, Ticket};
 use crate::state::{LoadBalancer, Service};
 use crate::upstream::{Backend, BackendConn, ConnectError, InFlight};
@@ -137,7 +137,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
     let start = Instant::now();
     let host = head.host().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
     let path = std::str::from_utf8(head.path()).unwrap_or("");
-    let (routed, log) = {
+    let (routed, mut log) = {
         let snapshot = c.state.load();
         let log = snapshot.access_log.as_ref().map(|log| {
             let record = AccessRecord {
@@ -146,6 +146,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
                 host: head.host_bytes(),
                 target: head.target_bytes(),
                 status: 0,
+                service: None,
                 backend: None,
                 start: start.into_std(),
                 bytes: 0,
@@ -153,9 +154,10 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
             };
             (log.clone(), record)
         });
-        (snapshot.router.route(host, path).map(|i| snapshot.services[i].clone()), log)
+        let routed = snapshot.router.route(host, path).map(|i| snapshot.services[i].clone());
+        let metrics = routed.as_ref().map_or_else(|| snapshot.metrics.unrouted.clone(), |s| s.metrics.clone());
+        (routed, LogLine { end: RequestEnd::new(metrics, &head.method, start.into_std()), access: log })
     };
-    let mut log = LogLine(log);
     let mut req = Exchange {
         head,
         drain,
@@ -258,7 +260,10 @@ impl Exchange<'_> {
             let acquired = {
                 let ctx = RequestContext { client_ip: c.client.ip(), head };
                 let pool = &lb.pool;
-                let usable = |i: usize| !tried.contains(i) && pool.backends[i].health.selectable();
+                let usable = |i: usize| {
+                    let b = &pool.backends[i];
+                    !tried.contains(i) && b.is_active() && b.health.selectable()
+                };
                 acquire(service, &lb, &ctx, &usable, deadline.into_std()).await
             };
             let (i, in_flight) = match acquired {
@@ -283,6 +288,7 @@ impl Exchange<'_> {
             attempted = true;
             if retries > 0 {
                 bounds.now = Instant::now();
+                BackendMetrics::inc(&backend.metrics.retries);
             }
             // Only latency-aware algorithms pay for the clock read.
             let sent_at = lb.balancer.observes_latency().then(std::time::Instant::now);
@@ -294,6 +300,7 @@ impl Exchange<'_> {
                         backend.load.observe_ttfb(t.elapsed());
                     }
                     let status = c.resp.status;
+                    backend.metrics.response(status, bounds.now.into_std());
                     if passive_cfg.on_5xx && (500..600).contains(&status) {
                         let why = StatusReason(status);
                         passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
@@ -308,6 +315,7 @@ impl Exchange<'_> {
                     }
                 }
                 Err(AttemptError::NotSent(why)) => {
+                    BackendMetrics::inc(&backend.metrics.connection_errors);
                     passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
                     warn!(service = %service.config.name, backend = %backend.name, error = %why, "backend unavailable, trying the next one");
                     last_failure = why;
@@ -421,6 +429,7 @@ impl Exchange<'_> {
             }
         }
         self.body_pending = false;
+        self.log.end.bytes_in += len as u64;
         Ok(c.buf.split_to(len).freeze())
     }
 
@@ -536,6 +545,7 @@ impl Exchange<'_> {
                 }
                 head_sent = true;
                 c.buf.advance(ready);
+                self.log.end.bytes_in += ready as u64;
             }
             let done = match body {
                 ReqBody::Length(remaining) => {

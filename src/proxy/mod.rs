@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::observe::metrics::ListenerGauge;
 use crate::state::Shared;
 use crate::upstream::is_local_exhaustion;
 use client::Drain;
@@ -119,6 +120,8 @@ pub struct Listener {
     /// `Some(drain_timeout)` once the listener is told to stop.
     stop: watch::Sender<Option<Duration>>,
     limit: Arc<ConnLimit>,
+    /// Keeps `velocity_client_connections_open{listener}` listed while the listener runs.
+    _open: Arc<ListenerGauge>,
 }
 
 impl Listener {
@@ -128,8 +131,9 @@ impl Listener {
         let max = state.load().config.limits.max_client_connections;
         let limit = Arc::new(ConnLimit { open: AtomicUsize::new(0), max: AtomicUsize::new(max), freed: Notify::new() });
         let (stop, stopped) = watch::channel(None);
-        tokio::spawn(serve(listener, local, state, tracker, limit.clone(), stopped));
-        Listener { configured, local, stop, limit }
+        let open = state.load().metrics.listener(local);
+        tokio::spawn(serve(listener, local, state, tracker, limit.clone(), stopped, open.clone()));
+        Listener { configured, local, stop, limit, _open: open }
     }
 
     /// Apply a reloaded `max_client_connections`.
@@ -153,6 +157,7 @@ async fn serve(
     tracker: Arc<Tracker>,
     limit: Arc<ConnLimit>,
     mut stopped: watch::Receiver<Option<Duration>>,
+    open: Arc<ListenerGauge>,
 ) {
     // Failed accepts in the current out-of-descriptors episode (0: none): logged when it
     // starts and when it ends, not every 50 ms.
@@ -188,11 +193,11 @@ async fn serve(
             exhausted = 0;
         }
         let _ = stream.set_nodelay(true);
-        let tracked = tracker.enter();
+        let tracked = (tracker.enter(), open.enter());
         let state = state.clone();
         let stopped = stopped.clone();
         tokio::spawn(async move {
-            serve_connection(stream, client, state, stopped, &tracked.0).await;
+            serve_connection(stream, client, state, stopped, &tracked.0 .0).await;
             drop((admitted, tracked));
         });
     }

@@ -13,44 +13,47 @@ use super::client::{send, ClientConn};
 use super::forward::{Exchange, TimeoutKind};
 use crate::config::Timeouts;
 use crate::http1::{ChunkedScanner, ClientFraming, Framing};
-use crate::observe::{AccessLog, AccessRecord};
+use crate::observe::{AccessLog, AccessRecord, RequestEnd};
 use crate::policy::QueueRejection;
 use crate::state::Service;
 use crate::upstream::{Backend, BackendConn, InFlight};
 
-/// The access-log line of a request, written when it is dropped (so every way out logs it).
-pub(super) struct LogLine(pub(super) Option<(AccessLog, AccessRecord)>);
+/// What a request leaves when it is dropped (so every way out counts): its metrics, and its
+/// access-log line when the log is on.
+pub(super) struct LogLine {
+    pub(super) end: RequestEnd,
+    pub(super) access: Option<(AccessLog, AccessRecord)>,
+}
 
 impl LogLine {
     pub(super) fn set(&mut self, status: u16, note: Option<&'static str>, backend: Option<&Arc<Backend>>) {
-        if let Some((_, r)) = &mut self.0 {
-            r.status = status;
-            if note.is_some() {
-                r.note = note;
-            }
-            if let Some(b) = backend {
-                r.backend = Some(b.clone());
-            }
+        self.end.status = status;
+        if note.is_some() {
+            self.end.note = note;
+        }
+        if let (Some(b), Some((_, r))) = (backend, &mut self.access) {
+            r.backend = Some(b.clone());
         }
     }
 
     pub(super) fn note(&mut self, note: &'static str) {
-        if let Some((_, r)) = &mut self.0 {
-            r.note = Some(note);
-        }
+        self.end.note = Some(note);
     }
 
     fn bytes(&mut self, n: u64) {
-        if let Some((_, r)) = &mut self.0 {
-            r.bytes += n;
-        }
+        self.end.bytes_out += n;
     }
 }
 
 impl Drop for LogLine {
     fn drop(&mut self) {
-        if let Some((log, record)) = self.0.take() {
-            let us = record.start.elapsed().as_micros() as u64;
+        let us = self.end.finish();
+        if let Some((log, mut record)) = self.access.take() {
+            record.status = self.end.status;
+            record.note = self.end.note;
+            record.bytes = self.end.bytes_out;
+            let name = &self.end.service.name;
+            record.service = (!name.is_empty()).then(|| name.clone());
             log.log(record, us);
         }
     }

@@ -1,14 +1,15 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper::header::HeaderValue;
 
 use super::connection::BackendConn;
 use crate::balancer::LoadStats;
 use crate::health::HealthState;
+use crate::observe::BackendMetrics;
 use crate::policy::Queue;
 
 /// Idle keep-alive connections kept per backend. Beyond this, a finished connection is closed.
@@ -16,9 +17,53 @@ pub(crate) const MAX_IDLE_PER_BACKEND: usize = 512;
 /// An idle connection older than this is not reused (the backend may be about to close it).
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What an operator (or another source of change) decided for a backend, beside its health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    Active,
+    /// No new requests and no keep-alive reuse; removed once its in-flight requests finish.
+    Draining,
+    /// Kept and health-checked, but takes no traffic.
+    Disabled,
+}
+
+impl AdminState {
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+
+    fn from_u8(v: u8) -> AdminState {
+        match v {
+            1 => AdminState::Draining,
+            2 => AdminState::Disabled,
+            _ => AdminState::Active,
+        }
+    }
+}
+
+/// The last active health check of a backend, for the admin API.
+#[derive(Debug, Clone)]
+pub struct LastCheck {
+    pub at: SystemTime,
+    pub passed: bool,
+    /// What passed (`status 200`) or why it failed (`connection refused`).
+    pub reason: String,
+}
+
+/// Identities are never reused within a process: a backend removed and added again is a new one.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// One backend server and everything the data plane knows about it.
 #[derive(Debug)]
 pub struct Backend {
+    /// Stable for as long as this backend exists: reloads and admin changes carry the same
+    /// `Arc<Backend>` over, so the identity (and the health-checker keyed by it) goes with it.
+    pub id: u64,
     /// As written in the config; names the backend in logs.
     pub name: String,
     pub addr: SocketAddr,
@@ -28,6 +73,8 @@ pub struct Backend {
     pub health: HealthState,
     /// Latency estimate and slow-start mark, for the load-aware algorithms.
     pub load: LoadStats,
+    /// Response, latency, retry and ejection counters (read at scrape time).
+    pub metrics: BackendMetrics,
     in_flight: AtomicUsize,
     requests: AtomicU64,
     connections_opened: AtomicU64,
@@ -38,24 +85,63 @@ pub struct Backend {
     max_in_flight: AtomicUsize,
     /// The queue of the service this backend belongs to, woken when a request here ends.
     queue: OnceLock<Arc<Queue>>,
+    /// [`AdminState`] as a byte: one relaxed load per pick.
+    admin: AtomicU8,
+    /// Written by its health checker once per check; read by the admin API.
+    last_check: Mutex<Option<LastCheck>>,
 }
 
 impl Backend {
     pub fn new(name: String, addr: SocketAddr, authority: &str) -> Arc<Backend> {
         let host_header = HeaderValue::from_str(authority).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Arc::new(Backend {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name,
             addr,
             host_header,
             health: HealthState::default(),
             load: LoadStats::default(),
+            metrics: BackendMetrics::default(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),
             idle: Mutex::new(VecDeque::new()),
             max_in_flight: AtomicUsize::new(0),
             queue: OnceLock::new(),
+            admin: AtomicU8::new(0),
+            last_check: Mutex::new(None),
         })
+    }
+
+    /// Whether new requests may go here (the admin state; health is checked apart).
+    pub fn is_active(&self) -> bool {
+        self.admin.load(Ordering::Relaxed) == 0
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        AdminState::from_u8(self.admin.load(Ordering::Relaxed))
+    }
+
+    /// Set by the membership writer only. Leaving `active` closes the idle connections: a
+    /// draining or disabled backend takes no new request, so they would only linger.
+    pub fn set_admin_state(&self, state: AdminState) {
+        let v = match state {
+            AdminState::Active => 0,
+            AdminState::Draining => 1,
+            AdminState::Disabled => 2,
+        };
+        if self.admin.swap(v, Ordering::Relaxed) != v && v != 0 {
+            self.close_idle();
+        }
+    }
+
+    pub fn note_check(&self, passed: bool, reason: &str) {
+        let check = LastCheck { at: SystemTime::now(), passed, reason: reason.to_owned() };
+        *self.last_check.lock().unwrap_or_else(|p| p.into_inner()) = Some(check);
+    }
+
+    pub fn last_check(&self) -> Option<LastCheck> {
+        self.last_check.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Requests currently being served by this backend (until their response body ends).

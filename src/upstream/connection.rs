@@ -171,6 +171,7 @@ impl Backend {
 
     /// Open a new connection, not taken from the pool.
     pub async fn connect(self: &Arc<Self>, connect_timeout: Duration) -> Result<BackendConn, ConnectError> {
+        let started = Instant::now();
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
             Err(_) => return Err(ConnectError::Timeout),
             Ok(Err(e)) => return Err(ConnectError::from_io(e)),
@@ -178,6 +179,7 @@ impl Backend {
         };
         let _ = stream.set_nodelay(true);
         self.note_connection_opened();
+        self.metrics.connect_time.observe_us(started.elapsed().as_micros() as u64);
         Ok(BackendConn::new(stream))
     }
 
@@ -196,8 +198,9 @@ impl Backend {
 
     /// Give a connection back after a complete exchange. Only a connection with nothing unread
     /// is reusable: stray bytes would be taken for the next response.
+    /// A draining (or disabled) backend keeps none: its connections close as its requests end.
     pub fn put_idle(&self, mut conn: BackendConn) {
-        if !conn.buf.is_empty() {
+        if !conn.buf.is_empty() || !self.is_active() {
             return;
         }
         let now = conn.since;

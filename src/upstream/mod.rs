@@ -9,6 +9,6 @@ mod connection;
 mod pool;
 
 pub(crate) use backend::MAX_IDLE_PER_BACKEND;
-pub use backend::{Backend, InFlight};
+pub use backend::{AdminState, Backend, InFlight, LastCheck};
 pub use connection::{is_local_exhaustion, write_all_vectored, BackendConn, ConnectError};
 pub use pool::Pool;

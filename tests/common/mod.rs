@@ -261,7 +261,12 @@ impl Velocity {
     }
 
     pub async fn start_file(config_path: PathBuf, extra_args: &[&str]) -> Velocity {
-        Self::start_command(Command::new(env!("CARGO_BIN_EXE_velocity")), config_path, extra_args).await
+        Self::start_file_env(config_path, extra_args, &[]).await
+    }
+
+    /// Like `start_file`, with extra environment variables (such as the admin token).
+    pub async fn start_file_env(config_path: PathBuf, extra_args: &[&str], env: &[(&str, &str)]) -> Velocity {
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_velocity")), config_path, extra_args, env).await
     }
 
     /// Start with this YAML under open-file limits `soft` and `hard`: `sh` sets them and execs
@@ -272,7 +277,7 @@ impl Velocity {
         let mut sh = Command::new("sh");
         let limits = format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\"");
         sh.arg("-c").arg(limits).arg(env!("CARGO_BIN_EXE_velocity"));
-        Self::start_command(sh, path, &[]).await
+        Self::start_command(sh, path, &[], &[]).await
     }
 
     /// File descriptors the process has open (Linux: /proc).
@@ -280,12 +285,18 @@ impl Velocity {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
     }
 
-    async fn start_command(mut command: Command, config_path: PathBuf, extra_args: &[&str]) -> Velocity {
+    async fn start_command(
+        mut command: Command,
+        config_path: PathBuf,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Velocity {
         let mut child = command
             .arg("run")
             .arg("-c")
             .arg(&config_path)
             .args(extra_args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -325,8 +336,10 @@ impl Velocity {
             .lock()
             .unwrap()
             .iter()
+            // The admin listener's line is `admin API listening on ...`: see `admin_addr`.
+            .filter(|l| !l.contains("admin API listening"))
             .filter_map(|l| l.split("listening on http://").nth(1))
-            .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
+            .filter_map(addr_in)
             .map(|mut a| {
                 // A wildcard listener is reached over loopback.
                 if a.ip().is_unspecified() {
@@ -339,6 +352,26 @@ impl Velocity {
 
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// The admin API's address, from its `admin API listening on http://ADDR` line (which
+    /// may come a moment after the proxy's).
+    pub async fn admin_addr(&self) -> SocketAddr {
+        let start = Instant::now();
+        loop {
+            let found = self
+                .output
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|l| l.split("admin API listening on http://").nth(1))
+                .find_map(addr_in);
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(start.elapsed() < DEADLINE, "no admin API line: {:#?}", self.output.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn log_lines(&self) -> Vec<String> {
@@ -467,4 +500,9 @@ pub fn tally(resps: &[Resp]) -> HashMap<String, usize> {
         *m.entry(r.backend()).or_insert(0) += 1;
     }
     m
+}
+
+/// The address at the start of `text`, also when the line is a JSON event (`...:8000"}`).
+fn addr_in(text: &str) -> Option<SocketAddr> {
+    text.trim().split(['"', ' ', '}']).next()?.parse().ok()
 }

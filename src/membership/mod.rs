@@ -1,0 +1,159 @@
+//! Live membership: the one way the running set of services and backends changes.
+//!
+//! Desired state = the config file + an overlay of run-time changes. One writer (the server's
+//! main loop, see `server.rs`) applies each [`Change`] in turn: merge, validate with the same
+//! rules as `velocity check`, write the overlay, build the new snapshot keeping existing
+//! backends, publish. Every source of change (SIGHUP and `--watch`, the admin API; later DNS,
+//! Docker, an autoscaler, other instances) sends a [`Command`] through a [`Handle`]; nothing
+//! else stores a snapshot.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+
+pub mod desired;
+pub mod overlay;
+mod writer;
+
+pub use desired::Desired;
+pub use overlay::Overlay;
+pub use writer::{Membership, DRAIN_POLL};
+
+use crate::state::Snapshot;
+use crate::upstream::AdminState;
+
+/// Who asked for a change: logged with it, and what later sources will set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// SIGHUP, `--watch` or `POST /api/v1/reload`: the file was read again.
+    Reload(&'static str),
+    /// The admin API.
+    Admin,
+    /// A draining backend finished (or its drain timed out).
+    Drain,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Reload(why) => write!(f, "reload ({why})"),
+            Source::Admin => f.write_str("admin API"),
+            Source::Drain => f.write_str("drain"),
+        }
+    }
+}
+
+/// One change to the desired state. Backends are named by service and address (as written
+/// in the file or given to the API).
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Read the config file again (the overlay stays).
+    Reload,
+    /// A whole service, in the file's schema (JSON).
+    AddService(serde_json::Value),
+    RemoveService(String),
+    AddBackend {
+        service: String,
+        address: String,
+        weight: u32,
+    },
+    /// With `drain`, the backend takes no new requests and goes when its in-flight ones are
+    /// done (or after `shutdown.drain_timeout`); without, at once.
+    RemoveBackend {
+        service: String,
+        address: String,
+        drain: bool,
+    },
+    SetWeight {
+        service: String,
+        address: String,
+        weight: u32,
+    },
+    /// `draining` is a removal with drain; `active` also cancels a drain.
+    SetState {
+        service: String,
+        address: String,
+        state: AdminState,
+    },
+    /// Forget every run-time change: the file alone.
+    ClearOverlay,
+    /// Several changes applied as one: all of them or none.
+    Batch(Vec<Change>),
+}
+
+/// What kind of problem kept a change from being applied (nothing changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The change is malformed or the result would not pass `velocity check`.
+    Invalid,
+    /// It names a service or backend that does not exist.
+    NotFound,
+    /// It clashes with what exists (a duplicate backend, a service that exists already).
+    Conflict,
+    /// The change was valid but could not be carried out (the state file could not be written).
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// The request field it is about, when there is one.
+    pub field: Option<String>,
+    /// Every problem, for a reload (each `FILE:LINE:COLUMN: message`).
+    pub details: Vec<String>,
+}
+
+impl ChangeError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>, field: Option<&str>) -> ChangeError {
+        ChangeError { kind, message: message.into(), field: field.map(str::to_owned), details: Vec::new() }
+    }
+}
+
+/// What a successful change left behind: the new view.
+pub type Outcome = Arc<View>;
+
+/// A change and where to send its result.
+#[derive(Debug)]
+pub struct Command {
+    pub source: Source,
+    pub change: Change,
+    pub reply: oneshot::Sender<Result<Outcome, ChangeError>>,
+}
+
+/// What the admin API shows beyond the data plane's snapshot, published with it.
+#[derive(Debug)]
+pub struct View {
+    /// The snapshot this view describes.
+    pub snapshot: Arc<Snapshot>,
+    /// The merged desired state it was built from (origins, admin states, conflicts).
+    pub desired: Arc<Desired>,
+    /// The overlay as kept (and written to the state file).
+    pub overlay: Overlay,
+}
+
+/// How sources reach the writer, and how readers see its last result. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+    view: Arc<ArcSwap<View>>,
+}
+
+impl Handle {
+    /// Apply `change` and wait for the result.
+    pub async fn send(&self, source: Source, change: Change) -> Result<Outcome, ChangeError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || ChangeError::new(ErrorKind::Failed, "shutting down", None);
+        self.tx.send(Command { source, change, reply }).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// The last published view (lock-free).
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+}
+
+/// Commands that may wait for the writer; a source beyond this waits for room.
+const QUEUE: usize = 64;
