@@ -3,6 +3,8 @@
 //! Everything the data plane needs is resolved here, once, at load: addresses are resolved,
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod health;
 mod legacy;
 mod lifecycle;
@@ -431,6 +433,14 @@ pub(crate) mod test_support {
     /// The problems as `LINE:COL: message`.
     pub fn lines(errors: &[ConfigError]) -> Vec<String> {
         errors.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect()
+    }
+
+    /// Each problem starts with its expected `LINE:COL: message` prefix, and there are no others.
+    pub fn assert_prefixes(errors: &[String], expected: &[&str]) {
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (got, want) in errors.iter().zip(expected) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}\n{errors:#?}");
+        }
     }
 
     /// The problems in `text` as `LINE:COL: message`; panics when it loads.
