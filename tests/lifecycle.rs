@@ -491,7 +491,7 @@ async fn an_invalid_reload_keeps_the_old_config_and_logs_positions() {
     eventually("the rejection", DEADLINE, || lb.log_contains("reload rejected (SIGHUP): 2 problem(s)")).await;
     let file = lb.config_path.display().to_string();
     eventually("the positioned errors", DEADLINE, || {
-        lb.log_contains(&format!("{file}:2:21: connect: duration 5 is missing a unit"))
+        lb.log_contains(&format!("{file}:2:21: connect: duration \"5\" is missing a unit"))
             && lb.log_contains(&format!("{file}:7:17: weight must be"))
     })
     .await;

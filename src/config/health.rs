@@ -257,7 +257,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::test_support::lines;
+    use crate::config::test_support::{assert_prefixes, lines};
     use crate::config::{parse, Config};
 
     fn load(service_lines: &str) -> Result<Config, Vec<String>> {
@@ -380,10 +380,7 @@ mod tests {
             "18:12: retry.on lists statuses 502, 503 or 504, got 500",
             "19:26: buffer_body_limit: invalid size \"lots\"",
         ];
-        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
-        for (e, want) in errors.iter().zip(expected) {
-            assert!(e.starts_with(want), "{e:?} should start with {want:?}\n{errors:#?}");
-        }
+        assert_prefixes(&errors, &expected);
         let errors = load("    health_check:\n      type: tcp\n      path: /x\n    bogus: 1\n").unwrap_err();
         assert!(errors[0].contains("unknown key `bogus`"), "{errors:?}");
         let errors = load("    health_check:\n      type: tcp\n      path: /x\n").unwrap_err();
@@ -422,10 +419,7 @@ mod tests {
             "7:38: backoff max must be from 0s to 1m",
             "7:62: buffer_body_limit must be from 0 to 16m bytes, got \"17MiB\"",
         ];
-        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
-        for (e, want) in errors.iter().zip(expected) {
-            assert!(e.starts_with(want), "{e:?} should start with {want:?}\n{errors:#?}");
-        }
+        assert_prefixes(&errors, &expected);
         let cfg = load("    retry: {backoff: {base: 1m, max: 1m}, buffer_body_limit: 16m}\n").unwrap();
         assert_eq!(cfg.services[0].health.retry.buffer_body_limit, 16 << 20);
         // The same size forms as every other size key.

@@ -5,6 +5,8 @@
 
 pub(crate) mod admin;
 mod balancing;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod health;
 mod legacy;
 mod lifecycle;
@@ -515,6 +517,14 @@ pub(crate) mod test_support {
     /// The problems as `LINE:COL: message`.
     pub fn lines(errors: &[ConfigError]) -> Vec<String> {
         errors.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect()
+    }
+
+    /// Each problem starts with its expected `LINE:COL: message` prefix, and there are no others.
+    pub fn assert_prefixes(errors: &[String], expected: &[&str]) {
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (got, want) in errors.iter().zip(expected) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}\n{errors:#?}");
+        }
     }
 
     /// The problems in `text` as `LINE:COL: message`; panics when it loads.

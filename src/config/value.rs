@@ -119,18 +119,7 @@ pub fn duration(ctx: &mut Ctx, key: &str, v: &S<Scalar>, bounds: Bounds<Duration
         Scalar::Int(n) => parse_duration(&n.to_string()),
         Scalar::Other(o) => Err(format!("expected a duration such as 250ms or 2s, got {o}")),
     };
-    match parsed {
-        Ok(d) if (bounds.min..=bounds.max).contains(&d) => Some(d),
-        Ok(_) => {
-            let (min, max) = (format_duration(bounds.min), format_duration(bounds.max));
-            ctx.error(&v.referenced, format!("{key} must be from {min} to {max}, got {}", v.value));
-            None
-        }
-        Err(e) => {
-            ctx.error(&v.referenced, format!("{key}: {e}"));
-            None
-        }
-    }
+    within(ctx, key, v, parsed, bounds, format_duration, "")
 }
 
 /// A byte size within `bounds`: a YAML number is bytes.
@@ -140,11 +129,24 @@ pub fn size(ctx: &mut Ctx, key: &str, v: &S<Scalar>, bounds: Bounds<u64>) -> Opt
         Scalar::Text(t) => parse_size(t),
         Scalar::Other(o) => Err(format!("expected a size such as 65536 or 64k, got {o}")),
     };
+    within(ctx, key, v, parsed, bounds, format_size, " bytes")
+}
+
+/// `parsed` when it is within `bounds`; otherwise the problem, at the value.
+fn within<T: PartialOrd + Copy>(
+    ctx: &mut Ctx,
+    key: &str,
+    v: &S<Scalar>,
+    parsed: Result<T, String>,
+    bounds: Bounds<T>,
+    show: fn(T) -> String,
+    unit: &str,
+) -> Option<T> {
     match parsed {
-        Ok(n) if (bounds.min..=bounds.max).contains(&n) => Some(n),
+        Ok(x) if bounds.min <= x && x <= bounds.max => Some(x),
         Ok(_) => {
-            let (min, max) = (format_size(bounds.min), format_size(bounds.max));
-            ctx.error(&v.referenced, format!("{key} must be from {min} to {max} bytes, got {}", v.value));
+            let (min, max) = (show(bounds.min), show(bounds.max));
+            ctx.error(&v.referenced, format!("{key} must be from {min} to {max}{unit}, got {}", v.value));
             None
         }
         Err(e) => {

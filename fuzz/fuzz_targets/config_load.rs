@@ -1,0 +1,6 @@
+//! The config loader on arbitrary bytes: `velocity::config::fuzzing::config_load`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| velocity::config::fuzzing::config_load(data));
