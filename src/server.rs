@@ -33,14 +33,15 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // Before any listener: a signal that arrives once "listening" is logged must be handled,
     // not take the default action (which kills the process, even for SIGHUP).
     let mut signals = Signals::new()?;
-    let fd_limit = crate::fd_limit::raise_and_log();
-    if let Some(limit) = fd_limit {
-        crate::fd_limit::check(&config, limit);
-    }
     let listen = config.listen.clone();
     let admin_config = config.admin.clone();
     events::configure(&config.event_log, config.log_format)
         .map_err(|e| format!("cannot open the event log {}: {e}", config.event_log))?;
+    // After the event log is set up, so the line goes where events go, in their format.
+    let fd_limit = crate::fd_limit::raise_and_log();
+    if let Some(limit) = fd_limit {
+        crate::fd_limit::check(&config, limit);
+    }
     let (mut membership, handle, mut commands) = Membership::start(config)?;
     let state: Shared = membership.shared();
     let tracker = Arc::new(Tracker::default());

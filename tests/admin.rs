@@ -186,7 +186,7 @@ async fn bad_requests_are_4xx_with_a_field_and_change_nothing() {
         ("GET", "/api/v1/services/nope".into(), None, 404, "name"),
         ("POST", "/api/v1/services".into(), Some(r#"{"name": "web", "backends": [{"address": "127.0.0.1:9"}]}"#.into()), 409, "name"),
         ("POST", "/api/v1/services".into(), Some(r#"{"name": "x", "hosts": ["x.local"], "backends": [{"address": "127.0.0.1:9", "weight": "heavy"}]}"#.into()), 400, "weight"),
-        ("POST", "/api/v1/services".into(), Some(r#"{"name": "x", "hosts": ["x.local"], "algorithm": "random", "backends": [{"address": "127.0.0.1:9"}]}"#.into()), 400, "algorithm"),
+        ("POST", "/api/v1/services".into(), Some(r#"{"name": "x", "hosts": ["x.local"], "algorithm": "randomly", "backends": [{"address": "127.0.0.1:9"}]}"#.into()), 400, "algorithm"),
         ("POST", "/api/v1/services".into(), Some(r#"{"name": "x", "backends": [{"address": "127.0.0.1:9"}]}"#.into()), 409, "name"),
         ("POST", "/api/v1/services".into(), Some(r#"{"hosts": ["x.local"]}"#.into()), 400, "name"),
         ("GET", "/api/v1/nothing".into(), None, 404, "path"),

@@ -194,7 +194,9 @@ impl Cdp {
     /// Poll `expression` until it is `true`.
     fn wait_for(&mut self, what: &str, expression: &str) {
         let start = Instant::now();
-        while self.eval(expression) != json!(true) {
+        // Before the page has loaded, the elements the expression reads may not exist yet.
+        let guarded = format!("(() => {{ try {{ return ({expression}); }} catch (e) {{ return false; }} }})()");
+        while self.eval(&guarded) != json!(true) {
             let body = self.eval("document.body.innerText");
             assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}; the page says:\n{body}");
             std::thread::sleep(Duration::from_millis(50));

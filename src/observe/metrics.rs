@@ -243,11 +243,16 @@ impl RequestEnd {
     #[inline]
     pub fn finish(&mut self) -> u64 {
         let us = self.start.elapsed().as_micros() as u64;
-        if self.status == 0 {
+        let unanswered = self.status == 0;
+        if unanswered {
             // Ended without an answer (the client left first): NGINX's 499.
             self.status = 499;
         }
         self.service.record(self, us);
+        if unanswered && self.note == Some("shutdown") {
+            // Cut by drain_timeout: the access log shows that no status reached the client.
+            self.status = 0;
+        }
         us
     }
 }
