@@ -7,8 +7,8 @@
 pub mod admin;
 pub mod balancer;
 pub mod config;
-pub mod fd_limit;
 pub mod ctl;
+pub mod fd_limit;
 pub mod health;
 pub mod http1;
 pub mod membership;

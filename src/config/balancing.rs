@@ -8,9 +8,9 @@ use serde::Deserialize;
 use serde_saphyr::Location;
 
 use super::health::text;
-use super::value::{self, Bounds, DAY, MILLISECOND, SECOND};
 use super::schema::{RawService, Scalar, S};
 use super::validate::Ctx;
+use super::value::{self, Bounds, DAY, MILLISECOND, SECOND};
 use super::{Algorithm, Balancing, ServiceConfig, StickyConfig};
 
 pub const DEFAULT_COOKIE: &str = "VELOCITY_ID";
@@ -118,7 +118,8 @@ fn sticky(ctx: &mut Ctx, s: S<RawSticky>) -> Option<StickyConfig> {
             }
         },
     };
-    let ttl = raw.ttl.as_ref().and_then(|v| value::duration(ctx, "sticky ttl", v, Bounds { min: SECOND, max: 365 * DAY }));
+    let ttl =
+        raw.ttl.as_ref().and_then(|v| value::duration(ctx, "sticky ttl", v, Bounds { min: SECOND, max: 365 * DAY }));
     let base = match &raw.base {
         None => {
             ctx.error(&at, "sticky needs `base`: the algorithm that picks a backend for a new client, such as base: least_connections");
@@ -187,8 +188,8 @@ pub fn summary(s: &ServiceConfig) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
     use std::path::Path;
+    use std::time::Duration;
 
     use super::*;
     use crate::config::{parse, Config, ConfigError};
