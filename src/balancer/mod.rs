@@ -16,9 +16,7 @@ mod slow_start;
 mod sticky;
 mod weighted_round_robin;
 
-use std::cell::Cell;
 use std::fmt::Debug;
-use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 
 use bytes::Bytes;
@@ -109,24 +107,9 @@ fn build_base(algorithm: Algorithm, service: &ServiceConfig, pool: &Pool) -> Box
     }
 }
 
-/// A uniform random `u64`: thread-local xorshift64*, seeded from std's per-process random
-/// keys. Balancing needs spread and speed, not unpredictability, and no shared state.
+/// A uniform random `u64` (see [`crate::random`]).
 pub fn random_u64() -> u64 {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_usize(&h as *const _ as usize);
-            h.finish() | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    })
+    crate::random::u64()
 }
 
 /// A uniform number in `0..n` (`n` > 0), by multiply-shift rather than a division.

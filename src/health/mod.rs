@@ -11,8 +11,6 @@ pub mod registry;
 pub mod retry;
 mod tls;
 
-use std::cell::Cell;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -77,24 +75,9 @@ pub fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-/// A uniform random number in [0, 1). Thread-local xorshift seeded from std's per-process
-/// random hash keys: jitter needs spread, not cryptographic quality, and no shared state.
+/// A uniform random number in [0, 1) (see [`crate::random`]).
 pub fn random_fraction() -> f64 {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_usize(&h as *const _ as usize);
-            h.finish() | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    })
+    crate::random::fraction()
 }
 
 /// `d` shortened by up to `fraction` at random, so that timers set together spread out
