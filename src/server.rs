@@ -46,6 +46,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let state: Shared = membership.shared();
     let tracker = Arc::new(Tracker::default());
     history::spawn_sampler(state.clone());
+    crate::policy::spawn_sweeper(state.clone());
     let mut listeners = Vec::new();
     for addr in listen {
         let listener = bind(addr).await?;

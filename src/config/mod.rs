@@ -10,6 +10,7 @@ pub mod fuzzing;
 pub(crate) mod health;
 mod legacy;
 mod lifecycle;
+mod policy;
 mod preflight;
 mod schema;
 mod validate;
@@ -21,6 +22,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use policy::{
+    parse_net, AccessRules, DenyAction, GlobalPolicy, LimitKey, LimitScope, Rate, RateLimitConfig, ServicePolicy,
+};
 pub use validate::{Scope, MAX_WEIGHT};
 pub use value::{format_duration, parse_duration, parse_size};
 
@@ -40,6 +44,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// `admin:`: the admin API listener; `None`: no admin API.
     pub admin: Option<AdminConfig>,
+    /// `trusted_proxies`, the listener's `allow`/`deny`, the run-time deny list.
+    pub policy: GlobalPolicy,
     /// Set when the file was in the original Go Velocity format; holds the equivalent new YAML.
     pub legacy_equivalent: Option<String>,
 }
@@ -100,6 +106,8 @@ pub struct ServiceConfig {
     pub limits: ServiceLimits,
     /// The algorithm's parameters (`hash_key`, `sticky`, `slow_start`, ...).
     pub balancing: Balancing,
+    /// `allow`/`deny`, `rate_limits` and the service's run-time deny list.
+    pub policy: ServicePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -381,6 +389,7 @@ pub fn summary_lines(cfg: &Config) -> Vec<String> {
             );
             // What else governs the service, so `check` shows the settings that took effect.
             line += &balancing::summary(s);
+            line += &policy::summary(&s.policy);
             if let Some(c) = &s.health.check {
                 line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
             }

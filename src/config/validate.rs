@@ -42,6 +42,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
 
 fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let (limits, shutdown) = lifecycle::global(ctx, &mut raw);
+    let policy = super::policy::global(ctx, &mut raw);
     ctx.timeouts = limits.timeouts;
     let listen = match raw.listen {
         Some(l) => listen(ctx, l),
@@ -66,6 +67,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
         limits,
         shutdown,
         admin,
+        policy,
         legacy_equivalent: None,
     }
 }
@@ -354,6 +356,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
 
         let algorithm = raw.algorithm.as_ref().map_or(Algorithm::RoundRobin, |a| algorithm(ctx, a));
         let balancing = super::balancing::convert(ctx, &mut raw, algorithm, name_at);
+        let policy = super::policy::service(ctx, &mut raw);
         let (hosts, hosts_valid) = raw.hosts.map_or((Vec::new(), true), |h| hosts(ctx, h));
         let path_prefix = match &raw.path_prefix {
             Some(p) => path_prefix(ctx, p),
@@ -403,6 +406,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             health,
             limits,
             balancing,
+            policy,
         });
     }
     out
