@@ -16,7 +16,7 @@ pub mod desired;
 pub mod overlay;
 mod writer;
 
-pub use desired::Desired;
+pub use desired::{Desired, Sourced};
 pub use overlay::Overlay;
 pub use writer::{Membership, DRAIN_POLL};
 
@@ -32,6 +32,8 @@ pub enum Source {
     Admin,
     /// A draining backend finished (or its drain timed out).
     Drain,
+    /// A discovery source or a managed service (`crate::discovery`); the change names which.
+    Discovery,
 }
 
 impl std::fmt::Display for Source {
@@ -40,6 +42,7 @@ impl std::fmt::Display for Source {
             Source::Reload(why) => write!(f, "reload ({why})"),
             Source::Admin => f.write_str("admin API"),
             Source::Drain => f.write_str("drain"),
+            Source::Discovery => f.write_str("discovery"),
         }
     }
 }
@@ -76,8 +79,19 @@ pub enum Change {
         address: String,
         state: AdminState,
     },
-    /// Forget every run-time change: the file alone.
+    /// Forget every run-time change: the file alone. Source-owned sets stay (their sources
+    /// still run).
     ClearOverlay,
+    /// The complete set of backends `source` (`dns:web`, `docker:web`, `managed:web`) owns in
+    /// `service`: new addresses are added, vanished ones drained, re-weighted ones updated;
+    /// backends of the file, the API and other sources are untouched. Not kept in the overlay
+    /// (nor its state file): a source derives its set again when Velocity starts.
+    SetSourced {
+        service: String,
+        source: String,
+        /// (address `ip:port`, weight).
+        backends: Vec<(String, u32)>,
+    },
     /// Several changes applied as one: all of them or none.
     Batch(Vec<Change>),
 }
