@@ -5,6 +5,7 @@ mod forward;
 mod respond;
 pub mod router;
 mod timer;
+pub mod tunnel;
 
 use std::io;
 use std::net::SocketAddr;
