@@ -20,4 +20,5 @@ pub mod random;
 pub mod server;
 pub mod state;
 pub mod testserver;
+pub mod tls;
 pub mod upstream;

@@ -135,6 +135,7 @@ impl<'de> Deserialize<'de> for Scalar {
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub listen: Option<S<OneOrMany>>,
+    pub listeners: Option<S<Vec<S<super::listeners::RawListener>>>>,
     pub access_log: Option<S<String>>,
     pub log_format: Option<S<String>>,
     pub event_log: Option<S<String>>,

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::client::{read_more, ClientConn, Drain, BODY_READ};
 use super::respond::LogLine;
+use super::stream::ClientStream;
 use crate::balancer::{Pick, RequestContext};
 use crate::config::HealthConfig;
 use crate::health::passive::{self, Admission};
@@ -171,6 +171,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         done: false,
     };
     let keep_alive = match routed {
+        _ if c.listener.config.redirect_https => req.redirect_https(c).await,
         Some(service) => req.serve(c, &service, start).await,
         None => {
             let body = c.state.load().router.explain_miss(host, path);
@@ -487,7 +488,8 @@ impl Exchange<'_> {
         conn: &mut BackendConn,
         bounds: Bounds,
     ) -> Result<(), AttemptError> {
-        let fwd = Forwarding { client_ip: &c.client_ip, proto: b"http" };
+        let proto: &[u8] = if c.stream.is_tls() { b"https" } else { b"http" };
+        let fwd = Forwarding { client_ip: &c.client_ip, proto };
         self.head.encode_for_backend(&mut c.out, &fwd, backend.host_header.as_bytes());
         let sent = match body {
             // A backend that does not take the request in is bounded by the request deadline:
@@ -632,7 +634,7 @@ enum Waited {
 /// answer is awaited gets its backend request abandoned, as NGINX does (`499` in the log),
 /// rather than holding a backend connection until the answer comes. Bytes the client sends
 /// meanwhile (a pipelined request) are kept, up to a bound.
-async fn backend_or_client(client: &mut TcpStream, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
+async fn backend_or_client(client: &mut ClientStream, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
     let mut backend = pin!(conn.read_more());
     loop {
         if buf.len() >= MAX_PIPELINED {
