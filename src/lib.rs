@@ -15,6 +15,7 @@ pub mod membership;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod random;
 pub mod server;
 pub mod state;

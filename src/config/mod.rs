@@ -441,6 +441,8 @@ pub struct Timeouts {
     pub backend_response: Duration,
     /// The whole exchange up to the response headers (queueing, connects, retries): then 504.
     pub request: Duration,
+    /// A tunnel (WebSocket, TCP mode) with no byte either way for this long is closed.
+    pub tunnel_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -452,6 +454,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(2),
             backend_response: Duration::from_secs(30),
             request: Duration::from_secs(60),
+            tunnel_idle: Duration::from_secs(3600),
         }
     }
 }

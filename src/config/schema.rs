@@ -198,6 +198,7 @@ pub struct RawTimeouts {
     pub connect: Option<S<Scalar>>,
     pub backend_response: Option<S<Scalar>>,
     pub request: Option<S<Scalar>>,
+    pub tunnel_idle: Option<S<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

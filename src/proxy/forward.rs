@@ -117,6 +117,8 @@ struct Bounds {
     /// The request's deadline (sending the body counts against it).
     deadline: Instant,
     max_body: Option<u64>,
+    /// A WebSocket handshake: a `101` answer is taken (and the connections spliced).
+    upgrade: bool,
 }
 
 impl Bounds {
@@ -154,6 +156,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
                 backend: None,
                 start: start.into_std(),
                 bytes: 0,
+                bytes_in: None,
                 note: None,
             };
             (log.clone(), record)
@@ -269,8 +272,14 @@ impl Exchange<'_> {
         let mut last_failure = String::new();
         let mut retries = 0u32;
         let mut attempted = false;
-        let mut bounds =
-            Bounds { now, connect: timeouts.connect, backend_response: timeouts.backend_response, deadline, max_body };
+        let mut bounds = Bounds {
+            now,
+            connect: timeouts.connect,
+            backend_response: timeouts.backend_response,
+            deadline,
+            max_body,
+            upgrade: head.is_websocket_upgrade(),
+        };
         // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend
         // takes the request: if none can, the client gets this answer rather than an error.
         let mut held: Option<(BackendConn, ResponseHead, InFlight, Option<Bytes>)> = None;
@@ -324,6 +333,9 @@ impl Exchange<'_> {
                         passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
                     } else {
                         passive::record_success(backend, trial, &service.config.name);
+                    }
+                    if status == 101 {
+                        return self.tunnel(c, conn, in_flight, timeouts.tunnel_idle).await;
                     }
                     if retry.on.contains(&status) && may_replay && body.replayable() && may_retry(service, retries) {
                         warn!(service = %service.config.name, backend = %backend.name, status, retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
@@ -602,7 +614,7 @@ async fn read_response_head(c: &mut ClientConn, conn: &mut BackendConn, bounds: 
                     conn.buf.advance(c.resp.len);
                     continue;
                 }
-                Ok(true) if c.resp.status == 101 => {
+                Ok(true) if c.resp.status == 101 && !bounds.upgrade => {
                     return Err(AttemptError::Sent("switching protocols without an upgrade".into()));
                 }
                 Ok(true) => return Ok(()),

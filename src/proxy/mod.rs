@@ -8,6 +8,7 @@ mod respond;
 pub mod router;
 mod stream;
 mod timer;
+pub mod tunnel;
 
 use std::io;
 use std::net::SocketAddr;
