@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -84,17 +83,17 @@ impl Activity {
 
 /// Copy `a` to `b` and `b` to `a` until the tunnel ends (see the module's comment).
 /// `a_pending` (already read from `a`) goes to `b` first, `b_pending` to `a`.
-pub async fn splice(
-    a: &mut TcpStream,
-    a_pending: &[u8],
-    b: &mut TcpStream,
-    b_pending: &[u8],
-    idle: Duration,
-) -> Spliced {
+pub async fn splice<A, B>(a: &mut A, a_pending: &[u8], b: &mut B, b_pending: &[u8], idle: Duration) -> Spliced
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let activity =
         Activity { start: Instant::now(), last_ms: AtomicU64::new(0), up: AtomicU64::new(0), down: AtomicU64::new(0) };
-    let (mut a_read, mut a_write) = a.split();
-    let (mut b_read, mut b_write) = b.split();
+    // `tokio::io::split` rather than `TcpStream::split`: the client side may be TLS. Both
+    // halves stay in this task, so its lock is never contended.
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
     let up = copy_half(&mut a_read, &mut b_write, a_pending, &activity, &activity.up);
     let down = copy_half(&mut b_read, &mut a_write, b_pending, &activity, &activity.down);
     let idle_timer = async {
