@@ -166,6 +166,9 @@ pub struct RawService {
     pub hash_query: Option<S<Scalar>>,
     pub sticky: Option<S<super::balancing::RawSticky>>,
     pub slow_start: Option<S<Scalar>>,
+    // Where backends come from besides `backends` (see `discovery.rs`).
+    pub discovery: Option<S<super::discovery::RawDiscovery>>,
+    pub managed: Option<S<super::discovery::RawManaged>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

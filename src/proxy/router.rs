@@ -128,6 +128,8 @@ mod tests {
             health: Default::default(),
             limits: Default::default(),
             balancing: Default::default(),
+            discovery: Default::default(),
+            managed: None,
         }
     }
 
