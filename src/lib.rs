@@ -2,12 +2,14 @@
 //!
 //! Data flows `config` → `proxy` (listeners, per-request path) → `balancer` (pick a backend)
 //! → `upstream` (backends and their connection pools); `observe` logs on the side.
-//! `membership` is the one writer of the running state; `admin` (the REST API) sits beside it.
+//! `membership` is the one writer of the running state; `admin` (the REST API) and `discovery`
+//! (DNS, Docker, managed processes) sit beside it and feed it.
 
 pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod ctl;
+pub mod discovery;
 pub mod fd_limit;
 pub mod health;
 pub mod http1;

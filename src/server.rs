@@ -44,6 +44,8 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     }
     let (mut membership, handle, mut commands) = Membership::start(config)?;
     let state: Shared = membership.shared();
+    let mut sources = crate::discovery::Sources::new(handle.clone(), state.clone());
+    sources.sync(&state.load().config);
     let tracker = Arc::new(Tracker::default());
     history::spawn_sampler(state.clone());
     crate::policy::spawn_sweeper(state.clone());
@@ -83,6 +85,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
                 change => {
                     let result = membership.apply(cmd.source, change).await;
                     let _ = cmd.reply.send(result);
+                    sources.sync(&state.load().config);
                     continue;
                 }
             },
@@ -100,6 +103,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
             }
         };
         state.load().metrics.reload_done(result.is_ok());
+        sources.sync(&state.load().config);
         if let Some(limit) = fd_limit {
             crate::fd_limit::check(&state.load().config, limit);
         }
@@ -112,9 +116,14 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
         }
     };
 
-    // The admin API stops first: no changes while draining.
+    // The admin API stops first: no changes while draining (sources that still send get an
+    // error rather than waiting).
     drop(admin);
-    shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await
+    drop(commands);
+    let result = shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await;
+    // After the drain: managed backends serve their last requests first.
+    sources.stop().await;
+    result
 }
 
 /// Pending connections the kernel queues for us (it caps this at `net.core.somaxconn`). The

@@ -210,6 +210,26 @@ mod tests {
         assert!(buckets.iter().all(|&b| (900..1100).contains(&b)), "{buckets:?}");
     }
 
+    /// A discovered or managed service may have no backend yet (or scaled to zero).
+    #[test]
+    fn every_algorithm_picks_nothing_from_an_empty_pool() {
+        let text = "listen: 127.0.0.1:8000\nservices:\n  - name: web\n    managed: {command: [\"{port}\"], ports: 9000-9009}\n";
+        let base = crate::config::parse(std::path::Path::new("t.yaml"), text).unwrap().services.remove(0);
+        let empty = test_support::pool(&[]);
+        for algorithm in Algorithm::ALL {
+            let mut svc = base.clone();
+            svc.algorithm = algorithm;
+            svc.balancing.hash_key = Some("x-user".into());
+            svc.balancing.sticky =
+                Some(crate::config::StickyConfig { cookie: "ID".into(), ttl: None, base: Algorithm::LeastConnections });
+            for slow_start in [None, Some(std::time::Duration::from_secs(1))] {
+                svc.balancing.slow_start = slow_start;
+                let b = build(&svc, &empty);
+                assert_eq!(test_support::pick(&*b, &empty, &|_| true), 99, "{}", algorithm.name());
+            }
+        }
+    }
+
     #[test]
     fn random_below_is_in_range_and_spread() {
         let mut counts = [0u32; 5];

@@ -192,6 +192,7 @@ pub fn to_yaml(cfg: &Config) -> String {
             }
         }
         super::health::to_yaml(&mut out, &s.health);
+        super::discovery::to_yaml(&mut out, &s.discovery, &s.managed);
     }
     out
 }

@@ -5,6 +5,7 @@
 
 pub(crate) mod admin;
 mod balancing;
+mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod health;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use discovery::{Discovery, DnsDiscovery, DnsKind, DockerDiscovery, ManagedConfig};
 pub use listeners::{CertificateFiles, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, TlsConfig, TlsVersion};
 pub use policy::{
     parse_net, AccessRules, DenyAction, GlobalPolicy, LimitKey, LimitScope, Rate, RateLimitConfig, ServicePolicy,
@@ -113,6 +115,10 @@ pub struct ServiceConfig {
     pub balancing: Balancing,
     /// `allow`/`deny`, `rate_limits` and the service's run-time deny list.
     pub policy: ServicePolicy,
+    /// `discovery:`: DNS or Docker sources of backends (none: the list alone).
+    pub discovery: Discovery,
+    /// `managed:`: backends Velocity starts and scales itself.
+    pub managed: Option<ManagedConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -397,6 +403,16 @@ pub fn summary_lines(cfg: &Config) -> Vec<String> {
             line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
         }
         line += &format!("; {} retries", s.health.retry.attempts);
+        if let Some(d) = &s.discovery.dns {
+            line += &format!("; dns {} {} every {:?}", d.kind.name(), d.name, d.refresh);
+        }
+        if let Some(d) = &s.discovery.docker {
+            let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            line += &format!("; docker containers labelled {}", labels.join(","));
+        }
+        if let Some(m) = &s.managed {
+            line += &format!("; managed {}..{} instances on ports {}-{}", m.min, m.max, m.ports.0, m.ports.1);
+        }
         if s.backends.iter().any(|b| b.max_connections.is_some()) {
             let q = s.limits.queue;
             line += &format!("; queue {} for {:?}", q.size, q.timeout);

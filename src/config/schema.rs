@@ -176,6 +176,9 @@ pub struct RawService {
     pub rate_limits: Option<S<Vec<S<super::policy::RawRateLimit>>>>,
     pub allow: super::policy::RawNets,
     pub deny: super::policy::RawNets,
+    // Where backends come from besides `backends` (see `discovery.rs`).
+    pub discovery: Option<S<super::discovery::RawDiscovery>>,
+    pub managed: Option<S<super::discovery::RawManaged>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -383,7 +383,11 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
         // An https check without a `host` verifies each backend's certificate against the
         // backend's own name, so that name must be one TLS can carry.
         let tls_names = health.check.as_ref().is_some_and(|c| c.kind == CheckKind::Https && c.host.is_none());
-        let backends = backends(ctx, &name, raw.backends, name_at, tls_names);
+        let discovery = raw.discovery.map(|d| super::discovery::discovery(ctx, d)).unwrap_or_default();
+        let managed = raw.managed.and_then(|m| super::discovery::managed(ctx, m));
+        // A discovered or managed service may start with no backends: they come later.
+        let dynamic = !discovery.is_empty() || managed.is_some();
+        let backends = backends(ctx, &name, raw.backends, name_at, tls_names, dynamic);
 
         // Route conflicts point at the second service's host entry, else its path_prefix,
         // else its name: whichever makes the route the same.
@@ -424,6 +428,8 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             limits,
             balancing,
             policy,
+            discovery,
+            managed,
         });
     }
     out
@@ -507,9 +513,11 @@ fn backends(
     raw: Option<S<Vec<S<RawBackend>>>>,
     name_at: Location,
     tls_names: bool,
+    dynamic: bool,
 ) -> Vec<BackendConfig> {
     let list = match raw {
         Some(list) if !list.value.is_empty() => list,
+        _ if dynamic => return Vec::new(),
         Some(list) => {
             ctx.error(&list.referenced, format!("service {service:?} has no backends"));
             return Vec::new();

@@ -332,6 +332,66 @@ pub struct Metrics {
     pub history: History,
     /// The most recent access-log lines (`GET /api/v1/logs`).
     pub recent: Arc<Ring>,
+    /// Discovery errors and managed instances (`crate::discovery`); written by those tasks
+    /// only, never on the request path.
+    pub discovery: DiscoveryMetrics,
+}
+
+/// Counters and gauges of discovery sources and managed services, keyed by names from the
+/// config (service, `dns:web`, instance states).
+#[derive(Debug, Default)]
+pub struct DiscoveryMetrics {
+    errors: Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    instances: Mutex<std::collections::BTreeMap<(String, &'static str), i64>>,
+    desired: Mutex<std::collections::BTreeMap<String, i64>>,
+}
+
+impl DiscoveryMetrics {
+    /// A source's answer failed (or was empty) and its last good set was kept.
+    pub fn error(&self, service: &str, source: &str) {
+        let mut m = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((service.to_owned(), source.to_owned())).or_default() += 1;
+    }
+
+    pub fn errors(&self, service: &str, source: &str) -> u64 {
+        let m = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(service.to_owned(), source.to_owned())).copied().unwrap_or(0)
+    }
+
+    /// A managed service's instance counts by state, and the autoscaler's desired count.
+    pub fn managed(&self, service: &str, counts: &[(&'static str, i64)], desired: i64) {
+        let mut m = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        for (state, n) in counts {
+            m.insert((service.to_owned(), state), *n);
+        }
+        drop(m);
+        self.desired.lock().unwrap_or_else(|p| p.into_inner()).insert(service.to_owned(), desired);
+    }
+
+    /// A managed service that is gone: its series go with it.
+    pub fn forget_managed(&self, service: &str) {
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, _), _| s != service);
+        self.desired.lock().unwrap_or_else(|p| p.into_inner()).remove(service);
+    }
+
+    fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let rows: Vec<(Labels<2>, u64)> =
+            errors.iter().map(|((s, src), n)| ([("service", s.as_str()), ("source", src.as_str())], *n)).collect();
+        counters(
+            enc,
+            "velocity_discovery_errors",
+            "Discovery answers that failed or were empty; the last good set was kept.",
+            &rows,
+        )?;
+        let instances = self.instances.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let rows: Vec<(Labels<2>, i64)> =
+            instances.iter().map(|((s, st), n)| ([("service", s.as_str()), ("state", *st)], *n)).collect();
+        gauges(enc, "velocity_managed_instances", "Managed backend processes by state.", &rows)?;
+        let desired = self.desired.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let rows: Vec<(Labels<1>, i64)> = desired.iter().map(|(s, n)| ([("service", s.as_str())], *n)).collect();
+        gauges(enc, "velocity_managed_desired_instances", "The autoscaler's desired instance count.", &rows)
+    }
 }
 
 impl Default for Metrics {
@@ -346,6 +406,7 @@ impl Default for Metrics {
             access_log_dropped_before: AtomicU64::new(0),
             history: History::default(),
             recent: Arc::new(Ring::new(super::ring::DEFAULT_LINES)),
+            discovery: DiscoveryMetrics::default(),
         }
     }
 }
@@ -546,6 +607,7 @@ impl Collector for Scrape {
             "Access-log lines dropped because the writer could not keep up.",
             &[(no_labels(), dropped)],
         )?;
+        metrics.discovery.encode(&mut enc)?;
         super::process::encode(&mut enc, metrics.started)
     }
 }

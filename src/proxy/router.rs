@@ -129,6 +129,8 @@ mod tests {
             limits: Default::default(),
             balancing: Default::default(),
             policy: Default::default(),
+            discovery: Default::default(),
+            managed: None,
         }
     }
 
