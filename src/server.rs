@@ -35,6 +35,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let mut signals = Signals::new()?;
     let listen = config.listen.clone();
     let admin_config = config.admin.clone();
+    let cluster_config = config.cluster.clone();
     events::configure(&config.event_log, config.log_format)
         .map_err(|e| format!("cannot open the event log {}: {e}", config.event_log))?;
     // After the event log is set up, so the line goes where events go, in their format.
@@ -44,6 +45,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     }
     let (mut membership, handle, mut commands) = Membership::start(config)?;
     let state: Shared = membership.shared();
+    let cluster = cluster_config.map(|c| crate::cluster::Cluster::start(&c, handle.clone())).transpose()?;
     let tracker = Arc::new(Tracker::default());
     history::spawn_sampler(state.clone());
     let mut listeners = Vec::new();
@@ -54,8 +56,13 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let admin = match &admin_config {
         Some(cfg) => {
             let token = admin::token(cfg)?;
-            let admin_state =
-                AdminState { shared: state.clone(), membership: handle, token, metrics_public: cfg.metrics_public };
+            let admin_state = AdminState {
+                shared: state.clone(),
+                membership: handle,
+                token,
+                metrics_public: cfg.metrics_public,
+                cluster: cluster.clone(),
+            };
             Some(admin::start(cfg, admin_state).await?)
         }
         None => None,
@@ -114,6 +121,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
 
     // The admin API stops first: no changes while draining.
     drop(admin);
+    if let Some(c) = &cluster {
+        c.leave().await;
+    }
     shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await
 }
 

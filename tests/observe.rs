@@ -153,7 +153,10 @@ services:
     assert!(value(&text, "velocity_config_last_reload_success_timestamp_seconds").unwrap() > 1.7e9);
     assert_value(&text, "velocity_access_log_dropped_total", 0.0);
     // CPU time is counted in 10 ms ticks: a fast machine can serve all of the above in none.
-    assert!(value(&text, "process_cpu_seconds_total").is_some_and(|v| v >= 0.0), "process_cpu_seconds_total in\n{text}");
+    assert!(
+        value(&text, "process_cpu_seconds_total").is_some_and(|v| v >= 0.0),
+        "process_cpu_seconds_total in\n{text}"
+    );
     for name in ["process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
         assert!(value(&text, name).is_some_and(|v| v > 0.0), "{name} in\n{text}");
     }

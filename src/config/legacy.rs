@@ -47,6 +47,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
         shutdown: Shutdown::default(),
         // The Go version served its API on api_port; ours listens on loopback only.
         admin: api_port.map(AdminConfig::loopback),
+        cluster: None,
         legacy_equivalent: None,
     };
     cfg.legacy_equivalent = Some(equivalent_yaml(&cfg));
@@ -161,6 +162,7 @@ pub fn to_yaml(cfg: &Config) -> String {
     }
     lifecycle::global_yaml(&mut out, cfg);
     admin::to_yaml(&mut out, &cfg.admin);
+    super::cluster::to_yaml(&mut out, &cfg.cluster);
     let _ = writeln!(out, "services:");
     for s in &cfg.services {
         let _ = writeln!(out, "  - name: {}", quote(&s.name));

@@ -5,6 +5,7 @@
 
 pub(crate) mod admin;
 mod balancing;
+pub(crate) mod cluster;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod health;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use cluster::{ClusterConfig, OnStoreError};
 pub use validate::{Scope, MAX_WEIGHT};
 pub use value::{format_duration, parse_duration, parse_size};
 
@@ -40,6 +42,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// `admin:`: the admin API listener; `None`: no admin API.
     pub admin: Option<AdminConfig>,
+    /// `cluster:`: the Redis store shared with other instances; `None`: this instance alone.
+    pub cluster: Option<ClusterConfig>,
     /// Set when the file was in the original Go Velocity format; holds the equivalent new YAML.
     pub legacy_equivalent: Option<String>,
 }

@@ -145,6 +145,7 @@ pub struct RawConfig {
     pub max_client_connections: Option<S<Scalar>>,
     pub shutdown: Option<S<RawShutdown>>,
     pub admin: Option<S<super::admin::RawAdmin>>,
+    pub cluster: Option<S<super::cluster::RawCluster>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

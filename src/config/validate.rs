@@ -56,6 +56,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let access_log_ring = raw.access_log_ring.map_or(crate::observe::ring::DEFAULT_LINES, |v| access_log_ring(ctx, &v));
     let services = services(ctx, raw.services);
     let admin = raw.admin.and_then(|a| super::admin::convert(ctx, a));
+    let cluster = raw.cluster.and_then(|c| super::cluster::convert(ctx, c));
     Config {
         listen,
         access_log,
@@ -66,6 +67,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
         limits,
         shutdown,
         admin,
+        cluster,
         legacy_equivalent: None,
     }
 }

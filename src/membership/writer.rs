@@ -33,6 +33,7 @@ pub struct Membership {
     shared: Shared,
     checkers: Checkers,
     view: Arc<ArcSwap<View>>,
+    revision: tokio::sync::watch::Sender<u64>,
 }
 
 type Started = (Membership, Handle, mpsc::Receiver<Command>);
@@ -89,9 +90,19 @@ impl Membership {
         let mut checkers = Checkers::default();
         sync_checkers(&mut checkers, &snapshot);
         let (tx, rx) = mpsc::channel(QUEUE);
-        let handle = Handle { tx, view: view.clone() };
-        let m =
-            Membership { file, overlay, draining: Vec::new(), current: desired, state_file, shared, checkers, view };
+        let (revision, revisions) = tokio::sync::watch::channel(overlay.revision);
+        let handle = Handle { tx, view: view.clone(), revision: revisions };
+        let m = Membership {
+            file,
+            overlay,
+            draining: Vec::new(),
+            current: desired,
+            state_file,
+            shared,
+            checkers,
+            view,
+            revision,
+        };
         Ok((m, handle, rx))
     }
 
@@ -125,6 +136,9 @@ impl Membership {
     /// Apply one change from the API (or another source): check it against the current state,
     /// merge, validate, write the overlay, publish. On any error nothing has changed.
     pub async fn apply(&mut self, source: Source, change: Change) -> Result<Outcome, ChangeError> {
+        if let Change::Adopt(overlay) = change {
+            return self.adopt(source, overlay).await;
+        }
         let (overlay, draining, what, added) = self.edit(&change)?;
         let file = self.file.clone();
         let skip = self.current.skipped.clone();
@@ -137,6 +151,52 @@ impl Membership {
         }
         let outcome = self.commit(source, desired, Some(overlay), Some(draining))?;
         info!("{source}: {what}");
+        Ok(outcome)
+    }
+
+    /// Take another instance's overlay when it is newer than ours. It was valid against that
+    /// instance's file, which may differ from ours: merged leniently, what does not apply here
+    /// is reported as a conflict. A backend it removes drains (its requests in flight finish),
+    /// as it does on the instance where the change was made.
+    async fn adopt(&mut self, source: Source, overlay: Overlay) -> Result<Outcome, ChangeError> {
+        let tie = overlay.revision == self.overlay.revision && !overlay.same_changes(&self.overlay);
+        if overlay.revision < self.overlay.revision || (overlay.revision == self.overlay.revision && !tie) {
+            return Ok(self.view.load_full());
+        }
+        let (file, o, old) = (self.file.clone(), overlay.clone(), self.current.clone());
+        let kept = self.draining.clone();
+        let deadline = Instant::now() + old.config.shutdown.drain_timeout;
+        let (desired, draining) = tokio::task::spawn_blocking(move || {
+            let plain = desired::merge_lenient(&file, &o, &[]);
+            // Drains that go on: backends the new overlay has gone too (a cancelled drain
+            // comes back as a backend of `plain`).
+            let has = |d: &Desired, service: &str, address: &str| {
+                d.service(service).is_some_and(|s| s.backends.iter().any(|b| same_address(&b.address, address)))
+            };
+            let mut draining: Vec<Draining> =
+                kept.into_iter().filter(|d| !has(&plain, &d.service, &d.backend.address)).collect();
+            for s in &old.config.services {
+                if plain.service(&s.name).is_none() {
+                    continue;
+                }
+                for b in &s.backends {
+                    let gone = !has(&plain, &s.name, &b.address);
+                    let listed =
+                        draining.iter().any(|d| d.service == s.name && same_address(&d.backend.address, &b.address));
+                    if gone && !listed {
+                        let from_overlay = old.from_overlay(&s.name, &b.address);
+                        draining.push(Draining { service: s.name.clone(), backend: b.clone(), deadline, from_overlay });
+                    }
+                }
+            }
+            let desired = if draining.is_empty() { plain } else { desired::merge_lenient(&file, &o, &draining) };
+            (desired, draining)
+        })
+        .await
+        .map_err(|e| ChangeError::new(ErrorKind::Failed, format!("merge failed: {e}"), None))?;
+        let revision = overlay.revision;
+        let outcome = self.commit(source, desired, Some(overlay), Some(draining))?;
+        info!("{source}: overlay revision {revision} adopted");
         Ok(outcome)
     }
 
@@ -202,6 +262,13 @@ impl Membership {
         let snapshot = Snapshot::build(desired.config.clone(), Some(&old)).map_err(|e| {
             ChangeError::new(ErrorKind::Failed, format!("cannot open the access log: {e}"), Some("access_log"))
         })?;
+        // Every change made here counts; an adopted overlay keeps the revision it was given.
+        let overlay = overlay.map(|mut o| {
+            if source != Source::Cluster {
+                o.revision = self.overlay.revision + u64::from(!o.same_changes(&self.overlay));
+            }
+            o
+        });
         if let (Some(o), Some(path)) = (&overlay, &self.state_file) {
             if *o != self.overlay {
                 overlay::save(path, o).map_err(|e| {
@@ -228,6 +295,8 @@ impl Membership {
         self.current = Arc::new(desired);
         let view = Arc::new(View { snapshot, desired: self.current.clone(), overlay: self.overlay.clone() });
         self.view.store(view.clone());
+        let revision = self.overlay.revision;
+        self.revision.send_if_modified(|r| std::mem::replace(r, revision) != revision);
         Ok(view)
     }
 
@@ -440,6 +509,9 @@ impl Membership {
             }
             Change::Batch(_) => {
                 return Err(ChangeError::new(Invalid, "a batch cannot hold a batch", None));
+            }
+            Change::Adopt(_) => {
+                return Err(ChangeError::new(Invalid, "an adopted overlay is not part of a batch", None));
             }
             Change::ClearOverlay => {
                 overlay = Overlay::empty();
