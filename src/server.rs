@@ -48,6 +48,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let cluster = cluster_config.map(|c| crate::cluster::Cluster::start(&c, handle.clone())).transpose()?;
     let tracker = Arc::new(Tracker::default());
     history::spawn_sampler(state.clone());
+    crate::policy::spawn_sweeper(state.clone());
     let mut listeners = Vec::new();
     for addr in listen {
         let listener = bind(addr).await?;

@@ -67,6 +67,11 @@ async fn all_see(instances: &[&Instance], n: u64) {
     }
 }
 
+/// The tests of this file run one at a time: each starts several Velocity processes and Redis
+/// servers, and the outage tests measure how long requests wait, which a 2-core machine busy
+/// with the other tests' processes would blur.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn prefix(tag: &str) -> String {
     format!("t{}-{tag}:", std::process::id())
 }
@@ -233,18 +238,21 @@ async fn the_overlay_survives_a_store_restart(mut store: Store) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_listed_single_redis() {
+    let _serial = SERIAL.lock().await;
     let store = Store::single();
     members_are_listed(&store.redis_yaml(), "members").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_drained_through_a_stops_getting_traffic_from_b_and_c_within_1s() {
+    let _serial = SERIAL.lock().await;
     let store = Store::single();
     drain_reaches_every_instance(&store.redis_yaml(), "drain").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_made_while_b_was_cut_off_reaches_b_after_it_reconnects() {
+    let _serial = SERIAL.lock().await;
     let store = Store::single();
     let Store::Single(redis) = &store else { unreachable!() };
     let relay = Relay::start(redis.addr()).await;
@@ -253,6 +261,7 @@ async fn a_change_made_while_b_was_cut_off_reaches_b_after_it_reconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_overlay_comes_back_after_redis_restarts_empty() {
+    let _serial = SERIAL.lock().await;
     the_overlay_survives_a_store_restart(Store::single()).await;
 }
 
@@ -260,9 +269,210 @@ async fn the_overlay_comes_back_after_redis_restarts_empty() {
 /// share it, each under its own key prefix).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_suite_against_a_3_node_redis_cluster() {
+    let _serial = SERIAL.lock().await;
     let store = Store::cluster();
     let redis = store.redis_yaml();
     members_are_listed(&redis, "c-members").await;
     drain_reaches_every_instance(&redis, "c-drain").await;
     a_change_made_while_b_was_cut_off_reaches_it(&redis, &redis, Cut::Pause, "c-cutoff").await;
+    one_limit_shared_by_three(&redis, "c-accuracy").await;
+    let mut store = store;
+    the_store_fails_mid_run(&mut store, Outage::Paused, "c-paused").await;
+    the_store_fails_mid_run(&mut store, Outage::Killed, "c-killed").await;
+}
+
+// ---- Cluster-scope rate limits ----
+
+/// Start an instance with one cluster-scope global limit.
+async fn limited_instance(id: &str, redis: &str, prefix: &str, backend: &TestBackend, cluster_extra: &str) -> Instance {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\naccess_log: off\nadmin:\n  listen: 127.0.0.1:0\ncluster:\n  redis: {redis}\n  key_prefix: \"{prefix}\"\n  instance_id: {id}\n{cluster_extra}services:\n  - name: web\n    backends: [{{address: \"{}\"}}]\n    rate_limits:\n      - {{key: global, rate: {RATE}/s, burst: {BURST}, scope: cluster}}\n",
+        backend.addr
+    );
+    let v = Velocity::start(&yaml).await;
+    let admin = v.admin_addr().await;
+    Instance { v, admin }
+}
+
+const RATE: u64 = 40;
+const BURST: u64 = 10;
+
+/// What a phase of load saw.
+#[derive(Debug, Default)]
+struct Tally {
+    admitted: u64,
+    limited: u64,
+    other: u64,
+    slowest: Duration,
+    elapsed: Duration,
+}
+
+/// Two clients per instance, each sending as fast as it is answered, for `how_long`.
+async fn drive(instances: &[&Instance], how_long: Duration) -> Tally {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in instances {
+        for _ in 0..2 {
+            let addr = i.v.addr();
+            tasks.push(tokio::spawn(async move {
+                let mut t = Tally::default();
+                let mut c = Client::connect(addr).await;
+                while start.elapsed() < how_long {
+                    let sent = Instant::now();
+                    let r = c.get("x", "/").await;
+                    t.slowest = t.slowest.max(sent.elapsed());
+                    match r.status {
+                        200 => t.admitted += 1,
+                        429 => t.limited += 1,
+                        _ => t.other += 1,
+                    }
+                }
+                t
+            }));
+        }
+    }
+    let mut all = Tally::default();
+    for task in tasks {
+        let t = task.await.unwrap();
+        all.admitted += t.admitted;
+        all.limited += t.limited;
+        all.other += t.other;
+        all.slowest = all.slowest.max(t.slowest);
+    }
+    all.elapsed = start.elapsed();
+    all
+}
+
+async fn fallbacks(i: &Instance) -> u64 {
+    cluster_status(i.admin).await["store"]["fallbacks"].as_u64().unwrap_or(0)
+}
+
+/// Three instances driven together admit within 5% of `rate × seconds + burst`.
+async fn one_limit_shared_by_three(redis: &str, tag: &str) {
+    let backend = TestBackend::start("a").await;
+    let p = prefix(tag);
+    // A generous store_timeout: this test is about the sharing, not a slow store (the
+    // machine running it is loaded, and a timed-out decision is a local one).
+    let extra = "  store_timeout: 200ms\n";
+    let mut is = Vec::new();
+    for id in ["a", "b", "c"] {
+        is.push(limited_instance(id, redis, &p, &backend, extra).await);
+    }
+    let refs: Vec<&Instance> = is.iter().collect();
+    all_see(&refs, 3).await;
+    let t = drive(&refs, Duration::from_secs(3)).await;
+    let expected = RATE as f64 * t.elapsed.as_secs_f64() + BURST as f64;
+    let falls: u64 = {
+        let mut n = 0;
+        for i in &is {
+            n += fallbacks(i).await;
+        }
+        n
+    };
+    assert_eq!(t.other, 0, "{t:?}");
+    assert!(t.limited > t.admitted, "the load must exceed the limit: {t:?}");
+    let error = (t.admitted as f64 - expected).abs() / expected;
+    eprintln!(
+        "{tag}: admitted {} of an expected {expected:.1} ({:.2}% off), {falls} fallbacks: {t:?}",
+        t.admitted,
+        error * 100.0
+    );
+    assert!(
+        error <= 0.05,
+        "admitted {} of an expected {expected:.0} ({:.1}% off; {falls} store fallbacks): {t:?}",
+        t.admitted,
+        error * 100.0
+    );
+}
+
+/// How the store fails mid-run.
+#[derive(Clone, Copy, Debug)]
+enum Outage {
+    Killed,
+    Paused,
+}
+
+/// The store fails mid-run: no request waits longer than the timeout (+5 ms over the slowest
+/// request of the same load with the store up), the `local` policy holds (the limit split
+/// between the live instances), and the limit is shared again once the store is back.
+async fn the_store_fails_mid_run(store: &mut Store, outage: Outage, tag: &str) {
+    const TIMEOUT_MS: u64 = 20;
+    let backend = TestBackend::start("a").await;
+    let redis = store.redis_yaml();
+    let p = prefix(tag);
+    let extra = format!("  store_timeout: {TIMEOUT_MS}ms\n  on_store_error: local\n");
+    let ia = limited_instance("a", &redis, &p, &backend, &extra).await;
+    let ib = limited_instance("b", &redis, &p, &backend, &extra).await;
+    all_see(&[&ia, &ib], 2).await;
+    let before = drive(&[&ia, &ib], Duration::from_secs(1)).await;
+    assert!(before.limited > 0 && before.other == 0, "{before:?}");
+    match outage {
+        Outage::Killed => store.servers().iter_mut().for_each(|s| s.kill()),
+        Outage::Paused => store.servers().iter().for_each(|s| s.pause()),
+    }
+    let during = drive(&[&ia, &ib], Duration::from_secs(2)).await;
+    assert_eq!(during.other, 0, "{during:?}");
+    // `local`: each of the two instances enforces half the limit. Over the whole phase both
+    // together admit no more than the limit would (with a margin for the requests answered
+    // before the breaker opened), and not nothing.
+    let cap = RATE as f64 * during.elapsed.as_secs_f64() + 2.0 * BURST as f64;
+    assert!(
+        (during.admitted as f64) <= cap * 1.1,
+        "{outage:?}: admitted {} over {cap:.0}: {during:?}",
+        during.admitted
+    );
+    assert!(during.admitted as f64 >= RATE as f64 * 0.5, "{outage:?}: the local policy admits: {during:?}");
+    assert!(fallbacks(&ia).await > 0 && fallbacks(&ib).await > 0);
+    match outage {
+        Outage::Killed => store.servers().iter_mut().for_each(|s| s.restart()),
+        Outage::Paused => store.servers().iter().for_each(|s| s.resume()),
+    }
+    // Shared again within a few seconds: both breakers closed, then no more fallbacks.
+    let start = Instant::now();
+    loop {
+        let (sa, sb) = (cluster_status(ia.admin).await, cluster_status(ib.admin).await);
+        if sa["store"]["breaker"] == "closed" && sb["store"]["breaker"] == "closed" && sa["live"] == 2 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{outage:?}: the store never came back: {sa} {sb}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (fa, fb) = (fallbacks(&ia).await, fallbacks(&ib).await);
+    let after = drive(&[&ia, &ib], Duration::from_secs(1)).await;
+    assert!(after.limited > 0 && after.other == 0, "{after:?}");
+    // The machine's own noise is in the phases with the store up: the outage may add the
+    // timeout and 5 ms to the slowest of those, no more.
+    let allowed = Duration::from_millis(TIMEOUT_MS + 5) + before.slowest.max(after.slowest);
+    eprintln!("{tag}: before {before:?}\n{tag}: during {during:?}\n{tag}: after {after:?} (allowed {allowed:?})");
+    assert!(
+        during.slowest <= allowed,
+        "{outage:?}: a request waited {:?} (allowed {allowed:?}): {during:?}",
+        during.slowest
+    );
+    assert_eq!(
+        (fallbacks(&ia).await, fallbacks(&ib).await),
+        (fa, fb),
+        "{outage:?}: decisions still local after the store came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_with_one_cluster_limit_admit_within_5_percent() {
+    let _serial = SERIAL.lock().await;
+    let store = Store::single();
+    one_limit_shared_by_three(&store.redis_yaml(), "accuracy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_local_policy_no_added_wait_shared_again_after_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut store = Store::single();
+    the_store_fails_mid_run(&mut store, Outage::Killed, "killed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_mid_run_local_policy_no_added_wait_shared_again_after_resume() {
+    let _serial = SERIAL.lock().await;
+    let mut store = Store::single();
+    the_store_fails_mid_run(&mut store, Outage::Paused, "paused").await;
 }

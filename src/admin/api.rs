@@ -238,13 +238,20 @@ fn backend_json(view: &View, s: &Service, b: &Backend, weight: u32) -> Value {
         let age = SystemTime::now().duration_since(c.at).unwrap_or_default();
         json!({ "passed": c.passed, "age_ms": u64::try_from(age.as_millis()).unwrap_or(u64::MAX) })
     });
+    let from_overlay = view.desired.from_overlay(&s.config.name, &b.name);
+    let (origin, source) = match view.desired.source_of(&s.config.name, &b.name) {
+        Some(src) => ("discovery", src),
+        None if from_overlay => ("overlay", "api"),
+        None => ("file", "file"),
+    };
     json!({
         "id": b.id,
         "address": b.name,
         "resolved": b.addr.to_string(),
         "weight": weight,
         "state": b.admin_state().name(),
-        "origin": if view.desired.from_overlay(&s.config.name, &b.name) { "overlay" } else { "file" },
+        "origin": origin,
+        "source": source,
         "health": { "status": status, "checked": checked, "last_check": last_check, "reason": reason },
         "in_flight": b.in_flight(),
         "requests_total": b.requests_total(),

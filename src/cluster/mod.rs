@@ -7,6 +7,7 @@
 //! (`Change::Adopt`), and reads its view; the request path only sees it through a rate limit.
 //! With no `cluster:` configured nothing here runs.
 
+pub mod ratelimit;
 pub mod store;
 mod sync;
 
@@ -82,6 +83,14 @@ impl Keys {
     }
 }
 
+/// The running cluster, once started: cluster-scope rate limits are built with the snapshot,
+/// before the cluster starts, and find it here (one atomic load).
+static CURRENT: std::sync::OnceLock<Arc<Cluster>> = std::sync::OnceLock::new();
+
+pub fn current() -> Option<&'static Arc<Cluster>> {
+    CURRENT.get()
+}
+
 /// `hostname:pid`, the default instance id.
 pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -154,6 +163,7 @@ impl Cluster {
             cluster.config.redis.join(", "),
             cluster.config.key_prefix
         );
+        let _ = CURRENT.set(cluster.clone());
         let resync = Arc::new(Notify::new());
         let heartbeat = tokio::spawn(heartbeat(cluster.clone(), resync.clone()));
         let sync = tokio::spawn(sync::run(cluster.clone(), membership, hint, resync));

@@ -48,6 +48,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
         // The Go version served its API on api_port; ours listens on loopback only.
         admin: api_port.map(AdminConfig::loopback),
         cluster: None,
+        policy: Default::default(),
         legacy_equivalent: None,
     };
     cfg.legacy_equivalent = Some(equivalent_yaml(&cfg));
@@ -163,6 +164,7 @@ pub fn to_yaml(cfg: &Config) -> String {
     lifecycle::global_yaml(&mut out, cfg);
     admin::to_yaml(&mut out, &cfg.admin);
     super::cluster::to_yaml(&mut out, &cfg.cluster);
+    super::policy::global_yaml(&mut out, &cfg.policy);
     let _ = writeln!(out, "services:");
     for s in &cfg.services {
         let _ = writeln!(out, "  - name: {}", quote(&s.name));
@@ -175,6 +177,7 @@ pub fn to_yaml(cfg: &Config) -> String {
         }
         let _ = writeln!(out, "    algorithm: {}", s.algorithm.name());
         super::balancing::to_yaml(&mut out, &s.balancing);
+        super::policy::service_yaml(&mut out, &s.policy);
         lifecycle::service_yaml(&mut out, s, &cfg.limits.timeouts);
         let _ = writeln!(out, "    backends:");
         for b in &s.backends {

@@ -11,6 +11,7 @@ pub mod fuzzing;
 pub(crate) mod health;
 mod legacy;
 mod lifecycle;
+mod policy;
 mod preflight;
 mod schema;
 mod validate;
@@ -23,6 +24,9 @@ use std::time::Duration;
 
 pub use admin::AdminConfig;
 pub use cluster::{ClusterConfig, OnStoreError};
+pub use policy::{
+    parse_net, AccessRules, DenyAction, GlobalPolicy, LimitKey, LimitScope, Rate, RateLimitConfig, ServicePolicy,
+};
 pub use validate::{Scope, MAX_WEIGHT};
 pub use value::{format_duration, parse_duration, parse_size};
 
@@ -44,6 +48,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `cluster:`: the Redis store shared with other instances; `None`: this instance alone.
     pub cluster: Option<ClusterConfig>,
+    /// `trusted_proxies`, the listener's `allow`/`deny`, the run-time deny list.
+    pub policy: GlobalPolicy,
     /// Set when the file was in the original Go Velocity format; holds the equivalent new YAML.
     pub legacy_equivalent: Option<String>,
 }
@@ -104,6 +110,8 @@ pub struct ServiceConfig {
     pub limits: ServiceLimits,
     /// The algorithm's parameters (`hash_key`, `sticky`, `slow_start`, ...).
     pub balancing: Balancing,
+    /// `allow`/`deny`, `rate_limits` and the service's run-time deny list.
+    pub policy: ServicePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -385,6 +393,7 @@ pub fn summary_lines(cfg: &Config) -> Vec<String> {
             );
             // What else governs the service, so `check` shows the settings that took effect.
             line += &balancing::summary(s);
+            line += &policy::summary(&s.policy);
             if let Some(c) = &s.health.check {
                 line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
             }

@@ -146,6 +146,11 @@ pub struct RawConfig {
     pub shutdown: Option<S<RawShutdown>>,
     pub admin: Option<S<super::admin::RawAdmin>>,
     pub cluster: Option<S<super::cluster::RawCluster>>,
+    // Traffic policy (see `policy.rs`).
+    pub trusted_proxies: super::policy::RawNets,
+    pub allow: super::policy::RawNets,
+    pub deny: super::policy::RawNets,
+    pub deny_action: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +172,10 @@ pub struct RawService {
     pub hash_query: Option<S<Scalar>>,
     pub sticky: Option<S<super::balancing::RawSticky>>,
     pub slow_start: Option<S<Scalar>>,
+    // Traffic policy (see `policy.rs`).
+    pub rate_limits: Option<S<Vec<S<super::policy::RawRateLimit>>>>,
+    pub allow: super::policy::RawNets,
+    pub deny: super::policy::RawNets,
 }
 
 #[derive(Debug, Default, Deserialize)]

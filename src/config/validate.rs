@@ -42,6 +42,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
 
 fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let (limits, shutdown) = lifecycle::global(ctx, &mut raw);
+    let policy = super::policy::global(ctx, &mut raw);
     ctx.timeouts = limits.timeouts;
     let listen = match raw.listen {
         Some(l) => listen(ctx, l),
@@ -57,6 +58,9 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let services = services(ctx, raw.services);
     let admin = raw.admin.and_then(|a| super::admin::convert(ctx, a));
     let cluster = raw.cluster.and_then(|c| super::cluster::convert(ctx, c));
+    if let (None, Some((line, column))) = (&cluster, ctx.cluster_scope_at) {
+        ctx.error_at(line, column, "scope: cluster needs a `cluster:` section (the Redis store the instances share)");
+    }
     Config {
         listen,
         access_log,
@@ -68,6 +72,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
         shutdown,
         admin,
         cluster,
+        policy,
         legacy_equivalent: None,
     }
 }
@@ -82,11 +87,20 @@ pub struct Ctx<'a> {
     resolved: HashMap<String, Result<IpAddr, String>>,
     /// The top-level timeouts, which services inherit; set before the services are read.
     pub timeouts: Timeouts,
+    /// Where the first `scope: cluster` rate limit is (it needs `cluster:`).
+    pub cluster_scope_at: Option<(u64, u64)>,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(file: &'a Path, scope: Scope) -> Ctx<'a> {
-        Ctx { file, scope, errors: Vec::new(), resolved: HashMap::new(), timeouts: Timeouts::default() }
+        Ctx {
+            file,
+            scope,
+            errors: Vec::new(),
+            resolved: HashMap::new(),
+            timeouts: Timeouts::default(),
+            cluster_scope_at: None,
+        }
     }
 
     pub fn error(&mut self, at: &Location, message: impl Into<String>) {
@@ -356,6 +370,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
 
         let algorithm = raw.algorithm.as_ref().map_or(Algorithm::RoundRobin, |a| algorithm(ctx, a));
         let balancing = super::balancing::convert(ctx, &mut raw, algorithm, name_at);
+        let policy = super::policy::service(ctx, &mut raw);
         let (hosts, hosts_valid) = raw.hosts.map_or((Vec::new(), true), |h| hosts(ctx, h));
         let path_prefix = match &raw.path_prefix {
             Some(p) => path_prefix(ctx, p),
@@ -405,6 +420,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             health,
             limits,
             balancing,
+            policy,
         });
     }
     out

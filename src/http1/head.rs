@@ -410,6 +410,15 @@ impl RequestHead {
             .map(|h| at(&self.bytes, h.value))
     }
 
+    /// Every value of header `name`, in order (a list header such as `X-Forwarded-For` may
+    /// come on several lines).
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |h| at(&self.bytes, h.name).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|h| at(&self.bytes, h.value))
+    }
+
     pub fn content_length(&self) -> Option<u64> {
         self.known.content_length
     }

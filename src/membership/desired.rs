@@ -2,7 +2,8 @@
 //! `velocity check`: the merged config is written as YAML and parsed again, so nothing the
 //! file could not say can be said through the API.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
 
@@ -27,7 +28,14 @@ pub struct Draining {
     pub deadline: Instant,
     /// Whether the overlay had added it (for the origin the API shows while it drains).
     pub from_overlay: bool,
+    /// The source that owned it (`dns:web`), when a source's set no longer lists it.
+    pub source: Option<String>,
 }
+
+/// Backend sets owned by sources (discovery, managed instances): (service, source) → the
+/// (address, weight) list the source last gave. Kept by the writer, not in the overlay: each
+/// source derives its set again at start.
+pub type Sourced = BTreeMap<(String, String), Vec<(String, u32)>>;
 
 /// One change held by the overlay, for telling which of them no longer apply.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -47,6 +55,8 @@ pub struct Desired {
     pub overlay_services: HashSet<String>,
     /// (service, address) of backends the overlay added to a service of the file.
     pub overlay_backends: Vec<(String, String)>,
+    /// (service, address, source) of backends a source owns.
+    pub sources: Vec<(String, String, String)>,
     /// Overlay changes the file contradicts; they are not applied.
     pub conflicts: Vec<String>,
     /// The items behind `conflicts` that failed validation (kept out of later merges).
@@ -67,6 +77,11 @@ impl Desired {
             || self.overlay_backends.iter().any(|(s, a)| s == service && same_address(a, address))
     }
 
+    /// The source that owns the backend (`dns:web`), if one does.
+    pub fn source_of(&self, service: &str, address: &str) -> Option<&str> {
+        self.sources.iter().find(|(s, a, _)| s == service && same_address(a, address)).map(|(_, _, src)| src.as_str())
+    }
+
     pub fn service(&self, name: &str) -> Option<&config::ServiceConfig> {
         self.config.services.iter().find(|s| s.name == name)
     }
@@ -76,6 +91,7 @@ impl Desired {
 pub fn merge(
     file: &Config,
     overlay: &Overlay,
+    sourced: &Sourced,
     draining: &[Draining],
     skip: &HashSet<Item>,
 ) -> Result<Desired, ChangeError> {
@@ -85,6 +101,7 @@ pub fn merge(
     let mut states = Vec::new();
     let mut overlay_services = HashSet::new();
     let mut overlay_backends = Vec::new();
+    let mut sources = Vec::new();
 
     for name in &overlay.removed_services {
         if skip.contains(&Item::RemoveService(name.clone())) {
@@ -161,6 +178,32 @@ pub fn merge(
         }
     }
 
+    // After the file and the overlay, which win a clash: a source's address that another
+    // backend has already is left out (and reported) rather than failing the whole set.
+    for ((name, source), list) in sourced {
+        let Some(service) = cfg.services.iter_mut().find(|s| s.name == *name) else { continue };
+        for (address, weight) in list {
+            let literal = ip_literal(address);
+            let clash = service.backends.iter().find(|b| {
+                same_address(&b.address, address)
+                    || (literal.is_some() && (Some(b.addr) == literal || ip_literal(&b.address) == literal))
+            });
+            if let Some(b) = clash {
+                let owner = sources
+                    .iter()
+                    .find(|(s, a, _): &&(String, String, String)| s == name && same_address(a, &b.address))
+                    .map_or("the file or the API", |(_, _, src)| src.as_str());
+                conflicts.push(format!(
+                    "backend {address} from {source} of service {name:?} is also {} from {owner}; the source's copy is not used",
+                    b.address
+                ));
+                continue;
+            }
+            service.backends.push(unresolved(address, *weight));
+            sources.push((name.clone(), address.clone(), source.clone()));
+        }
+    }
+
     for d in draining {
         let Some(service) = cfg.services.iter_mut().find(|s| s.name == d.service) else { continue };
         if !service.backends.iter().any(|b| same_address(&b.address, &d.backend.address)) {
@@ -169,19 +212,30 @@ pub fn merge(
         if d.from_overlay {
             overlay_backends.push((d.service.clone(), d.backend.address.clone()));
         }
+        if let Some(src) = &d.source {
+            sources.push((d.service.clone(), d.backend.address.clone(), src.clone()));
+        }
         states.retain(|(s, a, _)| !(*s == d.service && same_address(a, &d.backend.address)));
         states.push((d.service.clone(), d.backend.address.clone(), AdminState::Draining));
     }
 
     let text = config::to_yaml(&cfg);
     let config = config::parse(Path::new(MERGED), &text).map_err(|errors| invalid(&errors, &text))?;
-    Ok(Desired { config, states, overlay_services, overlay_backends, conflicts, skipped: skip.clone() })
+    Ok(Desired { config, states, overlay_services, overlay_backends, sources, conflicts, skipped: skip.clone() })
+}
+
+/// `ip:port` (with or without `http://` and a trailing `/`) as a socket address; a host name
+/// gives `None`.
+fn ip_literal(address: &str) -> Option<SocketAddr> {
+    let t = address.trim();
+    let t = t.strip_prefix("http://").unwrap_or(t);
+    t.strip_suffix('/').unwrap_or(t).parse().ok()
 }
 
 /// Merge what can be merged: an overlay item that makes the result invalid (the file changed
 /// under it) is left out and reported. Never fails: the file alone is valid.
-pub fn merge_lenient(file: &Config, overlay: &Overlay, draining: &[Draining]) -> Desired {
-    if let Ok(d) = merge(file, overlay, draining, &HashSet::new()) {
+pub fn merge_lenient(file: &Config, overlay: &Overlay, sourced: &Sourced, draining: &[Draining]) -> Desired {
+    if let Ok(d) = merge(file, overlay, sourced, draining, &HashSet::new()) {
         return d;
     }
     let items = items(overlay);
@@ -191,12 +245,17 @@ pub fn merge_lenient(file: &Config, overlay: &Overlay, draining: &[Draining]) ->
         // This item on top of the ones kept so far, without any later one.
         let mut trial = skip.clone();
         trial.extend(items[i + 1..].iter().cloned());
-        if let Err(e) = merge(file, overlay, draining, &trial) {
+        if let Err(e) = merge(file, overlay, sourced, draining, &trial) {
             failed.push(format!("overlay change {} no longer passes check: {}", describe(item), e.message));
             skip.insert(item.clone());
         }
     }
-    let mut d = merge(file, overlay, draining, &skip).unwrap_or_else(|_| file_only(file));
+    // Source-owned sets never make a merge invalid on their own (clashes are left out), but a
+    // source's address could still be refused by `check`: then they go too, and come back
+    // with the source's next answer.
+    let mut d = merge(file, overlay, sourced, draining, &skip)
+        .or_else(|_| merge(file, overlay, &Sourced::new(), draining, &skip))
+        .unwrap_or_else(|_| file_only(file));
     d.conflicts.extend(failed);
     d
 }
@@ -209,6 +268,7 @@ fn file_only(file: &Config) -> Desired {
         states: Vec::new(),
         overlay_services: HashSet::new(),
         overlay_backends: Vec::new(),
+        sources: Vec::new(),
         conflicts: vec!["the overlay cannot be applied at all; serving the file alone".into()],
         skipped: HashSet::new(),
     }
@@ -346,7 +406,7 @@ mod tests {
         o.edit("web", "127.0.0.1:9001").weight = Some(7);
         o.edit("web", "127.0.0.1:9001").state = Some(AdminState::Disabled);
         o.services.push(json!({"name": "api", "hosts": ["api.local"], "backends": [{"address": "127.0.0.1:9100"}]}));
-        let d = merge(&file(), &o, &[], &HashSet::new()).unwrap();
+        let d = merge(&file(), &o, &Sourced::new(), &[], &HashSet::new()).unwrap();
         let web = d.service("web").unwrap();
         let got: Vec<(String, u32, Option<usize>)> =
             web.backends.iter().map(|b| (b.address.clone(), b.weight, b.max_connections)).collect();
@@ -364,20 +424,20 @@ mod tests {
     fn invalid_changes_name_their_field() {
         let mut o = Overlay::empty();
         o.edit("web", "127.0.0.1:0").added = true;
-        let e = merge(&file(), &o, &[], &HashSet::new()).unwrap_err();
+        let e = merge(&file(), &o, &Sourced::new(), &[], &HashSet::new()).unwrap_err();
         assert_eq!((e.kind, e.field.as_deref()), (ErrorKind::Invalid, Some("address")), "{e:?}");
         let mut o = Overlay::empty();
         o.services.push(json!({"name": "api", "backends": [{"address": "127.0.0.1:1", "weight": 0}]}));
-        let e = merge(&file(), &o, &[], &HashSet::new()).unwrap_err();
+        let e = merge(&file(), &o, &Sourced::new(), &[], &HashSet::new()).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("weight"), "{e:?}");
         let mut o = Overlay::empty();
         o.services.push(json!({"name": "api", "backends": [{"address": "127.0.0.1:1"}], "color": "red"}));
-        let e = merge(&file(), &o, &[], &HashSet::new()).unwrap_err();
+        let e = merge(&file(), &o, &Sourced::new(), &[], &HashSet::new()).unwrap_err();
         assert!(e.message.contains("unknown key"), "{e:?}");
         // Same route as `web` (the default service): found by the merged parse.
         let mut o = Overlay::empty();
         o.services.push(json!({"name": "api", "backends": [{"address": "127.0.0.1:1"}]}));
-        let e = merge(&file(), &o, &[], &HashSet::new()).unwrap_err();
+        let e = merge(&file(), &o, &Sourced::new(), &[], &HashSet::new()).unwrap_err();
         assert!(e.message.contains("same route") && e.kind == ErrorKind::Conflict, "{e:?}");
         assert!(!e.message.contains("line"), "{e:?}");
     }
@@ -391,7 +451,7 @@ mod tests {
         o.services.push(json!({"name": "web", "backends": [{"address": "127.0.0.1:1"}]}));
         // Valid once, invalid against this file: the same route as `web`.
         o.services.push(json!({"name": "api", "backends": [{"address": "127.0.0.1:1"}]}));
-        let d = merge_lenient(&file(), &o, &[]);
+        let d = merge_lenient(&file(), &o, &Sourced::new(), &[]);
         assert_eq!(d.config.services.len(), 1);
         assert_eq!(d.conflicts.len(), 5, "{:#?}", d.conflicts);
         assert!(d.conflicts[4].contains("add service api"), "{:#?}", d.conflicts);

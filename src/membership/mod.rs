@@ -16,7 +16,7 @@ pub mod desired;
 pub mod overlay;
 mod writer;
 
-pub use desired::Desired;
+pub use desired::{Desired, Sourced};
 pub use overlay::Overlay;
 pub use writer::{Membership, DRAIN_POLL};
 
@@ -34,6 +34,8 @@ pub enum Source {
     Drain,
     /// Another instance's change, through the cluster store.
     Cluster,
+    /// A discovery source or a managed service (`crate::discovery`); the change names which.
+    Discovery,
 }
 
 impl std::fmt::Display for Source {
@@ -43,6 +45,7 @@ impl std::fmt::Display for Source {
             Source::Admin => f.write_str("admin API"),
             Source::Drain => f.write_str("drain"),
             Source::Cluster => f.write_str("cluster"),
+            Source::Discovery => f.write_str("discovery"),
         }
     }
 }
@@ -79,8 +82,19 @@ pub enum Change {
         address: String,
         state: AdminState,
     },
-    /// Forget every run-time change: the file alone.
+    /// Forget every run-time change: the file alone. Source-owned sets stay (their sources
+    /// still run).
     ClearOverlay,
+    /// The complete set of backends `source` (`dns:web`, `docker:web`, `managed:web`) owns in
+    /// `service`: new addresses are added, vanished ones drained, re-weighted ones updated;
+    /// backends of the file, the API and other sources are untouched. Not kept in the overlay
+    /// (nor its state file): a source derives its set again when Velocity starts.
+    SetSourced {
+        service: String,
+        source: String,
+        /// (address `ip:port`, weight).
+        backends: Vec<(String, u32)>,
+    },
     /// Several changes applied as one: all of them or none.
     Batch(Vec<Change>),
     /// Take this overlay whole (another instance's, from the cluster store) when its revision

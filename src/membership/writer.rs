@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::desired::{self, Desired, Draining};
+use super::desired::{self, Desired, Draining, Sourced};
 use super::overlay::{self, same_address, Overlay};
 use super::{Change, ChangeError, Command, ErrorKind, Handle, Outcome, Source, View, QUEUE};
 use crate::config::{self, Config};
@@ -26,6 +26,8 @@ pub struct Membership {
     /// The config file as last loaded.
     file: Config,
     overlay: Overlay,
+    /// Backend sets owned by sources; not in the overlay (see `Change::SetSourced`).
+    sourced: Sourced,
     draining: Vec<Draining>,
     /// The last published desired state.
     current: Arc<Desired>,
@@ -72,7 +74,7 @@ impl Membership {
                 }
             },
         };
-        let desired = desired::merge_lenient(&file, &overlay, &[]);
+        let desired = desired::merge_lenient(&file, &overlay, &Sourced::new(), &[]);
         for c in &desired.conflicts {
             warn!("overlay conflict: {c}");
         }
@@ -95,6 +97,7 @@ impl Membership {
         let m = Membership {
             file,
             overlay,
+            sourced: Sourced::new(),
             draining: Vec::new(),
             current: desired,
             state_file,
@@ -119,11 +122,12 @@ impl Membership {
     /// reported, never fatal.
     pub async fn prepare_reload(&self, file: Config) -> Desired {
         let overlay = self.overlay.clone();
+        let sourced = self.sourced.clone();
         let draining = self.draining.clone();
         let fallback = file.clone();
-        tokio::task::spawn_blocking(move || desired::merge_lenient(&file, &overlay, &draining))
+        tokio::task::spawn_blocking(move || desired::merge_lenient(&file, &overlay, &sourced, &draining))
             .await
-            .unwrap_or_else(|_| desired::merge_lenient(&fallback, &Overlay::empty(), &[]))
+            .unwrap_or_else(|_| desired::merge_lenient(&fallback, &Overlay::empty(), &Sourced::new(), &[]))
     }
 
     /// Publish a prepared reload.
@@ -136,20 +140,27 @@ impl Membership {
     /// Apply one change from the API (or another source): check it against the current state,
     /// merge, validate, write the overlay, publish. On any error nothing has changed.
     pub async fn apply(&mut self, source: Source, change: Change) -> Result<Outcome, ChangeError> {
-        if let Change::Adopt(overlay) = change {
-            return self.adopt(source, overlay).await;
+        if let Change::Adopt(overlay) = &change {
+            return self.adopt(source, overlay.clone()).await;
+        }
+        if let Change::SetSourced { service, source: owner, backends } = &change {
+            return self.apply_sourced(service, owner, backends).await;
         }
         let (overlay, draining, what, added) = self.edit(&change)?;
         let file = self.file.clone();
         let skip = self.current.skipped.clone();
-        let (o, d) = (overlay.clone(), draining.clone());
-        let desired = tokio::task::spawn_blocking(move || desired::merge(&file, &o, &d, &skip))
+        let (o, d, so) = (overlay.clone(), draining.clone(), self.sourced.clone());
+        let desired = tokio::task::spawn_blocking(move || desired::merge(&file, &o, &so, &d, &skip))
             .await
             .map_err(|e| ChangeError::new(ErrorKind::Failed, format!("validation failed: {e}"), None))??;
         if let Some((service, address)) = added {
             duplicate_check(&desired, &service, &address)?;
         }
         let outcome = self.commit(source, desired, Some(overlay), Some(draining))?;
+        if let Change::RemoveService(name) = &change {
+            // Its sources stop with it (or get "no service" until it is back).
+            self.sourced.retain(|(s, _), _| s != name);
+        }
         info!("{source}: {what}");
         Ok(outcome)
     }
@@ -164,10 +175,10 @@ impl Membership {
             return Ok(self.view.load_full());
         }
         let (file, o, old) = (self.file.clone(), overlay.clone(), self.current.clone());
-        let kept = self.draining.clone();
+        let (kept, sourced) = (self.draining.clone(), self.sourced.clone());
         let deadline = Instant::now() + old.config.shutdown.drain_timeout;
         let (desired, draining) = tokio::task::spawn_blocking(move || {
-            let plain = desired::merge_lenient(&file, &o, &[]);
+            let plain = desired::merge_lenient(&file, &o, &sourced, &[]);
             // Drains that go on: backends the new overlay has gone too (a cancelled drain
             // comes back as a backend of `plain`).
             let has = |d: &Desired, service: &str, address: &str| {
@@ -185,11 +196,18 @@ impl Membership {
                         draining.iter().any(|d| d.service == s.name && same_address(&d.backend.address, &b.address));
                     if gone && !listed {
                         let from_overlay = old.from_overlay(&s.name, &b.address);
-                        draining.push(Draining { service: s.name.clone(), backend: b.clone(), deadline, from_overlay });
+                        draining.push(Draining {
+                            service: s.name.clone(),
+                            backend: b.clone(),
+                            deadline,
+                            from_overlay,
+                            source: None,
+                        });
                     }
                 }
             }
-            let desired = if draining.is_empty() { plain } else { desired::merge_lenient(&file, &o, &draining) };
+            let desired =
+                if draining.is_empty() { plain } else { desired::merge_lenient(&file, &o, &sourced, &draining) };
             (desired, draining)
         })
         .await
@@ -197,6 +215,100 @@ impl Membership {
         let revision = overlay.revision;
         let outcome = self.commit(source, desired, Some(overlay), Some(draining))?;
         info!("{source}: overlay revision {revision} adopted");
+        Ok(outcome)
+    }
+
+    /// Replace the set of backends `owner` has in `service`: add the new, drain the vanished
+    /// (the drain of one that comes back is cancelled), re-weight the rest. An unchanged set
+    /// changes nothing and builds nothing, so a source may repeat itself cheaply.
+    async fn apply_sourced(
+        &mut self,
+        service: &str,
+        owner: &str,
+        backends: &[(String, u32)],
+    ) -> Result<Outcome, ChangeError> {
+        use ErrorKind::*;
+        let cur = self.current.clone();
+        let Some(svc) = cur.service(service) else {
+            return Err(ChangeError::new(NotFound, format!("no service {service:?}"), Some("name")));
+        };
+        let mut list: Vec<(String, u32)> = Vec::with_capacity(backends.len());
+        for (address, weight) in backends {
+            let address = address.trim();
+            if address.is_empty() {
+                return Err(ChangeError::new(Invalid, "address is empty", Some("address")));
+            }
+            if !(1..=config::MAX_WEIGHT).contains(&i64::from(*weight)) {
+                return Err(ChangeError::new(
+                    Invalid,
+                    format!("weight of {address} must be from 1 to {}, got {weight}", config::MAX_WEIGHT),
+                    Some("weight"),
+                ));
+            }
+            // A source may list an address twice (two SRV records): one backend.
+            if !list.iter().any(|(a, _)| same_address(a, address)) {
+                list.push((address.to_owned(), *weight));
+            }
+        }
+        let key = (service.to_owned(), owner.to_owned());
+        let old = self.sourced.get(&key).cloned().unwrap_or_default();
+        let mut draining = self.draining.clone();
+        let mut lines = Vec::new();
+        for (address, _) in &old {
+            if list.iter().any(|(a, _)| same_address(a, address)) || cur.source_of(service, address) != Some(owner) {
+                continue;
+            }
+            let Some(b) = svc.backends.iter().find(|b| same_address(&b.address, address)) else { continue };
+            if draining.iter().any(|d| d.service == service && same_address(&d.backend.address, address)) {
+                continue;
+            }
+            draining.push(Draining {
+                service: service.to_owned(),
+                backend: b.clone(),
+                deadline: Instant::now() + cur.config.shutdown.drain_timeout,
+                from_overlay: false,
+                source: Some(owner.to_owned()),
+            });
+            lines.push(format!("{address} draining"));
+        }
+        for (address, weight) in &list {
+            match old.iter().find(|(a, _)| same_address(a, address)) {
+                Some((_, w)) if w == weight => {}
+                Some((_, w)) => lines.push(format!("{address} weight {w} -> {weight}")),
+                None => {
+                    let back = draining.iter().position(|d| {
+                        d.service == service
+                            && same_address(&d.backend.address, address)
+                            && d.source.as_deref() == Some(owner)
+                    });
+                    match back {
+                        Some(i) => {
+                            draining.remove(i);
+                            lines.push(format!("{address} back (drain cancelled)"));
+                        }
+                        None => lines.push(format!("{address} added (weight {weight})")),
+                    }
+                }
+            }
+        }
+        if lines.is_empty() && old.len() == list.len() {
+            return Ok(self.view.load_full());
+        }
+        let mut sourced = self.sourced.clone();
+        if list.is_empty() {
+            sourced.remove(&key);
+        } else {
+            sourced.insert(key, list);
+        }
+        let (file, overlay, skip) = (self.file.clone(), self.overlay.clone(), cur.skipped.clone());
+        let (so, d) = (sourced.clone(), draining.clone());
+        let desired = tokio::task::spawn_blocking(move || desired::merge(&file, &overlay, &so, &d, &skip))
+            .await
+            .map_err(|e| ChangeError::new(Failed, format!("validation failed: {e}"), None))??;
+        let outcome = self.commit(Source::Discovery, desired, None, Some(draining))?;
+        self.sourced = sourced;
+        let what = if lines.is_empty() { "set unchanged".to_owned() } else { lines.join(", ") };
+        info!("{}: {owner} in service {service}: {what}", Source::Discovery);
         Ok(outcome)
     }
 
@@ -230,10 +342,10 @@ impl Membership {
             return;
         }
         let (file, overlay, draining) = (self.file.clone(), self.overlay.clone(), self.draining.clone());
-        let skip = self.current.skipped.clone();
+        let (skip, sourced) = (self.current.skipped.clone(), self.sourced.clone());
         let desired = tokio::task::spawn_blocking(move || {
-            desired::merge(&file, &overlay, &draining, &skip)
-                .unwrap_or_else(|_| desired::merge_lenient(&file, &overlay, &draining))
+            desired::merge(&file, &overlay, &sourced, &draining, &skip)
+                .unwrap_or_else(|_| desired::merge_lenient(&file, &overlay, &sourced, &draining))
         })
         .await;
         match desired {
@@ -342,6 +454,16 @@ impl Membership {
                 ChangeError::new(NotFound, format!("service {service:?} has no backend {address:?}"), Some("address"))
             })
         };
+        // A source's backends change at their source: an API edit would be undone by its
+        // next answer.
+        let not_sourced = |service: &str, address: &str| match cur.source_of(service, address) {
+            Some(src) => Err(ChangeError::new(
+                Conflict,
+                format!("backend {address} of service {service:?} belongs to {src}; it changes there"),
+                Some("address"),
+            )),
+            None => Ok(()),
+        };
         let draining_at = |d: &[Draining], service: &str, address: &str| {
             d.iter().position(|x| x.service == service && same_address(&x.backend.address, address))
         };
@@ -424,6 +546,7 @@ impl Membership {
             Change::RemoveBackend { service, address, drain } => {
                 let drain = *drain;
                 let b = backend_of(service, address)?;
+                not_sourced(service, address)?;
                 if let Some(i) = draining_at(&draining, service, address) {
                     if drain {
                         return Ok((
@@ -462,7 +585,13 @@ impl Membership {
                     if drain {
                         let deadline = Instant::now() + cur.config.shutdown.drain_timeout;
                         let from_overlay = cur.from_overlay(service, &b.address);
-                        draining.push(Draining { service: service.clone(), backend: b, deadline, from_overlay });
+                        draining.push(Draining {
+                            service: service.clone(),
+                            backend: b,
+                            deadline,
+                            from_overlay,
+                            source: None,
+                        });
                     }
                 }
                 if drain {
@@ -474,6 +603,7 @@ impl Membership {
             Change::SetWeight { service, address, weight } => {
                 check_weight(*weight)?;
                 let b = backend_of(service, address)?;
+                not_sourced(service, address)?;
                 if draining_at(&draining, service, address).is_some() {
                     return Err(ChangeError::new(Conflict, format!("backend {address} is draining"), Some("weight")));
                 }
@@ -482,6 +612,7 @@ impl Membership {
             }
             Change::SetState { service, address, state } => {
                 let b = backend_of(service, address)?;
+                not_sourced(service, address)?;
                 if let Some(i) = draining_at(&draining, service, address) {
                     if *state == AdminState::Disabled {
                         return Err(ChangeError::new(
@@ -512,6 +643,9 @@ impl Membership {
             }
             Change::Adopt(_) => {
                 return Err(ChangeError::new(Invalid, "an adopted overlay is not part of a batch", None));
+            }
+            Change::SetSourced { .. } => {
+                return Err(ChangeError::new(Invalid, "a source's set is not part of a batch", None));
             }
             Change::ClearOverlay => {
                 overlay = Overlay::empty();
@@ -561,6 +695,7 @@ fn set_admin_states(snapshot: &Snapshot, desired: &Desired, old: Option<&Snapsho
                 }
             }
             b.set_admin_state(desired.state_of(&s.config.name, &b.name));
+            b.set_source(desired.source_of(&s.config.name, &b.name));
         }
     }
 }
@@ -578,4 +713,133 @@ fn sync_checkers(checkers: &mut Checkers, snapshot: &Snapshot) {
         })
         .collect();
     checkers.sync(&wanted);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn start() -> Membership {
+        let text = "listen: 127.0.0.1:8000\nshutdown: {drain_timeout: 5s}\nservices:\n  - name: web\n    backends:\n      - address: 127.0.0.1:9001\n";
+        Membership::start(config::parse(Path::new("f.yaml"), text).unwrap()).unwrap().0
+    }
+
+    fn set(m: &mut Membership, source: &str, list: &[(&str, u32)]) -> Result<Outcome, ChangeError> {
+        let backends = list.iter().map(|(a, w)| ((*a).to_owned(), *w)).collect();
+        let change = Change::SetSourced { service: "web".into(), source: source.into(), backends };
+        futures_block(m.apply(Source::Discovery, change))
+    }
+
+    fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    /// (address, weight, state, source) of every backend of `web` in the published snapshot.
+    fn backends(m: &Membership) -> Vec<(String, u32, &'static str, Option<String>)> {
+        let snap = m.snapshot();
+        let lb = snap.services[0].lb.load();
+        lb.pool
+            .backends
+            .iter()
+            .zip(&lb.pool.weights)
+            .map(|(b, w)| (b.name.clone(), *w, b.admin_state().name(), b.source().map(|s| s.to_string())))
+            .collect()
+    }
+
+    fn row(a: &str, w: u32, st: &'static str, src: Option<&str>) -> (String, u32, &'static str, Option<String>) {
+        (a.to_owned(), w, st, src.map(str::to_owned))
+    }
+
+    #[test]
+    fn a_source_set_adds_drains_and_reweights_leaving_other_backends_alone() {
+        let mut m = start();
+        set(&mut m, "dns:web", &[("127.0.0.1:9002", 1), ("127.0.0.1:9003", 2)]).unwrap();
+        assert_eq!(
+            backends(&m),
+            [
+                row("127.0.0.1:9001", 1, "active", None),
+                row("127.0.0.1:9002", 1, "active", Some("dns:web")),
+                row("127.0.0.1:9003", 2, "active", Some("dns:web")),
+            ]
+        );
+        let id = find_backend(&m.snapshot(), "web", "127.0.0.1:9003").unwrap().id;
+        // 9002 vanished: drained, not cut (a request is in flight on it); 9003 re-weighted.
+        let b2 = find_backend(&m.snapshot(), "web", "127.0.0.1:9002").unwrap();
+        let flight = b2.try_start_request().unwrap();
+        set(&mut m, "dns:web", &[("127.0.0.1:9003", 5)]).unwrap();
+        assert_eq!(
+            backends(&m),
+            [
+                row("127.0.0.1:9001", 1, "active", None),
+                row("127.0.0.1:9003", 5, "active", Some("dns:web")),
+                row("127.0.0.1:9002", 1, "draining", Some("dns:web")),
+            ]
+        );
+        assert_eq!(find_backend(&m.snapshot(), "web", "127.0.0.1:9003").unwrap().id, id, "identity kept");
+        futures_block(m.finish_drains());
+        assert_eq!(backends(&m).len(), 3, "still in flight: still there");
+        drop(flight);
+        futures_block(m.finish_drains());
+        assert_eq!(
+            backends(&m),
+            [row("127.0.0.1:9001", 1, "active", None), row("127.0.0.1:9003", 5, "active", Some("dns:web"))]
+        );
+        assert!(!m.is_draining());
+        // Not in the overlay: a restart derives the set again.
+        assert!(m.overlay.is_empty());
+    }
+
+    #[test]
+    fn a_returning_address_cancels_its_drain_and_repeats_build_nothing() {
+        let mut m = start();
+        set(&mut m, "dns:web", &[("127.0.0.1:9002", 1), ("127.0.0.1:9003", 1)]).unwrap();
+        let b3 = find_backend(&m.snapshot(), "web", "127.0.0.1:9003").unwrap();
+        let _flight = b3.try_start_request().unwrap();
+        set(&mut m, "dns:web", &[("127.0.0.1:9002", 1)]).unwrap();
+        assert!(m.is_draining());
+        set(&mut m, "dns:web", &[("127.0.0.1:9002", 1), ("127.0.0.1:9003", 1)]).unwrap();
+        assert!(!m.is_draining());
+        assert_eq!(backends(&m)[2], row("127.0.0.1:9003", 1, "active", Some("dns:web")));
+        assert!(Arc::ptr_eq(&find_backend(&m.snapshot(), "web", "127.0.0.1:9003").unwrap(), &b3));
+        let before = m.snapshot();
+        set(&mut m, "dns:web", &[("127.0.0.1:9003", 1), ("127.0.0.1:9002", 1)]).unwrap();
+        assert!(Arc::ptr_eq(&before, &m.snapshot()), "the same set again publishes nothing");
+    }
+
+    #[test]
+    fn sources_do_not_take_over_other_backends_nor_the_api_theirs() {
+        let mut m = start();
+        // 9001 is the file's: left out, reported; the other source's 9002 is its own.
+        set(&mut m, "dns:web", &[("127.0.0.1:9001", 3), ("127.0.0.1:9002", 1)]).unwrap();
+        set(&mut m, "docker:web", &[("127.0.0.1:9002", 1), ("127.0.0.1:9004", 1)]).unwrap();
+        assert_eq!(
+            backends(&m),
+            [
+                row("127.0.0.1:9001", 1, "active", None),
+                row("127.0.0.1:9002", 1, "active", Some("dns:web")),
+                row("127.0.0.1:9004", 1, "active", Some("docker:web")),
+            ]
+        );
+        assert_eq!(m.current.conflicts.len(), 2, "{:?}", m.current.conflicts);
+        // The API edits neither a source's backend nor adds one a source has.
+        let remove = Change::RemoveBackend { service: "web".into(), address: "127.0.0.1:9004".into(), drain: false };
+        let e = futures_block(m.apply(Source::Admin, remove)).unwrap_err();
+        assert!(e.kind == ErrorKind::Conflict && e.message.contains("docker:web"), "{e:?}");
+        let add = Change::AddBackend { service: "web".into(), address: "127.0.0.1:9002".into(), weight: 1 };
+        assert_eq!(futures_block(m.apply(Source::Admin, add)).unwrap_err().kind, ErrorKind::Conflict);
+        // Clearing the overlay keeps the sources' sets; the file's backend can go too while a
+        // source has others.
+        futures_block(m.apply(Source::Admin, Change::ClearOverlay)).unwrap();
+        assert_eq!(backends(&m).len(), 3);
+        let e = set(&mut m, "dns:web", &[("127.0.0.1:9005", 0)]).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("weight"));
+        let missing = Change::SetSourced {
+            service: "nope".into(),
+            source: "dns:nope".into(),
+            backends: vec![("1.2.3.4:1".into(), 1)],
+        };
+        assert_eq!(futures_block(m.apply(Source::Discovery, missing)).unwrap_err().kind, ErrorKind::NotFound);
+    }
 }

@@ -41,6 +41,9 @@ pub struct BackendStats {
     pub health: &'static str,
     /// `active`, `draining` or `disabled` (the admin API's state).
     pub admin: &'static str,
+    /// The discovery source that owns it (`dns:web`); absent for the file's and the API's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub in_flight: usize,
     /// Tries: response heads received plus connection errors.
     pub requests: u64,
@@ -87,6 +90,7 @@ pub fn read(snap: &Snapshot, with_history: bool) -> Stats {
                         address: b.name.clone(),
                         health: health(b),
                         admin: b.admin_state().name(),
+                        source: b.source().map(|s| s.to_string()),
                         in_flight: b.in_flight(),
                         requests: responses + conn_errors,
                         errors: m.responses(5) + conn_errors,

@@ -5,6 +5,7 @@
 //! written and read right here, so a request costs no task hand-off and no channel.
 
 use std::io::IoSlice;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,11 +138,14 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
     let start = Instant::now();
     let host = head.host().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
     let path = std::str::from_utf8(head.path()).unwrap_or("");
-    let (routed, mut log) = {
+    let (routed, mut log, client_ip, admitted) = {
         let snapshot = c.state.load();
+        // Computed once: every policy, the hash balancers and the access log use this value.
+        let client_ip = snapshot.policy.client_ip(c.client.ip(), head);
+        let admitted = snapshot.policy.permits(client_ip);
         let log = snapshot.access_log.as_ref().map(|log| {
             let record = AccessRecord {
-                client: c.client,
+                client: SocketAddr::new(client_ip, c.client.port()),
                 method: head.method.clone(),
                 host: head.host_bytes(),
                 target: head.target_bytes(),
@@ -154,9 +158,12 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
             };
             (log.clone(), record)
         });
-        let routed = snapshot.router.route(host, path).map(|i| snapshot.services[i].clone());
+        // A client the listener refuses is no service's business: counted as unrouted.
+        let routed =
+            admitted.then(|| snapshot.router.route(host, path).map(|i| snapshot.services[i].clone())).flatten();
         let metrics = routed.as_ref().map_or_else(|| snapshot.metrics.unrouted.clone(), |s| s.metrics.clone());
-        (routed, LogLine { end: RequestEnd::new(metrics, &head.method, start.into_std()), access: log })
+        let log = LogLine { end: RequestEnd::new(metrics, &head.method, start.into_std()), access: log };
+        (routed, log, client_ip, admitted)
     };
     let mut req = Exchange {
         head,
@@ -166,8 +173,10 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         continued: false,
         set_cookie: None,
         done: false,
+        client_ip,
     };
     let keep_alive = match routed {
+        _ if !admitted => req.denied(c).await,
         Some(service) => req.serve(c, &service, start).await,
         None => {
             let body = c.state.load().router.explain_miss(host, path);
@@ -192,6 +201,8 @@ pub(super) struct Exchange<'a> {
     /// Served to the end. An exchange dropped before that was cut by the listener because
     /// `drain_timeout` passed (the only place a request's future is dropped half-way).
     done: bool,
+    /// The client (see `GlobalGate::client_ip`).
+    pub(super) client_ip: IpAddr,
 }
 
 impl Drop for Exchange<'_> {
@@ -206,6 +217,12 @@ impl Drop for Exchange<'_> {
 impl Exchange<'_> {
     async fn serve(&mut self, c: &mut ClientConn, service: &Arc<Service>, start: Instant) -> bool {
         let head = self.head;
+        // Before any backend work: a refused request costs no pool slot and no connection.
+        if let Some(gate) = &service.gate {
+            if let Err(why) = gate.check(self.client_ip, head).await {
+                return self.refused(c, service, why).await;
+            }
+        }
         let lb = service.lb.load_full();
         let timeouts = service.config.limits.timeouts;
         let deadline = start + timeouts.request;
@@ -258,7 +275,7 @@ impl Exchange<'_> {
         let mut held: Option<(BackendConn, ResponseHead, InFlight, Option<Bytes>)> = None;
         loop {
             let acquired = {
-                let ctx = RequestContext { client_ip: c.client.ip(), head };
+                let ctx = RequestContext { client_ip: self.client_ip, head };
                 let pool = &lb.pool;
                 let usable = |i: usize| {
                     let b = &pool.backends[i];

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::observe::metrics::ListenerGauge;
+use crate::observe::metrics::{ListenerGauge, Reject};
 use crate::state::Shared;
 use crate::upstream::is_local_exhaustion;
 use client::Drain;
@@ -191,6 +191,12 @@ async fn serve(
         if exhausted > 0 {
             info!(listener = %local, failed_accepts = exhausted, "accepting again: file descriptors are free");
             exhausted = 0;
+        }
+        if state.load().policy.closes_at_accept(client.ip()) {
+            // `deny_action: close`: not even a 403.
+            debug!(listener = %local, %client, "denied client: connection closed at accept");
+            state.load().metrics.unrouted.reject(Reject::Denied);
+            continue;
         }
         let _ = stream.set_nodelay(true);
         let tracked = (tracker.enter(), open.enter());

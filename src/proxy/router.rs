@@ -128,6 +128,7 @@ mod tests {
             health: Default::default(),
             limits: Default::default(),
             balancing: Default::default(),
+            policy: Default::default(),
         }
     }
 

@@ -89,6 +89,9 @@ pub struct Backend {
     admin: AtomicU8,
     /// Written by its health checker once per check; read by the admin API.
     last_check: Mutex<Option<LastCheck>>,
+    /// The discovery source that owns it (`dns:web`), for the dashboard; set by the writer,
+    /// never read on the request path.
+    source: Mutex<Option<Arc<str>>>,
 }
 
 impl Backend {
@@ -110,7 +113,20 @@ impl Backend {
             queue: OnceLock::new(),
             admin: AtomicU8::new(0),
             last_check: Mutex::new(None),
+            source: Mutex::new(None),
         })
+    }
+
+    /// Set by the membership writer on every publish.
+    pub fn set_source(&self, source: Option<&str>) {
+        let mut cur = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.as_deref() != source {
+            *cur = source.map(Arc::from);
+        }
+    }
+
+    pub fn source(&self) -> Option<Arc<str>> {
+        self.source.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether new requests may go here (the admin state; health is checked apart).
