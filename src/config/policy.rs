@@ -365,6 +365,9 @@ pub fn summary(p: &ServicePolicy) -> String {
     let mut line = String::new();
     for l in &p.rate_limits {
         let _ = write!(line, "; rate limit {} by {} burst {}", l.rate, l.key, l.burst);
+        if l.scope == LimitScope::Cluster {
+            line.push_str(" (cluster)");
+        }
         if let Some(prefix) = &l.path_prefix {
             let _ = write!(line, " on {prefix}");
         }
