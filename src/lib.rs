@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod discovery;

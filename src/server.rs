@@ -35,6 +35,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let mut signals = Signals::new()?;
     let listen = config.all_listeners();
     let admin_config = config.admin.clone();
+    let cluster_config = config.cluster.clone();
     events::configure(&config.event_log, config.log_format)
         .map_err(|e| format!("cannot open the event log {}: {e}", config.event_log))?;
     // After the event log is set up, so the line goes where events go, in their format.
@@ -46,6 +47,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let state: Shared = membership.shared();
     let mut sources = crate::discovery::Sources::new(handle.clone(), state.clone());
     sources.sync(&state.load().config);
+    let cluster = cluster_config.map(|c| crate::cluster::Cluster::start(&c, handle.clone())).transpose()?;
     let tracker = Arc::new(Tracker::default());
     history::spawn_sampler(state.clone());
     crate::policy::spawn_sweeper(state.clone());
@@ -56,8 +58,13 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let admin = match &admin_config {
         Some(cfg) => {
             let token = admin::token(cfg)?;
-            let admin_state =
-                AdminState { shared: state.clone(), membership: handle, token, metrics_public: cfg.metrics_public };
+            let admin_state = AdminState {
+                shared: state.clone(),
+                membership: handle,
+                token,
+                metrics_public: cfg.metrics_public,
+                cluster: cluster.clone(),
+            };
             Some(admin::start(cfg, admin_state).await?)
         }
         None => None,
@@ -120,6 +127,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // error rather than waiting).
     drop(admin);
     drop(commands);
+    if let Some(c) = &cluster {
+        c.leave().await;
+    }
     let result = shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await;
     // After the drain: managed backends serve their last requests first.
     sources.stop().await;

@@ -80,8 +80,11 @@ impl Service {
         let pool = Pool::new(backends);
         let balancer = balancer::build(&config, &pool);
         let retry_budget = RetryBudget::new(config.health.retry.budget_percent);
-        let gate =
-            ServiceGate::build(&config.policy, previous.and_then(|p| Some((&p.config.policy, p.gate.as_ref()?))));
+        let gate = ServiceGate::build(
+            &config.policy,
+            previous.and_then(|p| Some((&p.config.policy, p.gate.as_ref()?))),
+            &config.name,
+        );
         // Limits may have grown or backends been added: let waiting requests look again.
         queue.wake_all();
         let lb = ArcSwap::from_pointee(LoadBalancer { pool, balancer });

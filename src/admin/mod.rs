@@ -9,6 +9,7 @@
 
 mod api;
 pub mod auth;
+mod cluster;
 mod dashboard;
 pub mod error;
 mod logs;
@@ -45,6 +46,8 @@ pub struct AdminState {
     /// `None`: the API needs no token (only allowed on loopback addresses).
     pub token: Option<Arc<str>>,
     pub metrics_public: bool,
+    /// `cluster:`: the members and the store's state; `None`: a single instance.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The routes and the record of them (for the OpenAPI test), built together so they cannot
@@ -100,6 +103,7 @@ fn all_routes(metrics_public: bool) -> Routes {
     // Other route files are added here: `let r = observe::routes(r, metrics_public);`
     let r = metrics::routes(r, metrics_public);
     let r = dashboard::routes(r);
+    let r = cluster::routes(r);
     logs::routes(r)
 }
 

@@ -48,6 +48,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
         shutdown: Shutdown::default(),
         // The Go version served its API on api_port; ours listens on loopback only.
         admin: api_port.map(AdminConfig::loopback),
+        cluster: None,
         policy: Default::default(),
         legacy_equivalent: None,
     };
@@ -166,6 +167,7 @@ pub fn to_yaml(cfg: &Config) -> String {
     super::listeners::to_yaml(&mut out, cfg);
     lifecycle::global_yaml(&mut out, cfg);
     admin::to_yaml(&mut out, &cfg.admin);
+    super::cluster::to_yaml(&mut out, &cfg.cluster);
     super::policy::global_yaml(&mut out, &cfg.policy);
     let _ = writeln!(out, "services:");
     for s in &cfg.services {

@@ -5,6 +5,7 @@
 
 pub(crate) mod admin;
 mod balancing;
+pub(crate) mod cluster;
 mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use cluster::{ClusterConfig, OnStoreError};
 pub use discovery::{Discovery, DnsDiscovery, DnsKind, DockerDiscovery, ManagedConfig};
 pub use listeners::{CertificateFiles, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, TlsConfig, TlsVersion};
 pub use policy::{
@@ -51,6 +53,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// `admin:`: the admin API listener; `None`: no admin API.
     pub admin: Option<AdminConfig>,
+    /// `cluster:`: the Redis store shared with other instances; `None`: this instance alone.
+    pub cluster: Option<ClusterConfig>,
     /// `trusted_proxies`, the listener's `allow`/`deny`, the run-time deny list.
     pub policy: GlobalPolicy,
     /// Set when the file was in the original Go Velocity format; holds the equivalent new YAML.

@@ -105,12 +105,13 @@ pub enum LimitKey {
     Global,
 }
 
-/// Where a limit's state lives. Only `local` exists today; `cluster` (shared through Redis,
-/// issue 19) is reserved in the schema so it can be added without changing the rest.
+/// Where a limit's state lives: this process, or the cluster store (`cluster:`), shared by
+/// every instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LimitScope {
     #[default]
     Local,
+    Cluster,
 }
 
 /// `count` requests per `per`.
@@ -285,18 +286,17 @@ fn rate_limit(ctx: &mut Ctx, raw: RawRateLimit, at: Location) -> Option<RateLimi
         None => rate.map(|r| r.count),
         Some(b) => super::value::whole(ctx, "burst", b, 1, MAX_BURST).map(|n| n as u32),
     };
+    let mut scope = LimitScope::Local;
     if let Some(s) = &raw.scope {
         match s.value.trim() {
             "local" => {}
             "cluster" => {
-                ctx.error(
-                    &s.referenced,
-                    "scope: cluster (one limit shared by every instance) is not available yet; use scope: local",
-                );
-                ok = false;
+                // Needs `cluster:`, which may come later in the file: checked once all is read.
+                ctx.cluster_scope_at.get_or_insert((s.referenced.line(), s.referenced.column()));
+                scope = LimitScope::Cluster;
             }
             other => {
-                ctx.error(&s.referenced, format!("unknown rate limit scope {other:?}: use local"));
+                ctx.error(&s.referenced, format!("unknown rate limit scope {other:?}: use local or cluster"));
                 ok = false;
             }
         }
@@ -304,7 +304,7 @@ fn rate_limit(ctx: &mut Ctx, raw: RawRateLimit, at: Location) -> Option<RateLimi
     if !ok {
         return None;
     }
-    Some(RateLimitConfig { key, path_prefix, methods, rate: rate?, burst: burst?, scope: LimitScope::Local })
+    Some(RateLimitConfig { key, path_prefix, methods, rate: rate?, burst: burst?, scope })
 }
 
 /// An HTTP token (RFC 9110), which header names and methods must be.
@@ -353,6 +353,9 @@ pub fn service_yaml(out: &mut String, p: &ServicePolicy) {
         if !l.methods.is_empty() {
             let _ = write!(out, ", methods: [{}]", l.methods.join(", "));
         }
+        if l.scope == LimitScope::Cluster {
+            let _ = write!(out, ", scope: cluster");
+        }
         let _ = writeln!(out, "}}");
     }
 }
@@ -362,6 +365,9 @@ pub fn summary(p: &ServicePolicy) -> String {
     let mut line = String::new();
     for l in &p.rate_limits {
         let _ = write!(line, "; rate limit {} by {} burst {}", l.rate, l.key, l.burst);
+        if l.scope == LimitScope::Cluster {
+            line.push_str(" (cluster)");
+        }
         if let Some(prefix) = &l.path_prefix {
             let _ = write!(line, " on {prefix}");
         }
@@ -431,7 +437,7 @@ mod tests {
             "deny: invalid address range \"nonsense\"",
             "unknown rate limit key \"ip\"",
             "invalid rate \"10/d\"",
-            "scope: cluster (one limit shared by every instance) is not available yet",
+            "scope: cluster needs a `cluster:` section",
             "rate limit needs `rate`",
             "burst",
             "path_prefix must start with /",

@@ -146,6 +146,7 @@ pub struct RawConfig {
     pub max_client_connections: Option<S<Scalar>>,
     pub shutdown: Option<S<RawShutdown>>,
     pub admin: Option<S<super::admin::RawAdmin>>,
+    pub cluster: Option<S<super::cluster::RawCluster>>,
     // Traffic policy (see `policy.rs`).
     pub trusted_proxies: super::policy::RawNets,
     pub allow: super::policy::RawNets,

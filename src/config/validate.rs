@@ -61,6 +61,10 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let listeners = raw.listeners.map_or_else(Vec::new, |l| {
         super::listeners::convert(ctx, l, &listen, &services, limits.max_client_connections)
     });
+    let cluster = raw.cluster.and_then(|c| super::cluster::convert(ctx, c));
+    if let (None, Some((line, column))) = (&cluster, ctx.cluster_scope_at) {
+        ctx.error_at(line, column, "scope: cluster needs a `cluster:` section (the Redis store the instances share)");
+    }
     Config {
         listen: listen.into_iter().map(|(addr, _)| addr).collect(),
         listeners,
@@ -72,6 +76,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
         limits,
         shutdown,
         admin,
+        cluster,
         policy,
         legacy_equivalent: None,
     }
@@ -87,11 +92,20 @@ pub struct Ctx<'a> {
     resolved: HashMap<String, Result<IpAddr, String>>,
     /// The top-level timeouts, which services inherit; set before the services are read.
     pub timeouts: Timeouts,
+    /// Where the first `scope: cluster` rate limit is (it needs `cluster:`).
+    pub cluster_scope_at: Option<(u64, u64)>,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(file: &'a Path, scope: Scope) -> Ctx<'a> {
-        Ctx { file, scope, errors: Vec::new(), resolved: HashMap::new(), timeouts: Timeouts::default() }
+        Ctx {
+            file,
+            scope,
+            errors: Vec::new(),
+            resolved: HashMap::new(),
+            timeouts: Timeouts::default(),
+            cluster_scope_at: None,
+        }
     }
 
     pub fn error(&mut self, at: &Location, message: impl Into<String>) {

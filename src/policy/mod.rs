@@ -116,7 +116,11 @@ pub enum Refusal {
 impl ServiceGate {
     /// `None` when the service has no policy. Rate limit state and address sets carry over
     /// from `previous` where the rules are unchanged.
-    pub fn build(cfg: &ServicePolicy, previous: Option<(&ServicePolicy, &ServiceGate)>) -> Option<ServiceGate> {
+    pub fn build(
+        cfg: &ServicePolicy,
+        previous: Option<(&ServicePolicy, &ServiceGate)>,
+        service: &str,
+    ) -> Option<ServiceGate> {
         if cfg.is_empty() {
             return None;
         }
@@ -126,19 +130,19 @@ impl ServiceGate {
             .rate_limits
             .iter()
             .enumerate()
-            .map(|(i, l)| RateLimit::new(l, previous.and_then(|(_, g)| g.limits.get(i))))
+            .map(|(i, l)| RateLimit::new(l, previous.and_then(|(_, g)| g.limits.get(i)), &format!("{service}:{i}")))
             .collect();
         Some(ServiceGate { access, limits })
     }
 
-    pub fn check(&self, client: IpAddr, head: &RequestHead) -> Result<(), Refusal> {
+    pub async fn check(&self, client: IpAddr, head: &RequestHead) -> Result<(), Refusal> {
         if let Some(a) = &self.access {
             if !a.permits(client) {
                 return Err(Refusal::Denied);
             }
         }
         for l in &self.limits {
-            l.check(client, head).map_err(Refusal::Limited)?;
+            l.check(client, head).await.map_err(Refusal::Limited)?;
         }
         Ok(())
     }

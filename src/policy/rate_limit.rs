@@ -79,6 +79,9 @@ impl Limiter for Local {
 pub struct RateLimit {
     pub config: RateLimitConfig,
     pub limiter: Arc<dyn Limiter>,
+    /// `scope: cluster`: the state is in the cluster store (`limiter` is the same object, for
+    /// the sweeper).
+    cluster: Option<Arc<crate::cluster::ratelimit::ClusterLimiter>>,
 }
 
 /// A request over a limit: what the `429` says.
@@ -105,15 +108,21 @@ fn hasher() -> &'static std::hash::RandomState {
 
 impl RateLimit {
     /// A rule for `config`, keeping `previous`'s state when it is the same rule (a reload or
-    /// an API change does not reset the limits).
-    pub fn new(config: &RateLimitConfig, previous: Option<&RateLimit>) -> RateLimit {
-        let limiter = match previous {
-            Some(p) if p.config == *config => p.limiter.clone(),
-            _ => match config.scope {
-                LimitScope::Local => Arc::new(Local::new(config)) as Arc<dyn Limiter>,
-            },
-        };
-        RateLimit { config: config.clone(), limiter }
+    /// an API change does not reset the limits). `id` names the rule among the instances of a
+    /// cluster (service and position).
+    pub fn new(config: &RateLimitConfig, previous: Option<&RateLimit>, id: &str) -> RateLimit {
+        if let Some(p) = previous.filter(|p| p.config == *config) {
+            return p.clone();
+        }
+        match config.scope {
+            LimitScope::Local => {
+                RateLimit { config: config.clone(), limiter: Arc::new(Local::new(config)), cluster: None }
+            }
+            LimitScope::Cluster => {
+                let c = Arc::new(crate::cluster::ratelimit::ClusterLimiter::new(config, id));
+                RateLimit { config: config.clone(), limiter: c.clone(), cluster: Some(c) }
+            }
+        }
     }
 
     fn applies(&self, head: &RequestHead) -> bool {
@@ -125,17 +134,31 @@ impl RateLimit {
     fn key(&self, client: IpAddr, head: &RequestHead) -> u128 {
         match &self.config.key {
             LimitKey::ClientIp => ipset::key(client),
+            // Every instance of a cluster must find the same key for the same value: there
+            // the hash key is fixed (the store's keys are not for clients to choose anyway).
+            LimitKey::Header(name) if self.cluster.is_some() => head.header(name).map_or(0, |v| {
+                u128::from(
+                    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(v),
+                ) | 1 << 64
+            }),
             LimitKey::Header(name) => head.header(name).map_or(0, |v| u128::from(hasher().hash_one(v)) | 1 << 64),
             LimitKey::Global => 0,
         }
     }
 
     /// Count `head` under this rule if it applies.
-    pub fn check(&self, client: IpAddr, head: &RequestHead) -> Result<(), Limited> {
+    pub async fn check(&self, client: IpAddr, head: &RequestHead) -> Result<(), Limited> {
         if !self.applies(head) {
             return Ok(());
         }
-        self.limiter.check(self.key(client, head)).map_err(|wait| Limited { limit: self.config.burst, wait })
+        let key = self.key(client, head);
+        let decision = match &self.cluster {
+            // Boxed: the store's future is large, and only cluster-scope rules should carry it
+            // (a request future without them stays as small as before).
+            Some(c) => Box::pin(c.check(key)).await,
+            None => self.limiter.check(key),
+        };
+        decision.map_err(|wait| Limited { limit: self.config.burst, wait })
     }
 }
 
@@ -185,10 +208,10 @@ mod tests {
 
     #[test]
     fn state_carries_over_an_unchanged_rule_only() {
-        let a = RateLimit::new(&rule(1, 1), None);
-        let b = RateLimit::new(&rule(1, 1), Some(&a));
+        let a = RateLimit::new(&rule(1, 1), None, "t");
+        let b = RateLimit::new(&rule(1, 1), Some(&a), "t");
         assert!(Arc::ptr_eq(&a.limiter, &b.limiter));
-        let c = RateLimit::new(&rule(2, 1), Some(&a));
+        let c = RateLimit::new(&rule(2, 1), Some(&a), "t");
         assert!(!Arc::ptr_eq(&a.limiter, &c.limiter));
     }
 }

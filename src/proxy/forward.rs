@@ -223,7 +223,7 @@ impl Exchange<'_> {
         let head = self.head;
         // Before any backend work: a refused request costs no pool slot and no connection.
         if let Some(gate) = &service.gate {
-            if let Err(why) = gate.check(self.client_ip, head) {
+            if let Err(why) = gate.check(self.client_ip, head).await {
                 return self.refused(c, service, why).await;
             }
         }
