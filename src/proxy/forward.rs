@@ -156,7 +156,8 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         });
         let routed = snapshot.router.route(host, path).map(|i| snapshot.services[i].clone());
         let metrics = routed.as_ref().map_or_else(|| snapshot.metrics.unrouted.clone(), |s| s.metrics.clone());
-        (routed, LogLine { end: RequestEnd::new(metrics, &head.method, start.into_std()), access: log })
+        let end = RequestEnd::new(metrics, &head.method, start.into_std());
+        (routed, LogLine { end, access: log, finished: false })
     };
     let mut req = Exchange {
         head,
@@ -175,6 +176,8 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         }
     };
     req.done = true;
+    drop(req);
+    c.clock = Some(log.finish());
     keep_alive
 }
 
@@ -221,7 +224,8 @@ impl Exchange<'_> {
                 return self.body_too_large(c, max).await;
             }
         }
-        service.retry_budget.record_request();
+        // Counted at the request's arrival, from the clock read that started it.
+        service.retry_budget.record_request_at(crate::health::ms_at(start.into_std()));
 
         let mut body = match head.content_length() {
             _ if head.is_chunked() => ReqBody::Chunked(ChunkedScanner::new()),
@@ -629,7 +633,9 @@ async fn backend_or_client(client: &mut TcpStream, buf: &mut BytesMut, conn: &mu
         tokio::select! {
             biased;
             read = backend.as_mut() => return Waited::Backend(read),
-            ready = client.readable() => {
+            // The read-readiness slot rather than `readable()` (a waiter list entry under a
+            // lock): this task is the client's only reader, and this wait is on every request.
+            ready = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => {
                 if ready.is_err() {
                     return Waited::ClientGone;
                 }
