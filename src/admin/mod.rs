@@ -12,6 +12,7 @@ pub mod auth;
 mod cluster;
 mod dashboard;
 pub mod error;
+mod listener;
 mod logs;
 mod metrics;
 
@@ -25,7 +26,7 @@ use axum::routing::{delete, get, patch, post, MethodRouter};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::info;
 
 pub use error::{ApiError, ApiPath, ApiQuery, JsonBody};
 
@@ -163,11 +164,9 @@ pub async fn start(cfg: &AdminConfig, state: AdminState) -> Result<AdminServer, 
         TcpListener::bind(cfg.listen).await.map_err(|e| format!("cannot listen on {} (admin): {e}", cfg.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     info!("admin API listening on http://{local}");
+    let timeouts = state.shared.load().config.limits.timeouts;
+    let deadlines = listener::Deadlines { header: timeouts.client_header, idle: timeouts.client_idle };
     let app = router(state);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            error!("admin API stopped: {e}");
-        }
-    });
+    let task = tokio::spawn(listener::serve(listener, app, deadlines));
     Ok(AdminServer { local, task })
 }

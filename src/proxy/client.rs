@@ -75,6 +75,9 @@ pub struct ClientConn {
     pub limits: Limits,
     /// The listener's settings as they were when the connection was accepted.
     pub listener: Arc<ListenerSettings>,
+    /// The clock as read when the last request ended (its metrics took it): the wait for the
+    /// next request counts from it instead of reading the clock again. Taken by that wait.
+    pub clock: Option<Instant>,
 }
 
 impl ClientConn {
@@ -198,6 +201,7 @@ async fn serve(
         client_ip: client.ip().to_string().into_bytes(),
         limits,
         listener,
+        clock: None,
     };
     let mut head = RequestHead::default();
     let mut first = true;
@@ -280,7 +284,7 @@ async fn serve_busy(conn: &mut ClientConn, head: &mut RequestHead, first: &mut b
 
 async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool, drain: &Drain) -> Next {
     let max = conn.limits.max_header_bytes;
-    let timeouts = conn.limits.timeouts;
+    let (client_header, client_idle) = (conn.limits.timeouts.client_header, conn.limits.timeouts.client_idle);
     // Set once the first byte of the head arrives.
     let mut head_deadline: Option<Instant> = None;
     loop {
@@ -300,15 +304,16 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
         } else if head_deadline.is_none() {
             // Part of a head is here (a head that comes whole never gets this far): it has
             // `client_header` from now, however the rest trickles in.
-            head_deadline = Some(Instant::now() + timeouts.client_header);
+            head_deadline = Some(Instant::now() + client_header);
         }
-        let idle = if first { timeouts.client_header } else { timeouts.client_idle };
+        let idle = if first { client_header } else { client_idle };
         // With nothing read, wait at most `IDLE_GRACE` here; the rest of the idle time is
         // waited without buffers (`serve`).
         let mut since = None;
+        let ended = conn.clock.take();
         let deadline = || {
             head_deadline.unwrap_or_else(|| {
-                let now = Instant::now();
+                let now = ended.unwrap_or_else(Instant::now);
                 since = Some(now);
                 now + idle.min(IDLE_GRACE)
             })

@@ -165,8 +165,8 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         let routed =
             admitted.then(|| snapshot.router.route(host, path).map(|i| snapshot.services[i].clone())).flatten();
         let metrics = routed.as_ref().map_or_else(|| snapshot.metrics.unrouted.clone(), |s| s.metrics.clone());
-        let log = LogLine { end: RequestEnd::new(metrics, &head.method, start.into_std()), access: log };
-        (routed, log, client_ip, admitted)
+        let end = RequestEnd::new(metrics, &head.method, start.into_std());
+        (routed, LogLine { end, access: log, finished: false }, client_ip, admitted)
     };
     let mut req = Exchange {
         head,
@@ -188,6 +188,8 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         }
     };
     req.done = true;
+    drop(req);
+    c.clock = Some(log.finish());
     keep_alive
 }
 
@@ -242,7 +244,8 @@ impl Exchange<'_> {
                 return self.body_too_large(c, max).await;
             }
         }
-        service.retry_budget.record_request();
+        // Counted at the request's arrival, from the clock read that started it.
+        service.retry_budget.record_request_at(crate::health::ms_at(start.into_std()));
 
         let mut body = match head.content_length() {
             _ if head.is_chunked() => ReqBody::Chunked(ChunkedScanner::new()),
@@ -660,7 +663,9 @@ async fn backend_or_client(client: &mut ClientStream, buf: &mut BytesMut, conn: 
         tokio::select! {
             biased;
             read = backend.as_mut() => return Waited::Backend(read),
-            ready = client.readable() => {
+            // The read-readiness slot rather than `readable()` (a waiter list entry under a
+            // lock): this task is the client's only reader, and this wait is on every request.
+            ready = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => {
                 if ready.is_err() {
                     return Waited::ClientGone;
                 }

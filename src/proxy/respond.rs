@@ -23,6 +23,8 @@ use crate::upstream::{Backend, BackendConn, InFlight};
 pub(super) struct LogLine {
     pub(super) end: RequestEnd,
     pub(super) access: Option<(AccessLog, AccessRecord)>,
+    /// Recorded already (by [`LogLine::finish`]).
+    pub(super) finished: bool,
 }
 
 impl LogLine {
@@ -45,9 +47,18 @@ impl LogLine {
     }
 }
 
-impl Drop for LogLine {
-    fn drop(&mut self) {
-        let us = self.end.finish();
+impl LogLine {
+    /// Record the request now; returns the clock read that ended it, for the connection's next
+    /// wait (one clock read per request fewer). A line dropped unfinished records itself.
+    pub(super) fn finish(&mut self) -> Instant {
+        let now = Instant::now();
+        self.record(now.into_std());
+        now
+    }
+
+    fn record(&mut self, now: std::time::Instant) {
+        self.finished = true;
+        let us = self.end.finish_at(now);
         if let Some((log, mut record)) = self.access.take() {
             record.status = self.end.status;
             record.note = self.end.note;
@@ -55,6 +66,14 @@ impl Drop for LogLine {
             let name = &self.end.service.name;
             record.service = (!name.is_empty()).then(|| name.clone());
             log.log(record, us);
+        }
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record(std::time::Instant::now());
         }
     }
 }

@@ -30,6 +30,15 @@ impl ClientStream {
         }
     }
 
+    /// [`Self::readable`] through the socket's read-readiness slot (no waiter list entry):
+    /// for the one task that reads this connection.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            ClientStream::Plain(s) => s.poll_read_ready(cx),
+            ClientStream::Tls(s) => s.get_ref().0.poll_read_ready(cx),
+        }
+    }
+
     /// Read what is there without waiting: `WouldBlock` when nothing is.
     pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
