@@ -10,6 +10,7 @@
 mod api;
 pub mod auth;
 mod dashboard;
+mod denylist;
 pub mod error;
 mod logs;
 mod metrics;
@@ -97,6 +98,7 @@ impl Routes {
 fn all_routes(metrics_public: bool) -> Routes {
     let r = Routes::new();
     let r = api::routes(r);
+    let r = denylist::routes(r);
     // Other route files are added here: `let r = observe::routes(r, metrics_public);`
     let r = metrics::routes(r, metrics_public);
     let r = dashboard::routes(r);
