@@ -38,6 +38,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
     let services = validate::services(&mut ctx, services);
     let mut cfg = Config {
         listen,
+        listeners: Vec::new(),
         access_log: AccessLog::Stdout,
         log_format: LogFormat::Text,
         event_log: super::EventLog::Stderr,
@@ -129,6 +130,8 @@ pub fn to_yaml(cfg: &Config) -> String {
     // Writing to a String cannot fail; the results of `writeln!` are ignored for that reason.
     let listen: Vec<String> = cfg.listen.iter().map(|a| quote(&a.to_string())).collect();
     match listen.as_slice() {
+        // Only `listeners:` (an empty `listen:` would be an error).
+        [] if !cfg.listeners.is_empty() => {}
         [one] => {
             let _ = writeln!(out, "listen: {one}");
         }
@@ -160,6 +163,7 @@ pub fn to_yaml(cfg: &Config) -> String {
     if cfg.access_log_ring != crate::observe::ring::DEFAULT_LINES {
         let _ = writeln!(out, "access_log_ring: {}", cfg.access_log_ring);
     }
+    super::listeners::to_yaml(&mut out, cfg);
     lifecycle::global_yaml(&mut out, cfg);
     admin::to_yaml(&mut out, &cfg.admin);
     super::policy::global_yaml(&mut out, &cfg.policy);

@@ -10,6 +10,7 @@ pub mod fuzzing;
 pub(crate) mod health;
 mod legacy;
 mod lifecycle;
+mod listeners;
 mod policy;
 mod preflight;
 mod schema;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use listeners::{CertificateFiles, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, TlsConfig, TlsVersion};
 pub use policy::{
     parse_net, AccessRules, DenyAction, GlobalPolicy, LimitKey, LimitScope, Rate, RateLimitConfig, ServicePolicy,
 };
@@ -31,7 +33,10 @@ pub use value::{format_duration, parse_duration, parse_size};
 /// A fully validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The top-level `listen:`: plain HTTP listeners (see `all_listeners`).
     pub listen: Vec<SocketAddr>,
+    /// `listeners:`, in order.
+    pub listeners: Vec<ListenerConfig>,
     pub access_log: AccessLog,
     pub log_format: LogFormat,
     /// Where events (everything but access lines) go.
@@ -362,45 +367,43 @@ pub fn parse_offline(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>
 /// One line per service, for `velocity check`, such as
 /// `service web: hosts web.local,*.web.local path /api, least_connections over 2 backends (127.0.0.1:9001 w3, 127.0.0.1:9002 w1)`.
 pub fn summary_lines(cfg: &Config) -> Vec<String> {
-    cfg.services
-        .iter()
-        .map(|s| {
-            let hosts = if s.hosts.is_empty() {
-                "*".to_owned()
-            } else {
-                s.hosts.iter().map(HostPattern::to_string).collect::<Vec<_>>().join(",")
-            };
-            let backends: Vec<String> = s
-                .backends
-                .iter()
-                .map(|b| match b.max_connections {
-                    Some(max) => format!("{} w{} max {max}", b.address, b.weight),
-                    None => format!("{} w{}", b.address, b.weight),
-                })
-                .collect();
-            let noun = if backends.len() == 1 { "backend" } else { "backends" };
-            let mut line = format!(
-                "service {}: hosts {hosts} path {}, {} over {} {noun} ({})",
-                s.name,
-                s.path_prefix,
-                s.algorithm.name(),
-                backends.len(),
-                backends.join(", ")
-            );
-            // What else governs the service, so `check` shows the settings that took effect.
-            line += &balancing::summary(s);
-            line += &policy::summary(&s.policy);
-            if let Some(c) = &s.health.check {
-                line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
-            }
-            line += &format!("; {} retries", s.health.retry.attempts);
-            if s.backends.iter().any(|b| b.max_connections.is_some()) {
-                let q = s.limits.queue;
-                line += &format!("; queue {} for {:?}", q.size, q.timeout);
-            }
-            line
-        })
-        .collect()
+    let services = cfg.services.iter().map(|s| {
+        let hosts = if s.hosts.is_empty() {
+            "*".to_owned()
+        } else {
+            s.hosts.iter().map(HostPattern::to_string).collect::<Vec<_>>().join(",")
+        };
+        let backends: Vec<String> = s
+            .backends
+            .iter()
+            .map(|b| match b.max_connections {
+                Some(max) => format!("{} w{} max {max}", b.address, b.weight),
+                None => format!("{} w{}", b.address, b.weight),
+            })
+            .collect();
+        let noun = if backends.len() == 1 { "backend" } else { "backends" };
+        let mut line = format!(
+            "service {}: hosts {hosts} path {}, {} over {} {noun} ({})",
+            s.name,
+            s.path_prefix,
+            s.algorithm.name(),
+            backends.len(),
+            backends.join(", ")
+        );
+        // What else governs the service, so `check` shows the settings that took effect.
+        line += &balancing::summary(s);
+        line += &policy::summary(&s.policy);
+        if let Some(c) = &s.health.check {
+            line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
+        }
+        line += &format!("; {} retries", s.health.retry.attempts);
+        if s.backends.iter().any(|b| b.max_connections.is_some()) {
+            let q = s.limits.queue;
+            line += &format!("; queue {} for {:?}", q.size, q.timeout);
+        }
+        line
+    });
+    listeners::summary_lines(cfg).into_iter().chain(services).collect()
 }
 
 /// As written in the file: `web.local` or `*.web.local`.
@@ -438,6 +441,8 @@ pub struct Timeouts {
     pub backend_response: Duration,
     /// The whole exchange up to the response headers (queueing, connects, retries): then 504.
     pub request: Duration,
+    /// A tunnel (WebSocket, TCP mode) with no byte either way for this long is closed.
+    pub tunnel_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -449,6 +454,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(2),
             backend_response: Duration::from_secs(30),
             request: Duration::from_secs(60),
+            tunnel_idle: Duration::from_secs(3600),
         }
     }
 }

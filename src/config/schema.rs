@@ -135,6 +135,7 @@ impl<'de> Deserialize<'de> for Scalar {
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub listen: Option<S<OneOrMany>>,
+    pub listeners: Option<S<Vec<S<super::listeners::RawListener>>>>,
     pub access_log: Option<S<String>>,
     pub log_format: Option<S<String>>,
     pub event_log: Option<S<String>>,
@@ -197,6 +198,7 @@ pub struct RawTimeouts {
     pub connect: Option<S<Scalar>>,
     pub backend_response: Option<S<Scalar>>,
     pub request: Option<S<Scalar>>,
+    pub tunnel_idle: Option<S<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

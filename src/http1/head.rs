@@ -69,6 +69,11 @@ struct Known {
     forwarded_for: u8,
     /// `Connection` names other headers: those are hop-by-hop too.
     connection_lists_others: bool,
+    /// `Connection: upgrade`.
+    connection_upgrade: bool,
+    /// An `Upgrade` header offers `websocket` (the only protocol Velocity tunnels; `h2c` is
+    /// dropped like every other offer).
+    upgrade_websocket: bool,
 }
 
 impl Known {
@@ -190,20 +195,33 @@ fn classify(
             known.expect_continue = trim(value).eq_ignore_ascii_case(b"100-continue");
             true
         }
-        7 => is("upgrade") || is("trailer"),
+        7 if is("upgrade") => {
+            // Always skipped: the websocket offer is written again by `encode_for_backend`,
+            // alone, so that `h2c` (a request-smuggling shape) never reaches a backend.
+            if request {
+                known.upgrade_websocket |=
+                    value.split(|&b| b == b',').map(trim).any(|t| t.eq_ignore_ascii_case(b"websocket"));
+            }
+            true
+        }
+        7 => is("trailer"),
         10 if is("connection") => {
             for token in value.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty()) {
                 if token.eq_ignore_ascii_case(b"close") {
                     known.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     known.keep_alive = true;
-                } else if !token.eq_ignore_ascii_case(b"upgrade") {
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    known.connection_upgrade = true;
+                } else {
                     known.connection_lists_others = true;
                 }
             }
             true
         }
         10 => is("keep-alive"),
+        // h2c's settings: never honoured, so never forwarded.
+        14 if request && is("http2-settings") => true,
         14 if is("content-length") => {
             // Repeated lines (or a list) must agree, or the framing is ambiguous (smuggling).
             known.length_line = true;
@@ -436,6 +454,16 @@ impl RequestHead {
         self.known.expect_continue && self.has_body() && self.version == 1
     }
 
+    /// A WebSocket opening handshake (RFC 6455 4.1): an HTTP/1.1 GET without a body that
+    /// offers `Upgrade: websocket` with `Connection: upgrade`.
+    pub fn is_websocket_upgrade(&self) -> bool {
+        self.known.upgrade_websocket
+            && self.known.connection_upgrade
+            && self.version == 1
+            && self.method == Method::GET
+            && !self.has_body()
+    }
+
     /// Whether the client allows the connection to stay open after this request.
     pub fn keep_alive(&self) -> bool {
         self.known.keeps_alive(self.version)
@@ -477,6 +505,9 @@ impl RequestHead {
         }
         if self.known.chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if self.known.upgrade_websocket && self.is_websocket_upgrade() {
+            out.extend_from_slice(b"upgrade: websocket\r\nconnection: upgrade\r\n");
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -859,6 +890,27 @@ mod tests {
         let mut out = Vec::new();
         head.encode_for_backend(&mut out, &Forwarding { client_ip: b"10.1.1.1", proto: b"http" }, b"b:1");
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn websocket_handshake_forwarded_alone_and_h2c_dropped() {
+        let h = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: h2c, websocket\r\nHTTP2-Settings: AA\r\nSec-WebSocket-Key: k\r\n\r\n").unwrap();
+        assert!(h.is_websocket_upgrade());
+        let out = forwarded(&h);
+        assert!(out.contains("Sec-WebSocket-Key: k\r\n"), "{out}");
+        assert!(out.ends_with("upgrade: websocket\r\nconnection: upgrade\r\n\r\n"), "{out}");
+        assert!(!out.to_ascii_lowercase().contains("h2c") && !out.contains("HTTP2"), "{out}");
+        for not_ws in [
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AA\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\nx",
+            "GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            let h = req(not_ws).unwrap();
+            assert!(!h.is_websocket_upgrade(), "{not_ws}");
+            let out = forwarded(&h).to_ascii_lowercase();
+            assert!(!out.contains("upgrade") && !out.contains("http2-settings"), "{out}");
+        }
     }
 
     #[test]

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::client::{read_more, ClientConn, Drain, BODY_READ};
 use super::respond::LogLine;
+use super::stream::ClientStream;
 use crate::balancer::{Pick, RequestContext};
 use crate::config::HealthConfig;
 use crate::health::passive::{self, Admission};
@@ -117,6 +117,8 @@ struct Bounds {
     /// The request's deadline (sending the body counts against it).
     deadline: Instant,
     max_body: Option<u64>,
+    /// A WebSocket handshake: a `101` answer is taken (and the connections spliced).
+    upgrade: bool,
 }
 
 impl Bounds {
@@ -154,6 +156,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
                 backend: None,
                 start: start.into_std(),
                 bytes: 0,
+                bytes_in: None,
                 note: None,
             };
             (log.clone(), record)
@@ -177,6 +180,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
     };
     let keep_alive = match routed {
         _ if !admitted => req.denied(c).await,
+        _ if c.listener.config.redirect_https => req.redirect_https(c).await,
         Some(service) => req.serve(c, &service, start).await,
         None => {
             let body = c.state.load().router.explain_miss(host, path);
@@ -268,8 +272,14 @@ impl Exchange<'_> {
         let mut last_failure = String::new();
         let mut retries = 0u32;
         let mut attempted = false;
-        let mut bounds =
-            Bounds { now, connect: timeouts.connect, backend_response: timeouts.backend_response, deadline, max_body };
+        let mut bounds = Bounds {
+            now,
+            connect: timeouts.connect,
+            backend_response: timeouts.backend_response,
+            deadline,
+            max_body,
+            upgrade: head.is_websocket_upgrade(),
+        };
         // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend
         // takes the request: if none can, the client gets this answer rather than an error.
         let mut held: Option<(BackendConn, ResponseHead, InFlight, Option<Bytes>)> = None;
@@ -323,6 +333,9 @@ impl Exchange<'_> {
                         passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
                     } else {
                         passive::record_success(backend, trial, &service.config.name);
+                    }
+                    if status == 101 {
+                        return self.tunnel(c, conn, in_flight, timeouts.tunnel_idle).await;
                     }
                     if retry.on.contains(&status) && may_replay && body.replayable() && may_retry(service, retries) {
                         warn!(service = %service.config.name, backend = %backend.name, status, retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
@@ -492,7 +505,8 @@ impl Exchange<'_> {
         conn: &mut BackendConn,
         bounds: Bounds,
     ) -> Result<(), AttemptError> {
-        let fwd = Forwarding { client_ip: &c.client_ip, proto: b"http" };
+        let proto: &[u8] = if c.stream.is_tls() { b"https" } else { b"http" };
+        let fwd = Forwarding { client_ip: &c.client_ip, proto };
         self.head.encode_for_backend(&mut c.out, &fwd, backend.host_header.as_bytes());
         let sent = match body {
             // A backend that does not take the request in is bounded by the request deadline:
@@ -600,7 +614,7 @@ async fn read_response_head(c: &mut ClientConn, conn: &mut BackendConn, bounds: 
                     conn.buf.advance(c.resp.len);
                     continue;
                 }
-                Ok(true) if c.resp.status == 101 => {
+                Ok(true) if c.resp.status == 101 && !bounds.upgrade => {
                     return Err(AttemptError::Sent("switching protocols without an upgrade".into()));
                 }
                 Ok(true) => return Ok(()),
@@ -637,7 +651,7 @@ enum Waited {
 /// answer is awaited gets its backend request abandoned, as NGINX does (`499` in the log),
 /// rather than holding a backend connection until the answer comes. Bytes the client sends
 /// meanwhile (a pipelined request) are kept, up to a bound.
-async fn backend_or_client(client: &mut TcpStream, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
+async fn backend_or_client(client: &mut ClientStream, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
     let mut backend = pin!(conn.read_more());
     loop {
         if buf.len() >= MAX_PIPELINED {

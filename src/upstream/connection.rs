@@ -114,6 +114,12 @@ impl BackendConn {
         write_all_vectored(&mut self.stream, parts).await
     }
 
+    /// The socket and what was read past the last response head, for a connection that leaves
+    /// HTTP (a WebSocket tunnel): it never goes back to the pool.
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     /// Whether an idle connection may carry a request: not idle too long, not closed.
     fn usable(&mut self, now: Instant) -> bool {
         now.saturating_duration_since(self.since) < super::backend::IDLE_TIMEOUT && !self.is_stale()
