@@ -474,7 +474,8 @@ mod tests {
     }
 
     /// A 100,000-entry deny list (a real blocklist) loads from YAML in under a second (an
-    /// unoptimised build is given sixty times the room, as it is that much slower under load); the figure is printed for the README.
+    /// unoptimised build under load is that much slower: it gets sixty times the room). The
+    /// figure is printed for the README.
     #[test]
     fn a_hundred_thousand_entry_deny_list_loads_in_under_a_second() {
         let mut text = String::from("listen: 127.0.0.1:8000\ndeny:\n");

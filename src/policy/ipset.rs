@@ -124,7 +124,7 @@ mod tests {
 
     /// 100,000 entries (a real blocklist's size): built in under a second, each lookup under
     /// a microsecond. Figures printed for the README (`--nocapture`, and `--release` for the
-    /// real ones); an unoptimised build is given sixty times the room, as it is that much slower under load.
+    /// real ones); an unoptimised build under load gets sixty times the room.
     #[test]
     fn hundred_thousand_entries_build_and_lookup_cost() {
         let mut nets = Vec::with_capacity(100_000);
