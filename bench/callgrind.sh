@@ -5,6 +5,8 @@
 # change with bench/run.sh before believing it matters.
 # Usage: bench/callgrind.sh [BIN] [CONFIG]   (default: a release build with debug info,
 #        round robin over three `velocity testserver` backends on 127.0.0.1)
+#        CALLGRIND_POLICY=1 adds a rate limit and a 10,000-entry deny list to that default
+#        config, neither of which the benchmark's requests trigger (issue 15's cost figure).
 # Writes target/velocity-callgrind.out; read it with callgrind_annotate. Ports derive from the
 # checkout's path (or CALLGRIND_PORT), so two checkouts can count at once.
 set -euo pipefail
@@ -33,6 +35,14 @@ services:
       - address: 127.0.0.1:$((base + 2))
       - address: 127.0.0.1:$((base + 3))
 YAML
+  if [ -n "${CALLGRIND_POLICY:-}" ]; then
+    {
+      echo "    rate_limits: [{key: client_ip, rate: 1000000/s, burst: 1000000}]"
+      echo "    deny:"
+      # 10,000 /32s in 10.0.0.0/8 (the benchmark's client is 127.0.0.1).
+      for i in $(seq 0 9999); do echo "      - 10.$((i / 65536)).$((i / 256 % 256)).$((i % 256))"; done
+    } >> "$config"
+  fi
 fi
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }

@@ -233,3 +233,76 @@ async fn listener_deny_answers_403_or_closes_at_accept() {
     let m = scrape(lb.admin_addr().await).await;
     assert_eq!(value(&m, r#"velocity_requests_rejected_total{service="",reason="denied"}"#), Some(1.0), "{m}");
 }
+
+/// One admin API call: (status, JSON body).
+async fn api(admin: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", admin.to_string());
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let body = http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or("").to_owned()));
+    let resp = Client::connect(admin).await.send(req.body(body).unwrap()).await;
+    (resp.status, serde_json::from_str(&resp.body).unwrap_or(serde_json::Value::Null))
+}
+
+/// The run-time deny list: an entry added through the API refuses the very next request (on
+/// a connection that was already open), survives a reload and a restart (state file), and
+/// removing it lets the client back in. Global and per-service lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_list_changed_through_the_api_takes_effect_on_the_next_request_and_survives_reload_and_restart() {
+    let b = TestBackend::start("b").await;
+    let state = temp_path("policy-overlay.json");
+    let _ = std::fs::remove_file(&state);
+    let yaml = format!(
+        "listen: 127.0.0.1:0\naccess_log: off\nadmin:\n  listen: 127.0.0.1:0\n  state_file: {}\nservices:\n  - name: web\n    hosts: [web]\n    backends: [{{address: {b}}}]\n  - name: other\n    hosts: [other]\n    backends: [{{address: {b}}}]\n",
+        state.display(),
+        b = b.addr
+    );
+    let path = temp_path("policy-denylist.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let lb = Velocity::start_file(path.clone(), &[]).await;
+    let admin = lb.admin_addr().await;
+    let mut five = Client::connect_from(lb.addr(), local(5)).await;
+    let mut six = Client::connect_from(lb.addr(), local(6)).await;
+    assert_eq!(five.get("web", "/").await.status, 200);
+
+    let (status, body) =
+        api(admin, "POST", "/api/v1/denylist", Some(r#"{"cidrs": ["127.0.0.5", "2001:db8::/32"]}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["denylist"], serde_json::json!(["127.0.0.5/32", "2001:db8::/32"]));
+    assert_eq!(five.get("web", "/").await.status, 403, "the next request on the open connection");
+    assert_eq!(five.get("other", "/").await.status, 403, "the global list covers every service");
+    assert_eq!(six.get("web", "/").await.status, 200);
+
+    let (status, body) = api(admin, "POST", "/api/v1/services/web/denylist", Some(r#"{"cidr": "127.0.0.6"}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(six.get("web", "/").await.status, 403);
+    assert_eq!(six.get("other", "/").await.status, 200, "a service's list is its own");
+    let (_, body) = api(admin, "GET", "/api/v1/services/web/denylist", None).await;
+    assert_eq!(body["denylist"], serde_json::json!(["127.0.0.6/32"]));
+
+    let (status, body) = api(admin, "POST", "/api/v1/denylist", Some(r#"{"cidrs": ["not-an-address"]}"#)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(api(admin, "POST", "/api/v1/services/nope/denylist", Some(r#"{"cidr": "1.2.3.4"}"#)).await.0, 404);
+
+    let (status, _) = api(admin, "POST", "/api/v1/reload", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(Client::connect_from(lb.addr(), local(5)).await.get("web", "/").await.status, 403, "after a reload");
+
+    drop(lb);
+    // Dropping the harness removed the config file.
+    std::fs::write(&path, &yaml).unwrap();
+    let lb = Velocity::start_file(path, &[]).await;
+    let admin = lb.admin_addr().await;
+    assert_eq!(Client::connect_from(lb.addr(), local(5)).await.get("other", "/").await.status, 403, "after a restart");
+    assert_eq!(Client::connect_from(lb.addr(), local(6)).await.get("web", "/").await.status, 403, "after a restart");
+
+    let (status, body) = api(admin, "DELETE", "/api/v1/denylist?cidr=127.0.0.5/32", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["denylist"], serde_json::json!(["2001:db8::/32"]));
+    assert_eq!(Client::connect_from(lb.addr(), local(5)).await.get("web", "/").await.status, 200);
+    let (status, body) = api(admin, "DELETE", "/api/v1/services/web/denylist", None).await;
+    assert_eq!((status, body["denylist"].clone()), (200, serde_json::json!([])));
+    assert_eq!(Client::connect_from(lb.addr(), local(6)).await.get("web", "/").await.status, 200);
+    let _ = std::fs::remove_file(&state);
+}

@@ -11,6 +11,7 @@ mod api;
 pub mod auth;
 mod cluster;
 mod dashboard;
+mod denylist;
 pub mod error;
 mod listener;
 mod logs;
@@ -101,6 +102,7 @@ impl Routes {
 fn all_routes(metrics_public: bool) -> Routes {
     let r = Routes::new();
     let r = api::routes(r);
+    let r = denylist::routes(r);
     // Other route files are added here: `let r = observe::routes(r, metrics_public);`
     let r = metrics::routes(r, metrics_public);
     let r = dashboard::routes(r);

@@ -13,7 +13,7 @@ use serde_saphyr::Location;
 use super::legacy::quote;
 use super::schema::{Scalar, S};
 use super::validate::Ctx;
-use super::{value, Config, ServiceConfig};
+use super::{value, AccessRules, Config, DenyAction, ServiceConfig};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +27,10 @@ pub struct RawListener {
     pub service: Option<S<Scalar>>,
     pub proxy_protocol: Option<S<Scalar>>,
     pub accept_proxy_protocol: Option<S<Vec<S<Scalar>>>>,
+    // Issue 15 (see `policy.rs`).
+    pub allow: super::policy::RawNets,
+    pub deny: super::policy::RawNets,
+    pub deny_action: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +67,9 @@ pub struct ListenerConfig {
     pub proxy_protocol: Option<ProxyProtocolVersion>,
     /// Peers whose connections start with a PROXY v1/v2 header; empty: none do.
     pub accept_proxy_protocol: Vec<IpNet>,
+    /// Who may connect (issue 15); the top-level `allow`/`deny` for the `listen:` shorthand.
+    pub access: AccessRules,
+    pub deny_action: DenyAction,
 }
 
 impl ListenerConfig {
@@ -78,6 +85,8 @@ impl ListenerConfig {
             service: None,
             proxy_protocol: None,
             accept_proxy_protocol: Vec::new(),
+            access: AccessRules::default(),
+            deny_action: DenyAction::Forbid,
         }
     }
 
@@ -137,7 +146,11 @@ impl Config {
     /// Every listener to run: the top-level `listen:` addresses (plain HTTP, named by their
     /// address, with the top-level `max_client_connections`), then `listeners:`.
     pub fn all_listeners(&self) -> Vec<ListenerConfig> {
-        let shorthand = self.listen.iter().map(|a| ListenerConfig::plain(*a, self.limits.max_client_connections));
+        let shorthand = self.listen.iter().map(|a| ListenerConfig {
+            access: self.policy.access.clone(),
+            deny_action: self.policy.deny_action,
+            ..ListenerConfig::plain(*a, self.limits.max_client_connections)
+        });
         shorthand.chain(self.listeners.iter().cloned()).collect()
     }
 }
@@ -286,6 +299,7 @@ pub fn convert(
             version
         });
         let accept_proxy_protocol = r.accept_proxy_protocol.map_or_else(Vec::new, |list| cidrs(ctx, list));
+        let (access, deny_action) = super::policy::rules(ctx, r.allow, r.deny, r.deny_action);
         if let Some(addr) = addr {
             out.push(ListenerConfig {
                 name,
@@ -297,6 +311,8 @@ pub fn convert(
                 service,
                 proxy_protocol,
                 accept_proxy_protocol,
+                access,
+                deny_action,
             });
         }
     }
@@ -417,6 +433,7 @@ pub fn to_yaml(out: &mut String, cfg: &Config) {
             let nets: Vec<String> = l.accept_proxy_protocol.iter().map(|n| quote(&n.to_string())).collect();
             let _ = writeln!(out, "    accept_proxy_protocol: [{}]", nets.join(", "));
         }
+        super::policy::listener_yaml(out, &l.access, l.deny_action);
     }
 }
 

@@ -220,7 +220,8 @@ pub fn merge(
     }
 
     let text = config::to_yaml(&cfg);
-    let config = config::parse(Path::new(MERGED), &text).map_err(|errors| invalid(&errors, &text))?;
+    let mut config = config::parse(Path::new(MERGED), &text).map_err(|errors| invalid(&errors, &text))?;
+    apply_denylist(&mut config, overlay, &mut conflicts);
     Ok(Desired { config, states, overlay_services, overlay_backends, sources, conflicts, skipped: skip.clone() })
 }
 
@@ -230,6 +231,23 @@ fn ip_literal(address: &str) -> Option<SocketAddr> {
     let t = address.trim();
     let t = t.strip_prefix("http://").unwrap_or(t);
     t.strip_suffix('/').unwrap_or(t).parse().ok()
+}
+
+/// The overlay's deny list into the merged config (it is not part of the file's schema, so
+/// it goes in after the parse). Entries were checked when they were added.
+fn apply_denylist(config: &mut Config, overlay: &Overlay, conflicts: &mut Vec<String>) {
+    for e in &overlay.denylist {
+        let Ok(net) = config::parse_net(&e.cidr) else { continue };
+        match &e.service {
+            None => config.policy.runtime_deny.push(net),
+            Some(name) => match config.services.iter_mut().find(|s| s.name == *name) {
+                Some(s) => s.policy.runtime_deny.push(net),
+                None => {
+                    conflicts.push(format!("the overlay denies {} in service {name:?}, which no longer exists", e.cidr))
+                }
+            },
+        }
+    }
 }
 
 /// Merge what can be merged: an overlay item that makes the result invalid (the file changed

@@ -95,6 +95,13 @@ pub enum Change {
         /// (address `ip:port`, weight).
         backends: Vec<(String, u32)>,
     },
+    /// Add address ranges to the run-time deny list of `service` (`None`: the global one),
+    /// or remove them (`add: false`; no ranges: the whole list).
+    Deny {
+        service: Option<String>,
+        cidrs: Vec<String>,
+        add: bool,
+    },
     /// Several changes applied as one: all of them or none.
     Batch(Vec<Change>),
     /// Take this overlay whole (another instance's, from the cluster store) when its revision

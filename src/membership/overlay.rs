@@ -34,6 +34,21 @@ pub struct Overlay {
     /// Per-backend changes, one entry per (service, address).
     #[serde(default)]
     pub backends: Vec<BackendEdit>,
+    /// The run-time deny list (`/api/v1/denylist` and per service): plain entries, so that
+    /// they can be replicated as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denylist: Vec<DenyEntry>,
+}
+
+/// One address range refused at run time, everywhere or by one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyEntry {
+    /// `None`: every request (the listener's rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Normalised CIDR (`10.0.0.0/8`, `192.0.2.7/32`).
+    pub cidr: String,
 }
 
 fn format() -> u32 {
@@ -80,7 +95,10 @@ impl Overlay {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.removed_services.is_empty() && self.backends.is_empty()
+        self.services.is_empty()
+            && self.removed_services.is_empty()
+            && self.backends.is_empty()
+            && self.denylist.is_empty()
     }
 
     /// The entry for (service, address), if there is one.
@@ -107,8 +125,16 @@ impl Overlay {
         &mut self.backends[i]
     }
 
+    /// The deny list of `service` (`None`: the global one), as CIDR strings.
+    pub fn denied<'a>(&'a self, service: Option<&'a str>) -> impl Iterator<Item = &'a str> + 'a {
+        self.denylist.iter().filter(move |e| e.service.as_deref() == service).map(|e| e.cidr.as_str())
+    }
+
     /// Drop entries that change nothing, and every entry of `service` when given.
     pub fn tidy(&mut self, forget_service: Option<&str>) {
+        if let Some(name) = forget_service {
+            self.denylist.retain(|e| e.service.as_deref() != Some(name));
+        }
         self.backends.retain(|e| {
             Some(e.service.as_str()) != forget_service
                 && (e.added || e.removed || e.weight.is_some() || e.state.is_some())
@@ -190,6 +216,8 @@ mod tests {
         o.edit("web", "127.0.0.1:9004").weight = Some(3);
         o.edit("web", "http://127.0.0.1:9001/").state = Some(AdminState::Disabled);
         o.removed_services.push("old".into());
+        o.denylist.push(DenyEntry { service: None, cidr: "10.0.0.0/8".into() });
+        o.denylist.push(DenyEntry { service: Some("web".into()), cidr: "192.0.2.7/32".into() });
         save(&path, &o).unwrap();
         assert_eq!(load(&path).unwrap(), Some(o.clone()));
         assert_eq!(o.backends.len(), 2);

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::desired::{self, Desired, Draining, Sourced};
-use super::overlay::{self, same_address, Overlay};
+use super::overlay::{self, same_address, DenyEntry, Overlay};
 use super::{Change, ChangeError, Command, ErrorKind, Handle, Outcome, Source, View, QUEUE};
 use crate::config::{self, Config};
 use crate::health::registry::{self, Checkers, Wanted};
@@ -647,6 +647,12 @@ impl Membership {
             Change::SetSourced { .. } => {
                 return Err(ChangeError::new(Invalid, "a source's set is not part of a batch", None));
             }
+            Change::Deny { service, cidrs, add } => {
+                if let Some(name) = service {
+                    service_of(name)?;
+                }
+                deny_edit(&mut overlay, service.as_deref(), cidrs, *add)?
+            }
             Change::ClearOverlay => {
                 overlay = Overlay::empty();
                 draining.clear();
@@ -655,6 +661,29 @@ impl Membership {
         };
         Ok((overlay, draining, what, added))
     }
+}
+
+/// Add `cidrs` to (or take them off) the deny list of `service`; a line for the log.
+fn deny_edit(overlay: &mut Overlay, service: Option<&str>, cidrs: &[String], add: bool) -> Result<String, ChangeError> {
+    let mut nets = Vec::with_capacity(cidrs.len());
+    for c in cidrs {
+        let net = config::parse_net(c).map_err(|e| ChangeError::new(ErrorKind::Invalid, e, Some("cidrs")))?;
+        nets.push(net.to_string());
+    }
+    let scope = service.map_or_else(|| "global deny list".to_owned(), |s| format!("deny list of service {s}"));
+    let before = overlay.denylist.len();
+    if add {
+        let mut known: HashSet<String> = overlay.denied(service).map(str::to_owned).collect();
+        for n in nets {
+            if known.insert(n.clone()) {
+                overlay.denylist.push(DenyEntry { service: service.map(str::to_owned), cidr: n });
+            }
+        }
+        return Ok(format!("{scope}: {} range(s) added", overlay.denylist.len() - before));
+    }
+    let gone: HashSet<String> = nets.into_iter().collect();
+    overlay.denylist.retain(|e| e.service.as_deref() != service || !(gone.is_empty() || gone.contains(&e.cidr)));
+    Ok(format!("{scope}: {} range(s) removed", before - overlay.denylist.len()))
 }
 
 /// Two addresses that resolve alike would be one backend listed twice.

@@ -124,7 +124,7 @@ mod tests {
 
     /// 100,000 entries (a real blocklist's size): built in under a second, each lookup under
     /// a microsecond. Figures printed for the README (`--nocapture`, and `--release` for the
-    /// real ones); an unoptimised build is given ten times the room.
+    /// real ones); an unoptimised build under load gets sixty times the room.
     #[test]
     fn hundred_thousand_entries_build_and_lookup_cost() {
         let mut nets = Vec::with_capacity(100_000);
@@ -166,7 +166,7 @@ mod tests {
             "100000 entries ({} ranges): parsed and built in {built:?}; {per_lookup:?} per lookup ({hits} hits in 1M)",
             s.len()
         );
-        let room = if cfg!(debug_assertions) { 10 } else { 1 };
+        let room = if cfg!(debug_assertions) { 60 } else { 1 };
         assert!(built.as_secs_f64() < room as f64, "{built:?}");
         assert!(per_lookup.as_nanos() < 1000 * room, "{per_lookup:?}");
     }

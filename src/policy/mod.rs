@@ -58,12 +58,12 @@ impl Access {
     }
 }
 
-/// The top-level policy of a snapshot: who the client is, and the listener's rules.
+/// The top-level policy of a snapshot: who the client is, and the global run-time deny list
+/// (which applies on every listener, beside each listener's own rules).
 #[derive(Debug, Clone, Default)]
 pub struct GlobalGate {
     trusted: Option<Arc<IpSet>>,
     access: Option<Access>,
-    close_at_accept: bool,
 }
 
 impl GlobalGate {
@@ -72,9 +72,10 @@ impl GlobalGate {
             Some((p, g)) if p.trusted_proxies == cfg.trusted_proxies => g.trusted.clone(),
             _ => (!cfg.trusted_proxies.is_empty()).then(|| Arc::new(IpSet::new(&cfg.trusted_proxies))),
         };
-        let prev_access = previous.and_then(|(p, g)| Some((&p.access, &p.runtime_deny[..], g.access.as_ref()?)));
-        let access = Access::build(&cfg.access, &cfg.runtime_deny, prev_access);
-        GlobalGate { trusted, access, close_at_accept: cfg.deny_action == DenyAction::Close }
+        let none = AccessRules::default();
+        let prev_access = previous.and_then(|(p, g)| Some((&none, &p.runtime_deny[..], g.access.as_ref()?)));
+        let access = Access::build(&none, &cfg.runtime_deny, prev_access);
+        GlobalGate { trusted, access }
     }
 
     /// The client of a request from `peer`: the one value every policy, the hash balancers
@@ -87,15 +88,36 @@ impl GlobalGate {
         }
     }
 
-    /// Whether the listener's rules let `client` in.
+    /// Whether the global run-time deny list lets `client` in.
+    #[inline]
+    pub fn permits(&self, client: IpAddr) -> bool {
+        self.access.as_ref().is_none_or(|a| a.permits(client))
+    }
+}
+
+/// A listener's `allow`/`deny` (the top level's for the `listen:` shorthand), built with the
+/// listener's settings: a connection keeps the rules it was accepted with, while the global
+/// run-time list ([`GlobalGate`]) applies to every next request.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerGate {
+    access: Option<Access>,
+    close_at_accept: bool,
+}
+
+impl ListenerGate {
+    pub fn new(rules: &AccessRules, action: DenyAction) -> ListenerGate {
+        ListenerGate { access: Access::build(rules, &[], None), close_at_accept: action == DenyAction::Close }
+    }
+
     #[inline]
     pub fn permits(&self, client: IpAddr) -> bool {
         self.access.as_ref().is_none_or(|a| a.permits(client))
     }
 
-    /// `deny_action: close`: whether a connection from `peer` is closed at accept.
-    pub fn closes_at_accept(&self, peer: IpAddr) -> bool {
-        self.close_at_accept && !self.permits(peer)
+    /// `deny_action: close`: whether a connection from `peer` is closed at accept (by this
+    /// listener's rules or the global run-time list).
+    pub fn closes_at_accept(&self, peer: IpAddr, global: &GlobalGate) -> bool {
+        self.close_at_accept && !(self.permits(peer) && global.permits(peer))
     }
 }
 

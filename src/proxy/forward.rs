@@ -144,7 +144,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         let snapshot = c.state.load();
         // Computed once: every policy, the hash balancers and the access log use this value.
         let client_ip = snapshot.policy.client_ip(c.client.ip(), head);
-        let admitted = snapshot.policy.permits(client_ip);
+        let admitted = c.listener.gate.permits(client_ip) && snapshot.policy.permits(client_ip);
         let log = snapshot.access_log.as_ref().map(|log| {
             let record = AccessRecord {
                 client: SocketAddr::new(client_ip, c.client.port()),

@@ -8,6 +8,7 @@ use rustls::server::ProducesTickets;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ListenerConfig;
+use crate::policy::ListenerGate;
 use crate::tls::{self, LoadedCert};
 
 pub struct ListenerSettings {
@@ -16,17 +17,20 @@ pub struct ListenerSettings {
     pub tls: Option<TlsAcceptor>,
     /// The certificates, as loaded (names and expiry, for metrics).
     pub certs: Vec<LoadedCert>,
+    /// The listener's `allow`/`deny` (issue 15), as lookup sets.
+    pub gate: ListenerGate,
 }
 
 impl ListenerSettings {
     /// Load the certificates of `config` (when it has TLS). `ticketer`: the session ticket
     /// keys, kept across reloads by the running listener.
     pub fn build(config: ListenerConfig, ticketer: &Arc<dyn ProducesTickets>) -> Result<ListenerSettings, String> {
+        let gate = ListenerGate::new(&config.access, config.deny_action);
         let Some(t) = &config.tls else {
-            return Ok(ListenerSettings { config, tls: None, certs: Vec::new() });
+            return Ok(ListenerSettings { config, tls: None, certs: Vec::new(), gate });
         };
         let certs = tls::load_all(t).map_err(|e| format!("listener {}: {e}", config.name))?;
         let server = tls::server_config(t, &certs, ticketer.clone())?;
-        Ok(ListenerSettings { config, tls: Some(TlsAcceptor::from(server)), certs })
+        Ok(ListenerSettings { config, tls: Some(TlsAcceptor::from(server)), certs, gate })
     }
 }

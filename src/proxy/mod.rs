@@ -228,7 +228,7 @@ async fn serve(accept: Accept, mut stopped: watch::Receiver<Option<Duration>>, o
             info!(listener = %local, failed_accepts = exhausted, "accepting again: file descriptors are free");
             exhausted = 0;
         }
-        if state.load().policy.closes_at_accept(client.ip()) {
+        if settings.load().gate.closes_at_accept(client.ip(), &state.load().policy) {
             // `deny_action: close`: not even a 403.
             debug!(listener = %local, %client, "denied client: connection closed at accept");
             state.load().metrics.unrouted.reject(Reject::Denied);
