@@ -131,7 +131,9 @@ async fn redirect_https_answers_308_to_the_same_url_over_https() {
     .await;
     let plain = listener_addr(&lb, "plain").await;
     let mut s = tokio::net::TcpStream::connect(plain).await.unwrap();
-    s.write_all(b"POST /a/b?c=1 HTTP/1.1\r\nHost: Web.Local:8080\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await.unwrap();
+    s.write_all(b"POST /a/b?c=1 HTTP/1.1\r\nHost: Web.Local:8080\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = String::new();
     tokio::time::timeout(DEADLINE, s.read_to_string(&mut out)).await.unwrap().unwrap();
     assert!(out.starts_with("HTTP/1.1 308 "), "{out}");
