@@ -108,6 +108,7 @@ impl Snapshot {
                 Arc::new(Service::new(s.clone(), old.map(|o| &**o)))
             })
             .collect();
-        Ok(Snapshot { router: Router::new(&config.services), services, access_log, metrics, config: Arc::new(config) })
+        let router = Router::without(&config.services, &config.tcp_services());
+        Ok(Snapshot { router, services, access_log, metrics, config: Arc::new(config) })
     }
 }

@@ -112,7 +112,7 @@ async fn listener_addr(lb: &Velocity, name: &str) -> SocketAddr {
 fn config(backends: &[SocketAddr], listener_extra: &str, service_extra: &str) -> String {
     let list: String = backends.iter().map(|a| format!("      - address: {a}\n")).collect();
     format!(
-        "listen: 127.0.0.1:0\naccess_log: stdout\nlisteners:\n  - name: echo\n    listen: 127.0.0.1:0\n    protocol: tcp\n    service: echo\n{listener_extra}services:\n  - name: echo\n    hosts: echo.internal\n{service_extra}    backends:\n{list}"
+        "listen: 127.0.0.1:0\naccess_log: stdout\nlisteners:\n  - name: echo\n    listen: 127.0.0.1:0\n    protocol: tcp\n    service: echo\n{listener_extra}services:\n  - name: echo\n{service_extra}    backends:\n{list}"
     )
 }
 
@@ -166,6 +166,22 @@ async fn tcp_echo_round_robin_over_three_backends_with_half_close() {
     // 10 bytes up; 10 echoed plus `tN:10\n` down.
     assert!(line.contains(" 16B in:10B"), "{line}");
     assert!(line.contains(&addrs[0].to_string()) || addrs.iter().any(|a| line.contains(&a.to_string())), "{line}");
+}
+
+#[tokio::test]
+async fn a_tcp_service_takes_no_http_route() {
+    let echo_backend = EchoBackend::start("t1", false).await;
+    let web = TestBackend::start("web").await;
+    // Both services without hosts: the tcp one is no HTTP route, so they do not clash.
+    let lb = Velocity::start(&format!(
+        "listen: 127.0.0.1:0\nlisteners:\n  - name: echo\n    listen: 127.0.0.1:0\n    protocol: tcp\n    service: echo\nservices:\n  - name: echo\n    backends: [{{address: {}}}]\n  - name: web\n    backends: [{{address: {}}}]\n",
+        echo_backend.addr, web.addr
+    ))
+    .await;
+    for _ in 0..3 {
+        assert_eq!(common::get(lb.addr(), "x", "/").await.backend(), "web");
+    }
+    assert_eq!(echo_once(listener_addr(&lb, "echo").await).await, "t1");
 }
 
 #[tokio::test]
@@ -319,4 +335,50 @@ async fn a_tcp_connection_counts_in_flight_for_least_connections() {
     tokio::time::timeout(DEADLINE, held.read_to_string(&mut rest)).await.unwrap().unwrap();
     let held_on = rest.trim_end().split(':').next().unwrap().to_owned();
     assert!(names.iter().all(|n| *n != held_on), "{names:?} {held_on}");
+}
+
+fn kill(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// One byte there and back on an open connection.
+async fn ping(s: &mut TcpStream, b: u8) {
+    s.write_all(&[b]).await.unwrap();
+    let mut one = [0u8; 1];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut one)).await.expect("echo in time").unwrap();
+    assert_eq!(one[0], b);
+}
+
+#[tokio::test]
+async fn a_tcp_connection_survives_a_reload_and_drains_at_shutdown() {
+    let backend = EchoBackend::start("t1", false).await;
+    let path = common::temp_path("velocity.yaml");
+    std::fs::write(&path, config(&[backend.addr], "", "")).unwrap();
+    let mut lb = Velocity::start_file(path.clone(), &[]).await;
+    let echo = listener_addr(&lb, "echo").await;
+    let mut s = TcpStream::connect(echo).await.unwrap();
+    ping(&mut s, b'a').await;
+    std::fs::write(
+        &path,
+        config(&[backend.addr], "", "    timeouts: {connect: 1s}\n") + "shutdown: {drain_timeout: 1s}\n",
+    )
+    .unwrap();
+    kill(lb.pid(), "-HUP");
+    eventually("the reload", DEADLINE, || lb.log_contains("reload ok (SIGHUP)")).await;
+    ping(&mut s, b'b').await;
+    kill(lb.pid(), "-TERM");
+    eventually("shutdown to start", DEADLINE, || lb.log_contains("shutdown (SIGTERM)")).await;
+    ping(&mut s, b'c').await;
+    // Cut at drain_timeout: the connection closes (the backend's line never comes, as the
+    // client never half-closed).
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await.expect("closed at drain_timeout");
+    assert!(rest.is_empty(), "{rest:?}");
+    eventually("the cut", DEADLINE, || lb.log_contains("drain_timeout passed with a tcp connection open")).await;
+    let start = std::time::Instant::now();
+    while lb.child().try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < DEADLINE, "velocity did not exit");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

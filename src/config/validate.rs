@@ -55,6 +55,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let log_format = raw.log_format.map_or(LogFormat::Text, |v| log_format(ctx, &v));
     let event_log = raw.event_log.map_or(EventLog::Stderr, |v| event_log(ctx, &v));
     let access_log_ring = raw.access_log_ring.map_or(crate::observe::ring::DEFAULT_LINES, |v| access_log_ring(ctx, &v));
+    ctx.tcp_services = super::listeners::tcp_service_names(raw.listeners.as_ref());
     let services = services(ctx, raw.services);
     let admin = raw.admin.and_then(|a| super::admin::convert(ctx, a));
     let listeners = raw.listeners.map_or_else(Vec::new, |l| {
@@ -85,11 +86,20 @@ pub struct Ctx<'a> {
     resolved: HashMap<String, Result<IpAddr, String>>,
     /// The top-level timeouts, which services inherit; set before the services are read.
     pub timeouts: Timeouts,
+    /// Services a tcp listener forwards to: they take no HTTP route (see `listeners.rs`).
+    pub tcp_services: Vec<String>,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(file: &'a Path, scope: Scope) -> Ctx<'a> {
-        Ctx { file, scope, errors: Vec::new(), resolved: HashMap::new(), timeouts: Timeouts::default() }
+        Ctx {
+            file,
+            scope,
+            errors: Vec::new(),
+            resolved: HashMap::new(),
+            timeouts: Timeouts::default(),
+            tcp_services: Vec::new(),
+        }
     }
 
     pub fn error(&mut self, at: &Location, message: impl Into<String>) {
@@ -385,7 +395,9 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
         // Route conflicts point at the second service's host entry, else its path_prefix,
         // else its name: whichever makes the route the same.
         // Hosts that were all invalid must not count as the default route.
-        let keys: Vec<(Option<HostPattern>, Location)> = if !hosts_valid && hosts.is_empty() {
+        let keys: Vec<(Option<HostPattern>, Location)> = if ctx.tcp_services.contains(&name) {
+            Vec::new()
+        } else if !hosts_valid && hosts.is_empty() {
             Vec::new()
         } else if hosts.is_empty() {
             vec![(None, raw.path_prefix.as_ref().map_or(name_at, |p| p.referenced))]

@@ -259,7 +259,7 @@ async fn serve_connection(
         client
     } else {
         let timeout = state.load().config.limits.timeouts.client_header;
-        match tcp::proxy_in(&mut stream, client, &settings, timeout).await {
+        match tcp::proxy_in(&mut stream, client, &settings, timeout, true).await {
             Some(addrs) => addrs.client,
             None => return,
         }

@@ -47,12 +47,15 @@ pub struct Addresses {
 /// sure the connection does not start with one. `None`: the connection must close.
 ///
 /// Only the header's bytes are consumed (it is peeked at first), so what follows, an HTTP
-/// request or a TLS hello, is read by the listener's usual path.
+/// request or a TLS hello, is read by the listener's usual path. `peek_untrusted: false`
+/// leaves other peers' bytes alone (a tcp listener checks them in the stream instead, as its
+/// server may speak first).
 pub async fn proxy_in(
     stream: &mut TcpStream,
     peer: SocketAddr,
     settings: &ListenerSettings,
     timeout: Duration,
+    peek_untrusted: bool,
 ) -> Option<Addresses> {
     let local = stream.local_addr().unwrap_or(settings.config.addr);
     let own = Addresses { client: peer, local };
@@ -62,6 +65,9 @@ pub async fn proxy_in(
     }
     let listener = &settings.config.name;
     let from_trusted = trusted.iter().any(|net| net.contains(&peer.ip()));
+    if !from_trusted && !peek_untrusted {
+        return Some(own);
+    }
     match tokio::time::timeout(timeout, peek_header(stream)).await {
         Err(_) if from_trusted => {
             info!(%peer, %listener, ?timeout, "no PROXY protocol header in time from a trusted peer: closing");
@@ -155,7 +161,8 @@ async fn serve(stream: &mut TcpStream, peer: SocketAddr, settings: &ListenerSett
         return;
     };
     let timeouts = service.config.limits.timeouts;
-    let Some(addrs) = proxy_in(stream, peer, settings, snapshot.config.limits.timeouts.client_header).await else {
+    let Some(addrs) = proxy_in(stream, peer, settings, snapshot.config.limits.timeouts.client_header, false).await
+    else {
         return;
     };
     let guard = !settings.config.accept_proxy_protocol.is_empty()
