@@ -395,15 +395,15 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
         // Route conflicts point at the second service's host entry, else its path_prefix,
         // else its name: whichever makes the route the same.
         // Hosts that were all invalid must not count as the default route.
-        let keys: Vec<(Option<HostPattern>, Location)> = if ctx.tcp_services.contains(&name) {
-            Vec::new()
-        } else if !hosts_valid && hosts.is_empty() {
-            Vec::new()
-        } else if hosts.is_empty() {
-            vec![(None, raw.path_prefix.as_ref().map_or(name_at, |p| p.referenced))]
-        } else {
-            hosts.iter().map(|(h, loc)| (Some(h.clone()), *loc)).collect()
-        };
+        // A tcp listener's service is no HTTP route at all.
+        let keys: Vec<(Option<HostPattern>, Location)> =
+            if ctx.tcp_services.contains(&name) || (!hosts_valid && hosts.is_empty()) {
+                Vec::new()
+            } else if hosts.is_empty() {
+                vec![(None, raw.path_prefix.as_ref().map_or(name_at, |p| p.referenced))]
+            } else {
+                hosts.iter().map(|(h, loc)| (Some(h.clone()), *loc)).collect()
+            };
         for (host, loc) in keys {
             let key = (host, path_prefix.clone());
             match routes.get(&key) {
