@@ -50,6 +50,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     for config in listen {
         listeners.push(open_listener(config, &state, &tracker).await?);
     }
+    publish_certificates(&listeners, &state);
     let admin = match &admin_config {
         Some(cfg) => {
             let token = admin::token(cfg)?;
@@ -127,6 +128,27 @@ async fn open_listener(config: ListenerConfig, state: &Shared, tracker: &Arc<Tra
     let settings = ListenerSettings::build(config, &ticketer)?;
     let socket = bind(&settings.config).await?;
     Ok(Listener::start(settings, ticketer, socket, state.clone(), tracker.clone()))
+}
+
+/// The certificates now served, for `velocity_tls_certificate_expiry_timestamp_seconds`, with
+/// a warning for each that expires soon.
+fn publish_certificates(listeners: &[Listener], state: &Shared) {
+    let now = crate::tls::unix_now();
+    let mut rows = Vec::new();
+    for l in listeners {
+        let settings = l.settings();
+        let name = &settings.config.name;
+        let files = settings.config.tls.iter().flat_map(|t| &t.certificates);
+        for (files, cert) in files.zip(&settings.certs) {
+            if let Some(w) = crate::tls::expiry_warning(name, files, cert, now) {
+                warn!("{w}");
+            }
+            if let Some(t) = cert.not_after {
+                rows.push((name.clone(), cert.label(files), t));
+            }
+        }
+    }
+    state.load().metrics.set_tls_certificates(rows);
 }
 
 async fn bind(config: &ListenerConfig) -> Result<TcpListener, String> {
@@ -268,6 +290,7 @@ async fn reload(
     for (settings, ticketer, socket) in added {
         listeners.push(Listener::start(settings, ticketer, socket, state.clone(), tracker.clone()));
     }
+    publish_certificates(listeners, &state);
     info!(
         "reload ok ({reason}): {shown}: {} service(s), {} listener(s) ({opened} opened, {removed} closed)",
         cfg.services.len(),

@@ -187,6 +187,7 @@ pub fn to_yaml(cfg: &Config) -> String {
             if let Some(n) = b.max_connections {
                 let _ = writeln!(out, "        max_connections: {n}");
             }
+            super::backend_tls::to_yaml(&mut out, &b.tls);
         }
         super::health::to_yaml(&mut out, &s.health);
     }
@@ -261,6 +262,7 @@ services:
                 authority: "localhost:9001".into(),
                 weight: 1,
                 max_connections: None,
+                tls: None,
             }
         );
         assert_eq!(s.backends[1].addr, "127.0.0.1:9002".parse().unwrap());

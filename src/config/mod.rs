@@ -4,6 +4,7 @@
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
 pub(crate) mod admin;
+mod backend_tls;
 mod balancing;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use backend_tls::BackendTlsConfig;
 pub use listeners::{CertificateFiles, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, TlsConfig, TlsVersion};
 pub use validate::{Scope, MAX_WEIGHT};
 pub use value::{format_duration, parse_duration, parse_size};
@@ -198,6 +200,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Requests this backend may have in flight; `None`: no limit.
     pub max_connections: Option<usize>,
+    /// `https://` addresses: TLS to the backend.
+    pub tls: Option<BackendTlsConfig>,
 }
 
 /// A service's failure handling (issue 3), kept in one struct so other per-service sections

@@ -532,7 +532,7 @@ fn backends(
     let mut seen: HashMap<SocketAddr, (u64, String)> = HashMap::new();
     let mut out: Vec<BackendConfig> = Vec::new();
     for item in list.value {
-        let b = item.value;
+        let mut b = item.value;
         let weight = match &b.weight {
             None => Some(1),
             Some(w) => match w.value {
@@ -565,6 +565,8 @@ fn backends(
                 continue;
             }
         };
+        let host = parse_backend_address(written).map_or("", |(h, _)| h);
+        let tls = super::backend_tls::convert(ctx, is_https(written), host, b.tls.take(), address.referenced);
         if let Some((line, first)) = seen.get(&addr) {
             let again = if first == written {
                 format!("backend {written} is listed twice in service {service:?} (first on line {line})")
@@ -588,6 +590,7 @@ fn backends(
                 authority: authority_of(written).to_owned(),
                 weight,
                 max_connections,
+                tls,
             });
         }
     }
@@ -601,14 +604,21 @@ fn authority_of(address: &str) -> &str {
     rest.split(['/', '?', '#']).next().unwrap_or(rest)
 }
 
-/// Host and port of `host:port` or `http://host[:port][/]` (port 80 by default for a URL).
+/// Whether a backend address is `https://`: Velocity speaks TLS to it.
+fn is_https(address: &str) -> bool {
+    address.trim().split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("https"))
+}
+
+/// Host and port of `host:port` or `http[s]://host[:port][/]` (port 80 or 443 by default for
+/// a URL).
 fn parse_backend_address(address: &str) -> Result<(&str, u16), String> {
     let text = address.trim();
     let default_port = match text.split_once("://") {
         Some((scheme, rest)) => {
-            if !scheme.eq_ignore_ascii_case("http") {
+            let https = scheme.eq_ignore_ascii_case("https");
+            if !https && !scheme.eq_ignore_ascii_case("http") {
                 return Err(format!(
-                    "backend address {text:?}: unsupported scheme {scheme}://, only http:// is supported"
+                    "backend address {text:?}: unsupported scheme {scheme}://, only http:// and https:// are supported"
                 ));
             }
             let path = &rest[authority_of(text).len()..];
@@ -617,7 +627,7 @@ fn parse_backend_address(address: &str) -> Result<(&str, u16), String> {
                     "backend address {text:?} has a path; only a host and port are allowed (requests keep their own path)"
                 ));
             }
-            Some(80)
+            Some(if https { 443 } else { 80 })
         }
         None => None,
     };
@@ -733,6 +743,7 @@ services:
                     authority: "127.0.0.1:9001".into(),
                     weight: 3,
                     max_connections: None,
+                    tls: None,
                 },
                 BackendConfig {
                     address: "http://localhost:9002/".into(),
@@ -740,6 +751,7 @@ services:
                     authority: "localhost:9002".into(),
                     weight: 1,
                     max_connections: None,
+                    tls: None,
                 },
             ]
         );
@@ -800,7 +812,7 @@ services:
             (&one_service("    backends:\n      - address: 127.0.0.1:1\n        weight: heavy\n"), "6:17", "got \"heavy\""),
             (&one_service("    backends:\n      - address: 127.0.0.1\n"), "5:18", "needs a port"),
             (&one_service("    backends:\n      - address: 127.0.0.1:99999\n"), "5:18", "out of range"),
-            (&one_service("    backends:\n      - address: https://127.0.0.1:9001\n"), "5:18", "only http:// is supported"),
+            (&one_service("    backends:\n      - address: ftp://127.0.0.1:9001\n"), "5:18", "only http:// and https:// are supported"),
             (&one_service("    backends:\n      - address: http://127.0.0.1:9001/app\n"), "5:18", "has a path"),
             (&one_service("    backends:\n      - address: bad_host!:80\n"), "5:18", "invalid host name"),
             (&one_service("    backends:\n      - weight: 2\n"), "5:9", "backend has no `address`"),

@@ -32,7 +32,7 @@ use crate::http1::RequestHead;
 use crate::observe::{AccessLog, AccessRecord, BackendMetrics};
 use crate::proxy_protocol::{self as pp, Header, Parsed};
 use crate::state::{Service, Shared};
-use crate::upstream::{Backend, ConnectError, InFlight};
+use crate::upstream::{Backend, BackendStream, ConnectError, InFlight};
 
 /// The addresses a connection is from and to: the socket's own, or those a trusted peer's
 /// PROXY header carried.
@@ -183,7 +183,13 @@ async fn serve(stream: &mut TcpStream, peer: SocketAddr, settings: &ListenerSett
         Some(ProxyProtocolVersion::V2) => Some(pp::encode_v2(addrs.client, addrs.local)),
     };
     if let Some(h) = header {
-        if let Err(e) = backend_stream.write_all(&h).await {
+        // Flushed: a TLS backend connection holds records until then, and a server that
+        // speaks first waits for the header.
+        let sent = async {
+            backend_stream.write_all(&h).await?;
+            backend_stream.flush().await
+        };
+        if let Err(e) = sent.await {
             warn!(backend = %backend.name, error = %e, "sending the PROXY protocol header failed");
             line.note = Some("backend_error");
             return;
@@ -206,7 +212,7 @@ async fn connect(
     service: &Service,
     client: SocketAddr,
     connect_timeout: Duration,
-) -> Result<(TcpStream, InFlight), &'static str> {
+) -> Result<(BackendStream, InFlight), &'static str> {
     let lb = service.lb.load_full();
     let pool = &lb.pool;
     let name = &service.config.name;
