@@ -160,7 +160,7 @@ pub async fn serve_tcp(
         None => ClientStream::Plain(stream),
         Some(acceptor) => {
             let timeout = state.load().config.limits.timeouts.client_header;
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            match Box::pin(tokio::time::timeout(timeout, acceptor.accept(stream))).await {
                 Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
                 Ok(Err(e)) => {
                     debug!(%client, listener = %listener.config.name, error = %e, "TLS handshake failed");

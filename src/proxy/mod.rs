@@ -252,14 +252,16 @@ async fn serve_connection(
     tracker: &Tracker,
 ) {
     if settings.config.protocol == ListenerProtocol::Tcp {
-        return tcp::serve_connection(stream, client, settings, state, stopped, tracker).await;
+        // Boxed, like the PROXY header read below: inline, their state would be part of every
+        // HTTP connection's task, idle ones included.
+        return Box::pin(tcp::serve_connection(stream, client, settings, state, stopped, tracker)).await;
     }
     let mut stream = stream;
     let client = if settings.config.accept_proxy_protocol.is_empty() {
         client
     } else {
         let timeout = state.load().config.limits.timeouts.client_header;
-        match tcp::proxy_in(&mut stream, client, &settings, timeout, true).await {
+        match Box::pin(tcp::proxy_in(&mut stream, client, &settings, timeout, true)).await {
             Some(addrs) => addrs.client,
             None => return,
         }
