@@ -386,3 +386,35 @@ async fn an_https_backend_is_checked_against_the_system_roots_unless_verificatio
     assert_eq!((r.status, r.backend().as_str()), (200, "lab"));
     assert!(lb.log_contains("insecure_skip_verify: the backend's certificate is not verified"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reloads_when_a_certificate_file_is_replaced() {
+    let dir = temp_dir("watch");
+    let ca = Ca::new();
+    let old = ca.leaf(&dir, "a", &["a.test"], None);
+    ca.leaf(&dir, "b", &["b.test"], None);
+    let backend = TestBackend::start("a").await;
+    let config = dir.join("velocity.yaml");
+    std::fs::write(&config, tls_config(&dir, backend.addr, "")).unwrap();
+    let lb = Velocity::start_file(config, &["--watch"]).await;
+    let public = lb.listener_addr("public").await;
+    assert_eq!(peer_cert(&tls_connect(&ca, public, "a.test").await.unwrap()), old);
+    eventually("the watch", DEADLINE, || lb.log_contains("for changes")).await;
+    // The YAML does not change; the certificate and key files do, one after the other: the
+    // reload in between sees a mismatched pair and is rejected, the next one loads.
+    let renewed = temp_dir("watch-renewed");
+    let new = ca.leaf(&renewed, "a", &["a.test"], None);
+    let copy = |f: &str| write_atomic(&dir.join(f), &std::fs::read_to_string(renewed.join(f)).unwrap());
+    copy("a.pem");
+    eventually("the mismatched pair rejected", DEADLINE, || lb.log_contains("reload rejected (file change)")).await;
+    copy("a.key");
+    let start = std::time::Instant::now();
+    loop {
+        if peer_cert(&tls_connect(&ca, public, "a.test").await.unwrap()) == new {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the new certificate was not picked up: {:#?}", lb.log_lines());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lb.log_contains("reload ok (file change)"));
+}
