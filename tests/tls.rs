@@ -418,3 +418,38 @@ async fn watch_reloads_when_a_certificate_file_is_replaced() {
     }
     assert!(lb.log_contains("reload ok (file change)"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_with_the_last_handshake_message_is_served() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("early");
+    let ca = Ca::new();
+    ca.leaf(&dir, "a", &["a.test"], None);
+    ca.leaf(&dir, "b", &["b.test"], None);
+    let backend = TestBackend::start("a").await;
+    let lb = Velocity::start(&tls_config(&dir, backend.addr, "")).await;
+    let public = lb.listener_addr("public").await;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut tls = rustls::ClientConnection::new(Arc::new(config), "a.test".try_into().unwrap()).unwrap();
+        // Written before the handshake: rustls sends it right behind the client's Finished,
+        // in the same write, so Velocity reads both at once.
+        tls.writer().write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").unwrap();
+        let mut tcp = std::net::TcpStream::connect(public).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
