@@ -256,7 +256,7 @@ async fn serve_connection(
         return;
     }
     let drain = Drain::default();
-    let mut conn = pin!(client::serve_tcp(stream, client, settings, state, &drain));
+    let mut conn = pin!(client::serve(stream, client, settings, state, &drain));
     tokio::select! {
         biased;
         () = conn.as_mut() => {}
