@@ -386,3 +386,70 @@ async fn an_https_backend_is_checked_against_the_system_roots_unless_verificatio
     assert_eq!((r.status, r.backend().as_str()), (200, "lab"));
     assert!(lb.log_contains("insecure_skip_verify: the backend's certificate is not verified"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reloads_when_a_certificate_file_is_replaced() {
+    let dir = temp_dir("watch");
+    let ca = Ca::new();
+    let old = ca.leaf(&dir, "a", &["a.test"], None);
+    ca.leaf(&dir, "b", &["b.test"], None);
+    let backend = TestBackend::start("a").await;
+    let config = dir.join("velocity.yaml");
+    std::fs::write(&config, tls_config(&dir, backend.addr, "")).unwrap();
+    let lb = Velocity::start_file(config, &["--watch"]).await;
+    let public = lb.listener_addr("public").await;
+    assert_eq!(peer_cert(&tls_connect(&ca, public, "a.test").await.unwrap()), old);
+    eventually("the watch", DEADLINE, || lb.log_contains("for changes")).await;
+    // The YAML does not change; the certificate and key files do, one after the other: the
+    // reload in between sees a mismatched pair and is rejected, the next one loads.
+    let renewed = temp_dir("watch-renewed");
+    let new = ca.leaf(&renewed, "a", &["a.test"], None);
+    let copy = |f: &str| write_atomic(&dir.join(f), &std::fs::read_to_string(renewed.join(f)).unwrap());
+    copy("a.pem");
+    eventually("the mismatched pair rejected", DEADLINE, || lb.log_contains("reload rejected (file change)")).await;
+    copy("a.key");
+    let start = std::time::Instant::now();
+    loop {
+        if peer_cert(&tls_connect(&ca, public, "a.test").await.unwrap()) == new {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the new certificate was not picked up: {:#?}", lb.log_lines());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lb.log_contains("reload ok (file change)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_with_the_last_handshake_message_is_served() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("early");
+    let ca = Ca::new();
+    ca.leaf(&dir, "a", &["a.test"], None);
+    ca.leaf(&dir, "b", &["b.test"], None);
+    let backend = TestBackend::start("a").await;
+    let lb = Velocity::start(&tls_config(&dir, backend.addr, "")).await;
+    let public = lb.listener_addr("public").await;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut tls = rustls::ClientConnection::new(Arc::new(config), "a.test".try_into().unwrap()).unwrap();
+        // Written before the handshake: rustls sends it right behind the client's Finished,
+        // in the same write, so Velocity reads both at once.
+        tls.writer().write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").unwrap();
+        let mut tcp = std::net::TcpStream::connect(public).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}

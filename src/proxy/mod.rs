@@ -267,7 +267,7 @@ async fn serve_connection(
         }
     };
     let drain = Drain::default();
-    let mut conn = pin!(client::serve_tcp(stream, client, settings, state, &drain));
+    let mut conn = pin!(client::serve(stream, client, settings, state, &drain));
     tokio::select! {
         biased;
         () = conn.as_mut() => {}
