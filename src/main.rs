@@ -122,6 +122,10 @@ fn check(path: &Path) -> ExitCode {
             for line in config::summary_lines(&cfg) {
                 println!("{line}");
             }
+            // Warnings do not fail the check; on stderr with the problems.
+            for w in velocity::tls::check_warnings(&cfg) {
+                eprintln!("warning: {w}");
+            }
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }

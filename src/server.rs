@@ -55,6 +55,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     for config in listen {
         listeners.push(open_listener(config, &state, &tracker).await?);
     }
+    publish_certificates(&listeners, &state);
     let admin = match &admin_config {
         Some(cfg) => {
             let token = admin::token(cfg)?;
@@ -71,7 +72,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     };
 
     let mut watch = match (&options.config_path, options.watch) {
-        (Some(path), true) => Some(FileWatch::new(path.clone()).await),
+        (Some(path), true) => Some(FileWatch::new(path.clone(), &state.load().config).await),
         _ => None,
     };
     // The one writer of the running state: every change, whatever its source, is applied here
@@ -111,6 +112,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
         };
         state.load().metrics.reload_done(result.is_ok());
         sources.sync(&state.load().config);
+        if let Some(w) = &mut watch {
+            w.set_certificates(&state.load().config).await;
+        }
         if let Some(limit) = fd_limit {
             crate::fd_limit::check(&state.load().config, limit);
         }
@@ -147,6 +151,27 @@ async fn open_listener(config: ListenerConfig, state: &Shared, tracker: &Arc<Tra
     let settings = ListenerSettings::build(config, &ticketer)?;
     let socket = bind(&settings.config).await?;
     Ok(Listener::start(settings, ticketer, socket, state.clone(), tracker.clone()))
+}
+
+/// The certificates now served, for `velocity_tls_certificate_expiry_timestamp_seconds`, with
+/// a warning for each that expires soon.
+fn publish_certificates(listeners: &[Listener], state: &Shared) {
+    let now = crate::tls::unix_now();
+    let mut rows = Vec::new();
+    for l in listeners {
+        let settings = l.settings();
+        let name = &settings.config.name;
+        let files = settings.config.tls.iter().flat_map(|t| &t.certificates);
+        for (files, cert) in files.zip(&settings.certs) {
+            if let Some(w) = crate::tls::expiry_warning(name, files, cert, now) {
+                warn!("{w}");
+            }
+            if let Some(t) = cert.not_after {
+                rows.push((name.clone(), cert.label(files), t));
+            }
+        }
+    }
+    state.load().metrics.set_tls_certificates(rows);
 }
 
 async fn bind(config: &ListenerConfig) -> Result<TcpListener, String> {
@@ -288,6 +313,7 @@ async fn reload(
     for (settings, ticketer, socket) in added {
         listeners.push(Listener::start(settings, ticketer, socket, state.clone(), tracker.clone()));
     }
+    publish_certificates(listeners, &state);
     info!(
         "reload ok ({reason}): {shown}: {} service(s), {} listener(s) ({opened} opened, {removed} closed)",
         cfg.services.len(),
@@ -355,20 +381,44 @@ async fn file_changed(watch: &mut Option<FileWatch>) {
     }
 }
 
-/// Polls the config file's content; `changed` resolves when it differs from the last seen.
+/// Polls the config file's content, and that of the certificate and key files it names;
+/// `changed` resolves when one differs from the last seen.
 struct FileWatch {
     path: PathBuf,
     last: Option<Vec<u8>>,
+    /// TLS files of the running config and their content: a renewed certificate written over
+    /// the old one reloads as an edit of the YAML does.
+    certificates: Vec<(PathBuf, Option<Vec<u8>>)>,
     tick: tokio::time::Interval,
 }
 
 impl FileWatch {
-    async fn new(path: PathBuf) -> FileWatch {
+    async fn new(path: PathBuf, config: &Config) -> FileWatch {
         let last = tokio::fs::read(&path).await.ok();
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        info!("watching {} for changes", path.display());
-        FileWatch { path, last, tick }
+        let mut watch = FileWatch { path, last, certificates: Vec::new(), tick };
+        watch.set_certificates(config).await;
+        info!("watching {} for changes", watch.path.display());
+        watch
+    }
+
+    /// Watch the certificate and key files of `config` (after start and every reload).
+    async fn set_certificates(&mut self, config: &Config) {
+        let files = config.listeners.iter().flat_map(|l| l.tls.iter().flat_map(|t| &t.certificates));
+        let paths: Vec<PathBuf> = files.flat_map(|c| [c.cert.clone(), c.key.clone()]).collect();
+        // Files already watched keep the content last seen: after a reload rejected half-way
+        // through a renewal (the certificate written, not yet its key), the key's change is
+        // still to be seen, and reloads again.
+        let mut watched = Vec::with_capacity(paths.len());
+        for path in paths {
+            let content = match self.certificates.iter().position(|(p, _)| *p == path) {
+                Some(i) => self.certificates.swap_remove(i).1,
+                None => tokio::fs::read(&path).await.ok(),
+            };
+            watched.push((path, content));
+        }
+        self.certificates = watched;
     }
 
     async fn changed(&mut self) {
@@ -380,6 +430,13 @@ impl FileWatch {
             if self.last.as_deref() != Some(&now[..]) {
                 self.last = Some(now);
                 return;
+            }
+            for (path, last) in &mut self.certificates {
+                let Ok(now) = tokio::fs::read(&*path).await else { continue };
+                if last.as_deref() != Some(&now[..]) {
+                    *last = Some(now);
+                    return;
+                }
             }
         }
     }

@@ -10,14 +10,15 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tracing::warn;
 
 use crate::balancer::{self, Balancer};
-use crate::config::{Config, ServiceConfig};
+use crate::config::{BackendTlsConfig, Config, ServiceConfig};
 use crate::health::retry::RetryBudget;
 use crate::observe::{AccessLog, Metrics, ServiceMetrics};
 use crate::policy::{GlobalGate, Queue, ServiceGate};
 use crate::proxy::router::Router;
-use crate::upstream::{Backend, Pool};
+use crate::upstream::{Backend, BackendTls, Pool};
 
 pub type Shared = Arc<ArcSwap<Snapshot>>;
 
@@ -56,7 +57,7 @@ pub struct Service {
 }
 
 impl Service {
-    fn new(config: ServiceConfig, previous: Option<&Service>) -> Service {
+    fn new(config: ServiceConfig, previous: Option<&Service>) -> std::io::Result<Service> {
         let old = previous.map(|s| s.lb.load_full());
         let queue = previous.map_or_else(Arc::default, |s| s.queue.clone());
         let metrics = previous.map_or_else(|| ServiceMetrics::new(&config.name), |s| s.metrics.clone());
@@ -64,19 +65,26 @@ impl Service {
             .backends
             .iter()
             .map(|b| {
-                let kept = old.as_ref().and_then(|lb| lb.pool.backends.iter().find(|x| x.addr == b.addr).cloned());
-                let backend = kept.unwrap_or_else(|| {
-                    let added = Backend::new(b.address.clone(), b.addr, &b.authority);
-                    if old.is_some() {
-                        // Joining a running service: slow start ramps it up.
-                        added.load.mark_recovered();
+                // The same address with other TLS settings is another backend: its pooled
+                // connections were made with the old ones.
+                let same = |x: &&Arc<Backend>| x.addr == b.addr && x.tls.as_ref().map(|t| &t.config) == b.tls.as_ref();
+                let kept = old.as_ref().and_then(|lb| lb.pool.backends.iter().find(same).cloned());
+                let backend = match kept {
+                    Some(kept) => kept,
+                    None => {
+                        let tls = b.tls.as_ref().map(|t| tls_for(&config.name, &b.address, t)).transpose()?;
+                        let added = Backend::with_tls(b.address.clone(), b.addr, &b.authority, tls);
+                        if old.is_some() {
+                            // Joining a running service: slow start ramps it up.
+                            added.load.mark_recovered();
+                        }
+                        added
                     }
-                    added
-                });
+                };
                 backend.set_limits(b.max_connections, &queue);
-                (backend, b.weight)
+                Ok((backend, b.weight))
             })
-            .collect();
+            .collect::<std::io::Result<_>>()?;
         let pool = Pool::new(backends);
         let balancer = balancer::build(&config, &pool);
         let retry_budget = RetryBudget::new(config.health.retry.budget_percent);
@@ -88,8 +96,16 @@ impl Service {
         // Limits may have grown or backends been added: let waiting requests look again.
         queue.wake_all();
         let lb = ArcSwap::from_pointee(LoadBalancer { pool, balancer });
-        Service { config, lb, retry_budget, queue, metrics, gate }
+        Ok(Service { config, lb, retry_budget, queue, metrics, gate })
     }
+}
+
+/// The TLS connector of an https backend, built as the backend joins.
+fn tls_for(service: &str, address: &str, t: &BackendTlsConfig) -> std::io::Result<Arc<BackendTls>> {
+    if t.insecure_skip_verify {
+        warn!(service, backend = address, "insecure_skip_verify: the backend's certificate is not verified");
+    }
+    BackendTls::new(t).map_err(|e| std::io::Error::other(format!("backend {address} of service {service}: {e}")))
 }
 
 impl Snapshot {
@@ -115,17 +131,11 @@ impl Snapshot {
             .iter()
             .map(|s| {
                 let old = previous.and_then(|p| p.services.iter().find(|o| o.config.name == s.name));
-                Arc::new(Service::new(s.clone(), old.map(|o| &**o)))
+                Service::new(s.clone(), old.map(|o| &**o)).map(Arc::new)
             })
-            .collect();
+            .collect::<std::io::Result<_>>()?;
         let policy = GlobalGate::build(&config.policy, previous.map(|p| (&p.config.policy, &p.policy)));
-        Ok(Snapshot {
-            router: Router::new(&config.services),
-            services,
-            access_log,
-            metrics,
-            policy,
-            config: Arc::new(config),
-        })
+        let router = Router::without(&config.services, &config.tcp_services());
+        Ok(Snapshot { router, services, access_log, metrics, policy, config: Arc::new(config) })
     }
 }

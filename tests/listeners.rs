@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -20,23 +19,6 @@ fn write_config(path: &std::path::Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// The address of listener `name`, from its `listening on ... (listener NAME)` line.
-async fn listener_addr(lb: &Velocity, name: &str) -> SocketAddr {
-    let tag = format!("(listener {name})");
-    let mut found = None;
-    eventually(&format!("listener {name}"), DEADLINE, || {
-        found = lb
-            .log_lines()
-            .iter()
-            .rev()
-            .filter(|l| l.contains(&tag))
-            .find_map(|l| l.split("listening on ").nth(1)?.split("://").nth(1)?.split(' ').next()?.parse().ok());
-        found.is_some()
-    })
-    .await;
-    found.unwrap()
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -49,8 +31,8 @@ async fn each_listener_serves_and_has_its_own_connection_limit() {
         a.addr
     ))
     .await;
-    let small = listener_addr(&lb, "small").await;
-    let big = listener_addr(&lb, "big").await;
+    let small = lb.listener_addr("small").await;
+    let big = lb.listener_addr("big").await;
     for addr in [lb.addr(), small, big] {
         assert_eq!(get(addr, "x", "/").await.backend(), "a");
     }
@@ -80,8 +62,8 @@ async fn reload_keeps_listeners_by_address_closes_removed_and_opens_added() {
         "listeners:\n  - {{name: kept, listen: 127.0.0.1:{kept_port}, max_client_connections: 1}}\n  - {{name: gone, listen: 127.0.0.1:{gone_port}}}\n{service}"
     ))
     .await;
-    let kept = listener_addr(&lb, "kept").await;
-    let gone = listener_addr(&lb, "gone").await;
+    let kept = lb.listener_addr("kept").await;
+    let gone = lb.listener_addr("gone").await;
     let mut open = Client::connect(kept).await;
     assert_eq!(open.get("x", "/").await.status, 200);
     // Renamed and with a higher limit, at the same address: the same socket, and the open
@@ -95,7 +77,7 @@ async fn reload_keeps_listeners_by_address_closes_removed_and_opens_added() {
     kill(lb.pid(), "-HUP");
     eventually("the reload", DEADLINE, || lb.log_contains("reload ok (SIGHUP)")).await;
     assert!(lb.log_contains("1 opened, 1 closed"), "{:#?}", lb.log_lines());
-    let new = listener_addr(&lb, "new").await;
+    let new = lb.listener_addr("new").await;
     assert_eq!(get(new, "x", "/").await.status, 200);
     eventually("the removed listener closed", DEADLINE, || std::net::TcpStream::connect(gone).is_err()).await;
     assert_eq!(open.get("x", "/").await.status, 200, "the kept listener's connection survives");
@@ -129,7 +111,7 @@ async fn redirect_https_answers_308_to_the_same_url_over_https() {
         a.addr
     ))
     .await;
-    let plain = listener_addr(&lb, "plain").await;
+    let plain = lb.listener_addr("plain").await;
     let mut s = tokio::net::TcpStream::connect(plain).await.unwrap();
     s.write_all(b"POST /a/b?c=1 HTTP/1.1\r\nHost: Web.Local:8080\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         .await

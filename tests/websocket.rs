@@ -194,6 +194,62 @@ async fn a_quiet_tunnel_closes_after_tunnel_idle() {
     eventually("the line", DEADLINE, || lb.log_contains("tunnel_idle")).await;
 }
 
+#[tokio::test]
+async fn websocket_over_a_tls_listener() {
+    use rustls::pki_types::ServerName;
+    let server = echo_server("e1").await;
+    // A self-signed certificate for `localhost`, trusted by the client alone.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+    let dir = temp_path("wss");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("c.key"), key.serialize_pem()).unwrap();
+    let d = dir.display();
+    let lb = Velocity::start(&format!(
+        "listen: 127.0.0.1:0\nlisteners:\n  - name: public\n    listen: 127.0.0.1:0\n    tls:\n      certificates: [{{cert: {d}/c.pem, key: {d}/c.key}}]\nservices:\n  - name: ws\n    backends: [{{address: {}}}]\n",
+        server.addr
+    ))
+    .await;
+    let tag = "(listener public)";
+    let mut addr: Option<SocketAddr> = None;
+    eventually("the tls listener", DEADLINE, || {
+        addr = lb
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(tag))
+            .find_map(|l| l.split("listening on https://").nth(1)?.split(' ').next()?.parse().ok());
+        addr.is_some()
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr.unwrap()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async("wss://localhost/chat", tls))
+        .await
+        .unwrap_or_else(|_| panic!("handshake in time: {:#?}", lb.log_lines()))
+        .expect("websocket handshake over TLS");
+    assert_eq!(resp.status(), 101);
+    for text in ["one", "two"] {
+        ws.send(Message::text(text)).await.unwrap();
+        match tokio::time::timeout(DEADLINE, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), format!("e1:{text}")),
+            other => panic!("{other:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Write `req` on a fresh connection and read until the response head (and `body_len` body
 /// bytes) are in.
 async fn raw_exchange(stream: &mut TcpStream, req: &str) -> String {

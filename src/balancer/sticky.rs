@@ -39,7 +39,7 @@ impl Sticky {
                 if let Some(ttl) = cfg.ttl {
                     let _ = write!(v, "; Max-Age={}", ttl.as_secs().max(1));
                 }
-                // `Secure` belongs here once Velocity has TLS listeners.
+                // `Secure` is added on TLS listeners, as the response is written.
                 v.push_str("; HttpOnly; SameSite=Lax");
                 let value = Bytes::from(v);
                 // The first clone of a `Bytes` made from a `String` allocates its shared

@@ -192,6 +192,7 @@ pub fn to_yaml(cfg: &Config) -> String {
             if let Some(n) = b.max_connections {
                 let _ = writeln!(out, "        max_connections: {n}");
             }
+            super::backend_tls::to_yaml(&mut out, &b.tls);
         }
         super::health::to_yaml(&mut out, &s.health);
         super::discovery::to_yaml(&mut out, &s.discovery, &s.managed);
@@ -267,6 +268,7 @@ services:
                 authority: "localhost:9001".into(),
                 weight: 1,
                 max_connections: None,
+                tls: None,
             }
         );
         assert_eq!(s.backends[1].addr, "127.0.0.1:9002".parse().unwrap());

@@ -157,6 +157,34 @@ impl Config {
 
 const MAX_CONNECTIONS: i64 = 1_000_000;
 
+/// The services `protocol: tcp` listeners name, as written: such a service takes whole
+/// connections, so it is no HTTP route (its hosts and path are not matched, and its route
+/// cannot clash with another's). Read before the services are checked.
+pub fn tcp_service_names(raw: Option<&S<Vec<S<RawListener>>>>) -> Vec<String> {
+    let text = |v: &Option<S<Scalar>>| match v.as_ref().map(|s| &s.value) {
+        Some(Scalar::Text(t)) => Some(t.trim().to_owned()),
+        _ => None,
+    };
+    raw.map_or_else(Vec::new, |list| {
+        list.value
+            .iter()
+            .filter(|l| text(&l.value.protocol).as_deref() == Some("tcp"))
+            .filter_map(|l| text(&l.value.service))
+            .collect()
+    })
+}
+
+impl Config {
+    /// The names of the services tcp listeners forward to (see [`tcp_service_names`]).
+    pub fn tcp_services(&self) -> Vec<&str> {
+        self.listeners
+            .iter()
+            .filter(|l| l.protocol == ListenerProtocol::Tcp)
+            .filter_map(|l| l.service.as_deref())
+            .collect()
+    }
+}
+
 /// `listeners:`, after the services (a tcp listener names one). `shorthand`: the top-level
 /// `listen:` addresses with their lines, which no listener may repeat.
 pub fn convert(

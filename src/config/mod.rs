@@ -4,6 +4,7 @@
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
 pub(crate) mod admin;
+mod backend_tls;
 mod balancing;
 pub(crate) mod cluster;
 mod discovery;
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use backend_tls::BackendTlsConfig;
 pub use cluster::{ClusterConfig, OnStoreError};
 pub use discovery::{Discovery, DnsDiscovery, DnsKind, DockerDiscovery, ManagedConfig};
 pub use listeners::{CertificateFiles, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, TlsConfig, TlsVersion};
@@ -216,6 +218,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Requests this backend may have in flight; `None`: no limit.
     pub max_connections: Option<usize>,
+    /// `https://` addresses: TLS to the backend.
+    pub tls: Option<BackendTlsConfig>,
 }
 
 /// A service's failure handling (issue 3), kept in one struct so other per-service sections

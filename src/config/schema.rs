@@ -188,6 +188,7 @@ pub struct RawBackend {
     pub address: Option<S<String>>,
     pub weight: Option<S<Scalar>>,
     pub max_connections: Option<S<Scalar>>,
+    pub tls: Option<S<super::backend_tls::RawBackendTls>>,
 }
 
 // ---- Timeouts, limits, queueing and shutdown ----

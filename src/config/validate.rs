@@ -56,6 +56,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let log_format = raw.log_format.map_or(LogFormat::Text, |v| log_format(ctx, &v));
     let event_log = raw.event_log.map_or(EventLog::Stderr, |v| event_log(ctx, &v));
     let access_log_ring = raw.access_log_ring.map_or(crate::observe::ring::DEFAULT_LINES, |v| access_log_ring(ctx, &v));
+    ctx.tcp_services = super::listeners::tcp_service_names(raw.listeners.as_ref());
     let services = services(ctx, raw.services);
     let admin = raw.admin.and_then(|a| super::admin::convert(ctx, a));
     let listeners = raw.listeners.map_or_else(Vec::new, |l| {
@@ -94,6 +95,8 @@ pub struct Ctx<'a> {
     pub timeouts: Timeouts,
     /// Where the first `scope: cluster` rate limit is (it needs `cluster:`).
     pub cluster_scope_at: Option<(u64, u64)>,
+    /// Services a tcp listener forwards to: they take no HTTP route (see `listeners.rs`).
+    pub tcp_services: Vec<String>,
 }
 
 impl<'a> Ctx<'a> {
@@ -105,6 +108,7 @@ impl<'a> Ctx<'a> {
             resolved: HashMap::new(),
             timeouts: Timeouts::default(),
             cluster_scope_at: None,
+            tcp_services: Vec::new(),
         }
     }
 
@@ -406,13 +410,15 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
         // Route conflicts point at the second service's host entry, else its path_prefix,
         // else its name: whichever makes the route the same.
         // Hosts that were all invalid must not count as the default route.
-        let keys: Vec<(Option<HostPattern>, Location)> = if !hosts_valid && hosts.is_empty() {
-            Vec::new()
-        } else if hosts.is_empty() {
-            vec![(None, raw.path_prefix.as_ref().map_or(name_at, |p| p.referenced))]
-        } else {
-            hosts.iter().map(|(h, loc)| (Some(h.clone()), *loc)).collect()
-        };
+        // A tcp listener's service is no HTTP route at all.
+        let keys: Vec<(Option<HostPattern>, Location)> =
+            if ctx.tcp_services.contains(&name) || (!hosts_valid && hosts.is_empty()) {
+                Vec::new()
+            } else if hosts.is_empty() {
+                vec![(None, raw.path_prefix.as_ref().map_or(name_at, |p| p.referenced))]
+            } else {
+                hosts.iter().map(|(h, loc)| (Some(h.clone()), *loc)).collect()
+            };
         for (host, loc) in keys {
             let key = (host, path_prefix.clone());
             match routes.get(&key) {
@@ -546,7 +552,7 @@ fn backends(
     let mut seen: HashMap<SocketAddr, (u64, String)> = HashMap::new();
     let mut out: Vec<BackendConfig> = Vec::new();
     for item in list.value {
-        let b = item.value;
+        let mut b = item.value;
         let weight = match &b.weight {
             None => Some(1),
             Some(w) => match w.value {
@@ -579,6 +585,8 @@ fn backends(
                 continue;
             }
         };
+        let host = parse_backend_address(written).map_or("", |(h, _)| h);
+        let tls = super::backend_tls::convert(ctx, is_https(written), host, b.tls.take(), address.referenced);
         if let Some((line, first)) = seen.get(&addr) {
             let again = if first == written {
                 format!("backend {written} is listed twice in service {service:?} (first on line {line})")
@@ -602,6 +610,7 @@ fn backends(
                 authority: authority_of(written).to_owned(),
                 weight,
                 max_connections,
+                tls,
             });
         }
     }
@@ -615,14 +624,21 @@ fn authority_of(address: &str) -> &str {
     rest.split(['/', '?', '#']).next().unwrap_or(rest)
 }
 
-/// Host and port of `host:port` or `http://host[:port][/]` (port 80 by default for a URL).
+/// Whether a backend address is `https://`: Velocity speaks TLS to it.
+fn is_https(address: &str) -> bool {
+    address.trim().split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("https"))
+}
+
+/// Host and port of `host:port` or `http[s]://host[:port][/]` (port 80 or 443 by default for
+/// a URL).
 fn parse_backend_address(address: &str) -> Result<(&str, u16), String> {
     let text = address.trim();
     let default_port = match text.split_once("://") {
         Some((scheme, rest)) => {
-            if !scheme.eq_ignore_ascii_case("http") {
+            let https = scheme.eq_ignore_ascii_case("https");
+            if !https && !scheme.eq_ignore_ascii_case("http") {
                 return Err(format!(
-                    "backend address {text:?}: unsupported scheme {scheme}://, only http:// is supported"
+                    "backend address {text:?}: unsupported scheme {scheme}://, only http:// and https:// are supported"
                 ));
             }
             let path = &rest[authority_of(text).len()..];
@@ -631,7 +647,7 @@ fn parse_backend_address(address: &str) -> Result<(&str, u16), String> {
                     "backend address {text:?} has a path; only a host and port are allowed (requests keep their own path)"
                 ));
             }
-            Some(80)
+            Some(if https { 443 } else { 80 })
         }
         None => None,
     };
@@ -747,6 +763,7 @@ services:
                     authority: "127.0.0.1:9001".into(),
                     weight: 3,
                     max_connections: None,
+                    tls: None,
                 },
                 BackendConfig {
                     address: "http://localhost:9002/".into(),
@@ -754,6 +771,7 @@ services:
                     authority: "localhost:9002".into(),
                     weight: 1,
                     max_connections: None,
+                    tls: None,
                 },
             ]
         );
@@ -814,7 +832,7 @@ services:
             (&one_service("    backends:\n      - address: 127.0.0.1:1\n        weight: heavy\n"), "6:17", "got \"heavy\""),
             (&one_service("    backends:\n      - address: 127.0.0.1\n"), "5:18", "needs a port"),
             (&one_service("    backends:\n      - address: 127.0.0.1:99999\n"), "5:18", "out of range"),
-            (&one_service("    backends:\n      - address: https://127.0.0.1:9001\n"), "5:18", "only http:// is supported"),
+            (&one_service("    backends:\n      - address: ftp://127.0.0.1:9001\n"), "5:18", "only http:// and https:// are supported"),
             (&one_service("    backends:\n      - address: http://127.0.0.1:9001/app\n"), "5:18", "has a path"),
             (&one_service("    backends:\n      - address: bad_host!:80\n"), "5:18", "invalid host name"),
             (&one_service("    backends:\n      - weight: 2\n"), "5:9", "backend has no `address`"),

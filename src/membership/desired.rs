@@ -319,6 +319,7 @@ fn unresolved(address: &str, weight: u32) -> BackendConfig {
         authority: String::new(),
         weight,
         max_connections: None,
+        tls: None,
     }
 }
 

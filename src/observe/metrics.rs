@@ -332,6 +332,9 @@ pub struct Metrics {
     last_reload_ok_ms: AtomicU64,
     started: SystemTime,
     listeners: Mutex<Vec<Weak<ListenerGauge>>>,
+    /// (listener, certificate name, notAfter in Unix seconds) of every TLS listener's
+    /// certificates, as last loaded (start and reloads).
+    tls_certificates: Mutex<Vec<(String, String, i64)>>,
     /// Access-log lines dropped by writers that a reload replaced.
     access_log_dropped_before: AtomicU64,
     /// Requests per second and errors of every service, the last 10 minutes (the dashboard).
@@ -409,6 +412,7 @@ impl Default for Metrics {
             last_reload_ok_ms: AtomicU64::new(unix_ms(SystemTime::now())),
             started: SystemTime::now(),
             listeners: Mutex::new(Vec::new()),
+            tls_certificates: Mutex::new(Vec::new()),
             access_log_dropped_before: AtomicU64::new(0),
             history: History::default(),
             recent: Arc::new(Ring::new(super::ring::DEFAULT_LINES)),
@@ -443,6 +447,11 @@ impl Metrics {
     fn live_listeners(&self) -> Vec<Arc<ListenerGauge>> {
         let list = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         list.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The certificates the listeners now serve: (listener, name, notAfter in Unix seconds).
+    pub fn set_tls_certificates(&self, rows: Vec<(String, String, i64)>) {
+        *self.tls_certificates.lock().unwrap_or_else(|p| p.into_inner()) = rows;
     }
 
     /// An access-log writer was replaced: keep its drops in the total.
@@ -592,6 +601,17 @@ impl Collector for Scrape {
         let rows: Vec<(Labels<1>, i64)> =
             live.iter().map(|l| ([("listener", l.listener.as_str())], l.open() as i64)).collect();
         gauges(&mut enc, "velocity_client_connections_open", "Open client connections per listener.", &rows)?;
+        let certs = metrics.tls_certificates.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !certs.is_empty() {
+            let rows: Vec<(Labels<2>, i64)> =
+                certs.iter().map(|(l, n, t)| ([("listener", l.as_str()), ("name", n.as_str())], *t)).collect();
+            gauges(
+                &mut enc,
+                "velocity_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate a TLS listener serves expires (notAfter), in Unix seconds.",
+                &rows,
+            )?;
+        }
 
         let rows = [
             ([("result", "success")], metrics.reloads_ok.load(Relaxed)),

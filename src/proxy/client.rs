@@ -151,8 +151,9 @@ enum Busy {
 }
 
 /// Serve an accepted connection: the TLS handshake first on a TLS listener, within
-/// `client_header` (as the first request's head is).
-pub async fn serve_tcp(
+/// `client_header` (as the first request's head is). One future for both, so that a plain
+/// connection's requests are not polled through an extra layer.
+pub async fn serve(
     stream: TcpStream,
     client: SocketAddr,
     listener: Arc<ListenerSettings>,
@@ -161,31 +162,13 @@ pub async fn serve_tcp(
 ) {
     let stream = match &listener.tls {
         None => ClientStream::Plain(stream),
-        Some(acceptor) => {
-            let timeout = state.load().config.limits.timeouts.client_header;
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
-                Ok(Err(e)) => {
-                    debug!(%client, listener = %listener.config.name, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%client, listener = %listener.config.name, ?timeout, "TLS handshake timed out (client_header)");
-                    return;
-                }
-            }
-        }
+        // Boxed: inline, the handshake's state would be part of every connection's task
+        // (idle and plain ones included) for the connection's whole life.
+        Some(acceptor) => match Box::pin(handshake(acceptor, stream, client, &listener, &state)).await {
+            Some(tls) => tls,
+            None => return,
+        },
     };
-    serve(stream, client, listener, state, drain).await;
-}
-
-async fn serve(
-    stream: ClientStream,
-    client: SocketAddr,
-    listener: Arc<ListenerSettings>,
-    state: Shared,
-    drain: &Drain,
-) {
     // Connection-level settings come from the config current at accept; a reload applies to
     // new connections.
     let limits = state.load().config.limits;
@@ -219,6 +202,27 @@ async fn serve(
                 conn.release_buffers(&mut head);
                 idle_until = since + limits.timeouts.client_idle;
             }
+        }
+    }
+}
+
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    client: SocketAddr,
+    listener: &ListenerSettings,
+    state: &Shared,
+) -> Option<ClientStream> {
+    let timeout = state.load().config.limits.timeouts.client_header;
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(ClientStream::Tls(Box::new(tls))),
+        Ok(Err(e)) => {
+            debug!(%client, listener = %listener.config.name, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!(%client, listener = %listener.config.name, ?timeout, "TLS handshake timed out (client_header)");
+            None
         }
     }
 }

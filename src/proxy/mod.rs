@@ -7,6 +7,7 @@ mod redirect;
 mod respond;
 pub mod router;
 mod stream;
+mod tcp;
 mod timer;
 pub mod tunnel;
 
@@ -257,13 +258,22 @@ async fn serve_connection(
     tracker: &Tracker,
 ) {
     if settings.config.protocol == ListenerProtocol::Tcp {
-        // Forwarding whole TCP connections is the tunnel module's (issue 16); until it is
-        // built in, a tcp listener accepts and closes.
-        debug!(%client, listener = %settings.config.name, "tcp listener: not served by this build, closing");
-        return;
+        // Boxed, like the PROXY header read below: inline, their state would be part of every
+        // HTTP connection's task, idle ones included.
+        return Box::pin(tcp::serve_connection(stream, client, settings, state, stopped, tracker)).await;
     }
+    let mut stream = stream;
+    let client = if settings.config.accept_proxy_protocol.is_empty() {
+        client
+    } else {
+        let timeout = state.load().config.limits.timeouts.client_header;
+        match Box::pin(tcp::proxy_in(&mut stream, client, &settings, timeout, true)).await {
+            Some(addrs) => addrs.client,
+            None => return,
+        }
+    };
     let drain = Drain::default();
-    let mut conn = pin!(client::serve_tcp(stream, client, settings, state, &drain));
+    let mut conn = pin!(client::serve(stream, client, settings, state, &drain));
     tokio::select! {
         biased;
         () = conn.as_mut() => {}

@@ -106,7 +106,9 @@ impl Exchange<'_> {
         if let Some(cookie) = self.set_cookie.take() {
             // Before the blank line that ends the head.
             c.out.truncate(c.out.len().saturating_sub(2));
-            for part in [&b"set-cookie: "[..], &cookie, b"\r\n\r\n"] {
+            // A cookie set over TLS is sent back over TLS only.
+            let secure: &[u8] = if c.stream.is_tls() { b"; Secure" } else { b"" };
+            for part in [&b"set-cookie: "[..], &cookie, secure, b"\r\n\r\n"] {
                 c.out.extend_from_slice(part);
             }
         }

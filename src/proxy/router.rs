@@ -34,8 +34,17 @@ const MAX_HOST: usize = 256;
 
 impl Router {
     pub fn new(services: &[ServiceConfig]) -> Router {
+        Router::without(services, &[])
+    }
+
+    /// Routes for every service but those named in `skip` (the services of tcp listeners,
+    /// which take whole connections rather than requests).
+    pub fn without(services: &[ServiceConfig], skip: &[&str]) -> Router {
         let mut router = Router::default();
         for (i, svc) in services.iter().enumerate() {
+            if skip.contains(&svc.name.as_str()) {
+                continue;
+            }
             if svc.hosts.is_empty() {
                 router.default.add(&svc.path_prefix, i);
             }

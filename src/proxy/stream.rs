@@ -19,14 +19,21 @@ pub enum ClientStream {
 }
 
 impl ClientStream {
-    /// Wait until the socket has something to read. For TLS, bytes on the socket may be a
-    /// partial record or no application data: the read that follows then waits as usual.
-    /// (Decrypted bytes rustls still holds are never waiting here: a read drains them first,
-    /// and this is only awaited after a read found nothing.)
-    pub async fn readable(&self) -> io::Result<()> {
+    /// Wait until there is something to read. For TLS, bytes on the socket may be a partial
+    /// record or no application data: the read that follows then waits as usual. Bytes rustls
+    /// already took off the socket count too: a request the client sent right behind its
+    /// last handshake message arrives with it, and is no longer on the socket.
+    pub async fn readable(&mut self) -> io::Result<()> {
         match self {
             ClientStream::Plain(s) => s.readable().await,
-            ClientStream::Tls(s) => s.get_ref().0.readable().await,
+            ClientStream::Tls(s) => {
+                let (tcp, session) = s.get_mut();
+                match session.process_new_packets() {
+                    Ok(io) if io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed() => tcp.readable().await,
+                    // Data, a close, or an error the next read reports.
+                    _ => Ok(()),
+                }
+            }
         }
     }
 

@@ -88,14 +88,33 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    splice_guarded(a, a_pending, b, b_pending, idle, false).await
+}
+
+/// [`splice`]; with `refuse_proxy_header`, a PROXY protocol header at the start of what `a`
+/// sends fails the tunnel (`InvalidData`) before any of it reaches `b`: `a` is a peer that
+/// `accept_proxy_protocol` does not list. Checked in the stream rather than before it, so
+/// that a protocol in which the server speaks first still works.
+pub async fn splice_guarded<A, B>(
+    a: &mut A,
+    a_pending: &[u8],
+    b: &mut B,
+    b_pending: &[u8],
+    idle: Duration,
+    refuse_proxy_header: bool,
+) -> Spliced
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let activity =
         Activity { start: Instant::now(), last_ms: AtomicU64::new(0), up: AtomicU64::new(0), down: AtomicU64::new(0) };
     // `tokio::io::split` rather than `TcpStream::split`: the client side may be TLS. Both
     // halves stay in this task, so its lock is never contended.
     let (mut a_read, mut a_write) = tokio::io::split(a);
     let (mut b_read, mut b_write) = tokio::io::split(b);
-    let up = copy_half(&mut a_read, &mut b_write, a_pending, &activity, &activity.up);
-    let down = copy_half(&mut b_read, &mut a_write, b_pending, &activity, &activity.down);
+    let up = copy_half(&mut a_read, &mut b_write, a_pending, &activity, &activity.up, refuse_proxy_header);
+    let down = copy_half(&mut b_read, &mut a_write, b_pending, &activity, &activity.down, false);
     let idle_timer = async {
         loop {
             let until = activity.idle_until(idle);
@@ -122,22 +141,47 @@ async fn copy_half<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     pending: &[u8],
     activity: &Activity,
     count: &AtomicU64,
+    mut refuse_proxy_header: bool,
 ) -> io::Result<()> {
     if !pending.is_empty() {
         to.write_all(pending).await?;
+        to.flush().await?;
         activity.moved(count, pending.len());
     }
     let mut buf = vec![0u8; TUNNEL_BUFFER];
+    // Bytes at the front of `buf` held back until the PROXY check can decide (at most 12).
+    let mut held = 0;
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = from.read(&mut buf[held..]).await?;
+        let filled = held + n;
+        if n > 0 && refuse_proxy_header {
+            match crate::proxy_protocol::parse(&buf[..filled]) {
+                Err(crate::proxy_protocol::Error::NotProxy) => refuse_proxy_header = false,
+                Ok(crate::proxy_protocol::Parsed::Incomplete) if filled < 12 => {
+                    held = filled;
+                    continue;
+                }
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "PROXY protocol header from an untrusted peer",
+                    ))
+                }
+            }
+        }
+        if filled > 0 {
+            to.write_all(&buf[..filled]).await?;
+            // TLS holds records until flushed; a no-op on plain TCP.
+            to.flush().await?;
+            activity.moved(count, filled);
+            held = 0;
+        }
         if n == 0 {
             // The other side may still send: only our sending side towards it closes. It may
             // have gone already (a reset); that shows on its own direction.
             let _ = to.shutdown().await;
             return Ok(());
         }
-        to.write_all(&buf[..n]).await?;
-        activity.moved(count, n);
     }
 }
 

@@ -2,6 +2,7 @@
 //! names of each certificate's subjectAltName (the first certificate is the fallback).
 //! rustls with the `ring` provider, as for https health checks.
 
+pub mod client;
 mod x509;
 
 use std::path::Path;
@@ -87,6 +88,42 @@ fn load(files: &CertificateFiles, provider: &CryptoProvider) -> Result<LoadedCer
 pub fn load_all(tls: &TlsConfig) -> Result<Vec<LoadedCert>, String> {
     let provider = provider();
     tls.certificates.iter().map(|files| load(files, &provider).map_err(|e| e.message)).collect()
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A warning when `cert` has expired or expires within [`EXPIRY_WARNING_SECS`] of `now`.
+pub fn expiry_warning(listener: &str, files: &CertificateFiles, cert: &LoadedCert, now: i64) -> Option<String> {
+    let left = cert.not_after? - now;
+    if left > EXPIRY_WARNING_SECS {
+        return None;
+    }
+    let (file, name) = (files.cert.display(), cert.label(files));
+    let days = left.abs() / 86_400;
+    Some(if left < 0 {
+        format!("listener {listener}: certificate {file} ({name}) expired {days} day(s) ago")
+    } else {
+        format!("listener {listener}: certificate {file} ({name}) expires in {days} day(s)")
+    })
+}
+
+/// The expiry warnings of every certificate in `cfg` (for `velocity check`); certificates
+/// that do not load were reported by the config's validation.
+pub fn check_warnings(cfg: &crate::config::Config) -> Vec<String> {
+    let now = unix_now();
+    let provider = provider();
+    let mut out = Vec::new();
+    for l in &cfg.listeners {
+        for files in l.tls.iter().flat_map(|t| &t.certificates) {
+            if let Some(w) = load(files, &provider).ok().and_then(|c| expiry_warning(&l.name, files, &c, now)) {
+                out.push(w);
+            }
+        }
+    }
+    out
 }
 
 /// A listener's rustls config. `ticketer` is kept by the listener across reloads, so that

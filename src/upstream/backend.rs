@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use hyper::header::HeaderValue;
 
 use super::connection::BackendConn;
+use super::stream::BackendTls;
 use crate::balancer::LoadStats;
 use crate::health::HealthState;
 use crate::observe::BackendMetrics;
@@ -69,6 +70,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Host header for clients that sent none.
     pub host_header: HeaderValue,
+    /// `https://` backends: how to connect over TLS.
+    pub tls: Option<Arc<BackendTls>>,
     /// Up/down and circuit-breaker state; the rules that change it are in `crate::health`.
     pub health: HealthState,
     /// Latency estimate and slow-start mark, for the load-aware algorithms.
@@ -96,12 +99,17 @@ pub struct Backend {
 
 impl Backend {
     pub fn new(name: String, addr: SocketAddr, authority: &str) -> Arc<Backend> {
+        Self::with_tls(name, addr, authority, None)
+    }
+
+    pub fn with_tls(name: String, addr: SocketAddr, authority: &str, tls: Option<Arc<BackendTls>>) -> Arc<Backend> {
         let host_header = HeaderValue::from_str(authority).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Arc::new(Backend {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name,
             addr,
             host_header,
+            tls,
             health: HealthState::default(),
             load: LoadStats::default(),
             metrics: BackendMetrics::default(),

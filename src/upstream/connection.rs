@@ -8,7 +8,6 @@
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -16,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::backend::Backend;
+use super::stream::BackendStream;
 
 /// What one read from a backend asks for at first: a small response comes whole.
 const READ_BUFFER: usize = 16 * 1024;
@@ -32,6 +32,8 @@ pub enum ConnectError {
     /// it says nothing about the backend, so it must not count against it.
     Local(io::Error),
     Io(io::Error),
+    /// The TLS handshake with an https backend failed (its certificate, most often).
+    Tls(io::Error),
 }
 
 impl ConnectError {
@@ -53,6 +55,7 @@ impl fmt::Display for ConnectError {
             ConnectError::Timeout => f.write_str("connect timeout"),
             ConnectError::Local(e) => write!(f, "cannot open a connection here: {e}"),
             ConnectError::Io(e) => write!(f, "connect error: {e}"),
+            ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
         }
     }
 }
@@ -68,7 +71,7 @@ pub fn is_local_exhaustion(e: &io::Error) -> bool {
 /// A connection to a backend, checked out for one request at a time.
 #[derive(Debug)]
 pub struct BackendConn {
-    stream: TcpStream,
+    stream: BackendStream,
     /// Bytes read from the backend and not yet forwarded.
     pub buf: BytesMut,
     /// How much the next read asks for: doubles while reads fill it, up to `MAX_READ`.
@@ -85,7 +88,7 @@ pub struct BackendConn {
 }
 
 impl BackendConn {
-    fn new(stream: TcpStream) -> Self {
+    fn new(stream: BackendStream) -> Self {
         let since = Instant::now();
         BackendConn {
             stream,
@@ -116,12 +119,17 @@ impl BackendConn {
     /// Write all of `parts` (most often in one `writev`). Returns how many bytes went out when
     /// it fails, so the caller knows whether the backend saw any of the request.
     pub async fn write_all_vectored(&mut self, parts: &mut [IoSlice<'_>]) -> Result<(), (io::Error, usize)> {
-        write_all_vectored(&mut self.stream, parts).await
+        write_all_vectored(&mut self.stream, parts).await?;
+        // TLS keeps records the socket did not take; plain TCP has nothing to flush.
+        if self.stream.is_tls() {
+            self.stream.flush().await.map_err(|e| (e, 0))?;
+        }
+        Ok(())
     }
 
     /// The socket and what was read past the last response head, for a connection that leaves
     /// HTTP (a WebSocket tunnel): it never goes back to the pool.
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+    pub fn into_parts(self) -> (BackendStream, BytesMut) {
         (self.stream, self.buf)
     }
 
@@ -134,15 +142,7 @@ impl BackendConn {
     /// Looks only at the readiness the runtime already has, so a live connection costs no
     /// system call.
     fn is_stale(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => false,
-            Poll::Ready(Err(_)) => true,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        self.stream.is_stale()
     }
 }
 
@@ -189,6 +189,17 @@ impl Backend {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        let stream = match &self.tls {
+            None => BackendStream::Plain(stream),
+            // The handshake is part of connecting: within the same `connect` timeout, and a
+            // failed one counts as a failed connect (no request byte was sent).
+            Some(tls) => match tokio::time::timeout_at((started + connect_timeout).into(), tls.handshake(stream)).await
+            {
+                Err(_) => return Err(ConnectError::Timeout),
+                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
+                Ok(Ok(s)) => s,
+            },
+        };
         self.note_connection_opened();
         self.metrics.connect_time.observe_us(started.elapsed().as_micros() as u64);
         Ok(BackendConn::new(stream))

@@ -7,8 +7,10 @@
 mod backend;
 mod connection;
 mod pool;
+mod stream;
 
 pub(crate) use backend::MAX_IDLE_PER_BACKEND;
 pub use backend::{AdminState, Backend, InFlight, LastCheck};
 pub use connection::{is_local_exhaustion, write_all_vectored, BackendConn, ConnectError};
 pub use pool::Pool;
+pub use stream::{BackendStream, BackendTls};

@@ -354,6 +354,22 @@ impl Velocity {
         self.addrs[0]
     }
 
+    /// The address of the named listener (`listeners:`), from its
+    /// `listening on SCHEME://ADDR (listener NAME)` line; the last one, after reloads.
+    pub async fn listener_addr(&self, name: &str) -> SocketAddr {
+        let tag = format!("(listener {name})");
+        let mut found = None;
+        eventually(&format!("listener {name}"), DEADLINE, || {
+            found = self.output.lock().unwrap().iter().rev().filter(|l| l.contains(&tag)).find_map(|l| {
+                let rest = l.split("listening on ").nth(1)?.split("://").nth(1)?;
+                addr_in(rest)
+            });
+            found.is_some()
+        })
+        .await;
+        found.unwrap()
+    }
+
     /// The admin API's address, from its `admin API listening on http://ADDR` line (which
     /// may come a moment after the proxy's).
     pub async fn admin_addr(&self) -> SocketAddr {
