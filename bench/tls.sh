@@ -68,7 +68,9 @@ CONF
 taskset -c 0 "$bin" run -c "$dir/velocity.yaml" >"$dir/velocity.log" 2>&1 & vpid=$!; pids+=($vpid)
 nginx -c "$dir/nginx.conf" -g "daemon off;" >"$dir/nginx.log" 2>&1 & npid=$!; pids+=($npid)
 for port in $((base + 4)) $((base + 5)); do
-  for _ in $(seq 100); do curl -skf -o /dev/null https://127.0.0.1:$port/ && break; sleep 0.1; done
+  ready=
+  for _ in $(seq 300); do curl -skf -o /dev/null https://127.0.0.1:$port/ && ready=1 && break; sleep 0.1; done
+  [ -n "$ready" ] || { echo "https://127.0.0.1:$port/ did not answer:"; tail -n 20 "$dir"/*.log; exit 1; }
 done
 
 # User+system clock ticks of a process and its children threads/workers.
