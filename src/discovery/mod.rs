@@ -1,5 +1,5 @@
 //! Sources of backends beside the config's lists: DNS (`dns.rs`), managed processes
-//! (`managed.rs`), Docker. Each configured source is one task that gives the membership writer the
+//! (`managed.rs`), Docker (`docker.rs`). Each configured source is one task that gives the membership writer the
 //! complete set it owns (`Change::SetSourced`), through the same channel as the admin API;
 //! nothing here touches the request path, and a config without `discovery` starts nothing.
 
@@ -10,17 +10,19 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::config::{Config, DnsDiscovery, ManagedConfig};
+use crate::config::{Config, DnsDiscovery, DockerDiscovery, ManagedConfig};
 use crate::membership::{Change, Handle, Source};
 use crate::state::Shared;
 
 pub mod dns;
+pub mod docker;
 pub mod managed;
 
 /// What one source task was started from; a change restarts it.
 #[derive(Debug, Clone, PartialEq)]
 enum Spec {
     Dns(DnsDiscovery),
+    Docker(DockerDiscovery),
     Managed(ManagedConfig),
 }
 
@@ -54,6 +56,9 @@ impl Sources {
         for s in &config.services {
             if let Some(d) = &s.discovery.dns {
                 wanted.push((format!("dns:{}", s.name), s.name.clone(), Spec::Dns(d.clone())));
+            }
+            if let Some(d) = &s.discovery.docker {
+                wanted.push((format!("docker:{}", s.name), s.name.clone(), Spec::Docker(d.clone())));
             }
             if let Some(m) = &s.managed {
                 wanted.push((format!("managed:{}", s.name), s.name.clone(), Spec::Managed(m.clone())));
@@ -95,6 +100,14 @@ impl Sources {
                     cfg.clone(),
                     self.handle.clone(),
                     metrics,
+                    stopped,
+                )),
+                Spec::Docker(cfg) => tokio::spawn(docker::run(
+                    service.clone(),
+                    name.clone(),
+                    cfg.clone(),
+                    self.handle.clone(),
+                    self.shared.load().metrics.clone(),
                     stopped,
                 )),
                 Spec::Managed(cfg) => tokio::spawn(managed::run(
