@@ -36,10 +36,15 @@ pub async fn run(
 ) {
     let mut w = Watcher { service, source, cfg, handle, metrics, last: None, stopping: HashSet::new() };
     info!(service = %w.service, "{}: watching containers labelled {:?} on {}", w.source, w.cfg.labels, w.cfg.socket);
+    // An engine that stays away is said once (and counted every time), not every second.
+    let mut last_reason = String::new();
     loop {
         tokio::select! {
             reason = w.session() => {
-                warn!(service = %w.service, "{}: {reason}; keeping the last good set, reconnecting in {RECONNECT:?}", w.source);
+                if reason != last_reason {
+                    warn!(service = %w.service, "{}: {reason}; keeping the last good set, reconnecting every {RECONNECT:?}", w.source);
+                    last_reason = reason;
+                }
                 w.metrics.discovery.error(&w.service, &w.source);
             }
             _ = stop.changed() => return,
@@ -137,6 +142,7 @@ impl Watcher {
             Change::SetSourced { service: self.service.clone(), source: self.source.clone(), backends: set.clone() };
         match self.handle.send(Source::Discovery, change).await {
             Ok(_) => self.last = Some(set),
+            Err(e) if e.is_shutdown() => {}
             Err(e) => {
                 warn!(service = %self.service, "{}: the set was refused: {}", self.source, e.message);
                 self.metrics.discovery.error(&self.service, &self.source);

@@ -437,6 +437,7 @@ impl Supervisor {
         let change = Change::SetSourced { service: self.service.clone(), source: self.source.clone(), backends };
         match self.handle.send(Source::Discovery, change).await {
             Ok(_) => self.published = Some(ports),
+            Err(e) if e.is_shutdown() => {}
             Err(e) => warn!(service = %self.service, "{}: the instance set was refused: {}", self.source, e.message),
         }
     }

@@ -75,15 +75,20 @@ impl Sources {
                 info!(service = %r.service, "{name}: stopped (the config changed)");
                 let _ = r.stop.send(true);
                 let (handle, service) = (self.handle.clone(), r.service.clone());
-                // Its backends drain like any other removal (the service may be gone: fine);
-                // a managed source stops its processes first.
+                // A source that is gone has its backends drained like any other removal (the
+                // service may be gone too: fine); one that restarts with new settings replaces
+                // its set with its first answer instead. A managed source stops its processes
+                // first.
+                let gone = !wanted.iter().any(|(n, s, _)| *n == name && *s == service);
                 tokio::spawn(async move {
                     let abort = r.task.abort_handle();
                     if tokio::time::timeout(STOP_GRACE, r.task).await.is_err() {
                         abort.abort();
                     }
-                    let change = Change::SetSourced { service, source: name, backends: Vec::new() };
-                    let _ = handle.send(Source::Discovery, change).await;
+                    if gone {
+                        let change = Change::SetSourced { service, source: name, backends: Vec::new() };
+                        let _ = handle.send(Source::Discovery, change).await;
+                    }
                 });
             }
         }
