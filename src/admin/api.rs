@@ -207,7 +207,7 @@ fn service_json(view: &View, s: &Service) -> Value {
     let backends: Vec<Value> =
         lb.pool.backends.iter().zip(&lb.pool.weights).map(|(b, w)| backend_json(view, s, b, *w)).collect();
     let c = &s.config;
-    json!({
+    let mut out = json!({
         "name": c.name,
         "origin": if view.desired.overlay_services.contains(&c.name) { "overlay" } else { "file" },
         "hosts": c.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -215,7 +215,12 @@ fn service_json(view: &View, s: &Service) -> Value {
         "algorithm": c.algorithm.name(),
         "health_check": c.health.check.as_ref().map(|h| h.kind.name()),
         "backends": backends,
-    })
+    });
+    if c.managed.is_some() {
+        // The supervisor's last report: each instance with its process id and state.
+        out["managed"] = json!(view.snapshot.metrics.discovery.managed_info(&c.name).unwrap_or_default());
+    }
+    out
 }
 
 fn backend_json(view: &View, s: &Service, b: &Backend, weight: u32) -> Value {

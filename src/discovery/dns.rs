@@ -53,6 +53,7 @@ pub async fn run(
                     let change = Change::SetSourced { service: service.clone(), source: source.clone(), backends: set };
                     match handle.send(Source::Discovery, change).await {
                         Ok(_) => last_good = Some(sorted),
+                        Err(e) if e.is_shutdown() => {}
                         Err(e) => {
                             warn!(service = %service, "{source}: the set was refused: {}", e.message);
                             metrics.discovery.error(&service, &source);

@@ -1,5 +1,5 @@
-//! Sources of backends beside the config's lists: DNS (`dns.rs`), and later Docker and
-//! managed processes. Each configured source is one task that gives the membership writer the
+//! Sources of backends beside the config's lists: DNS (`dns.rs`), managed processes
+//! (`managed.rs`), Docker (`docker.rs`). Each configured source is one task that gives the membership writer the
 //! complete set it owns (`Change::SetSourced`), through the same channel as the admin API;
 //! nothing here touches the request path, and a config without `discovery` starts nothing.
 
@@ -10,16 +10,20 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::config::{Config, DnsDiscovery};
+use crate::config::{Config, DnsDiscovery, DockerDiscovery, ManagedConfig};
 use crate::membership::{Change, Handle, Source};
 use crate::state::Shared;
 
 pub mod dns;
+pub mod docker;
+pub mod managed;
 
 /// What one source task was started from; a change restarts it.
 #[derive(Debug, Clone, PartialEq)]
 enum Spec {
     Dns(DnsDiscovery),
+    Docker(DockerDiscovery),
+    Managed(ManagedConfig),
 }
 
 struct Running {
@@ -53,6 +57,12 @@ impl Sources {
             if let Some(d) = &s.discovery.dns {
                 wanted.push((format!("dns:{}", s.name), s.name.clone(), Spec::Dns(d.clone())));
             }
+            if let Some(d) = &s.discovery.docker {
+                wanted.push((format!("docker:{}", s.name), s.name.clone(), Spec::Docker(d.clone())));
+            }
+            if let Some(m) = &s.managed {
+                wanted.push((format!("managed:{}", s.name), s.name.clone(), Spec::Managed(m.clone())));
+            }
         }
         let stale: Vec<String> = self
             .running
@@ -64,12 +74,21 @@ impl Sources {
             if let Some(r) = self.running.remove(&name) {
                 info!(service = %r.service, "{name}: stopped (the config changed)");
                 let _ = r.stop.send(true);
-                r.task.abort();
                 let (handle, service) = (self.handle.clone(), r.service.clone());
-                // Its backends drain like any other removal (the service may be gone: fine).
+                // A source that is gone has its backends drained like any other removal (the
+                // service may be gone too: fine); one that restarts with new settings replaces
+                // its set with its first answer instead. A managed source stops its processes
+                // first.
+                let gone = !wanted.iter().any(|(n, s, _)| *n == name && *s == service);
                 tokio::spawn(async move {
-                    let change = Change::SetSourced { service, source: name, backends: Vec::new() };
-                    let _ = handle.send(Source::Discovery, change).await;
+                    let abort = r.task.abort_handle();
+                    if tokio::time::timeout(STOP_GRACE, r.task).await.is_err() {
+                        abort.abort();
+                    }
+                    if gone {
+                        let change = Change::SetSourced { service, source: name, backends: Vec::new() };
+                        let _ = handle.send(Source::Discovery, change).await;
+                    }
                 });
             }
         }
@@ -86,6 +105,22 @@ impl Sources {
                     cfg.clone(),
                     self.handle.clone(),
                     metrics,
+                    stopped,
+                )),
+                Spec::Docker(cfg) => tokio::spawn(docker::run(
+                    service.clone(),
+                    name.clone(),
+                    cfg.clone(),
+                    self.handle.clone(),
+                    self.shared.load().metrics.clone(),
+                    stopped,
+                )),
+                Spec::Managed(cfg) => tokio::spawn(managed::run(
+                    service.clone(),
+                    name.clone(),
+                    cfg.clone(),
+                    self.handle.clone(),
+                    self.shared.clone(),
                     stopped,
                 )),
             };

@@ -133,6 +133,11 @@ pub struct ChangeError {
 }
 
 impl ChangeError {
+    /// The writer has stopped (Velocity is shutting down): nothing worth reporting.
+    pub fn is_shutdown(&self) -> bool {
+        self.kind == ErrorKind::Failed && self.message == SHUTTING_DOWN
+    }
+
     pub fn new(kind: ErrorKind, message: impl Into<String>, field: Option<&str>) -> ChangeError {
         ChangeError { kind, message: message.into(), field: field.map(str::to_owned), details: Vec::new() }
     }
@@ -173,7 +178,7 @@ impl Handle {
     /// Apply `change` and wait for the result.
     pub async fn send(&self, source: Source, change: Change) -> Result<Outcome, ChangeError> {
         let (reply, answer) = oneshot::channel();
-        let gone = || ChangeError::new(ErrorKind::Failed, "shutting down", None);
+        let gone = || ChangeError::new(ErrorKind::Failed, SHUTTING_DOWN, None);
         self.tx.send(Command { source, change, reply }).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
@@ -188,6 +193,8 @@ impl Handle {
         self.revision.clone()
     }
 }
+
+const SHUTTING_DOWN: &str = "shutting down";
 
 /// Commands that may wait for the writer; a source beyond this waits for room.
 const QUEUE: usize = 64;

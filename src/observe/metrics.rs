@@ -353,6 +353,8 @@ pub struct DiscoveryMetrics {
     errors: Mutex<std::collections::BTreeMap<(String, String), u64>>,
     instances: Mutex<std::collections::BTreeMap<(String, &'static str), i64>>,
     desired: Mutex<std::collections::BTreeMap<String, i64>>,
+    /// Each managed service's instances, for the admin API.
+    managed_info: Mutex<std::collections::BTreeMap<String, crate::discovery::managed::ManagedInfo>>,
 }
 
 impl DiscoveryMetrics {
@@ -377,8 +379,17 @@ impl DiscoveryMetrics {
         self.desired.lock().unwrap_or_else(|p| p.into_inner()).insert(service.to_owned(), desired);
     }
 
+    pub fn set_managed_info(&self, service: &str, info: crate::discovery::managed::ManagedInfo) {
+        self.managed_info.lock().unwrap_or_else(|p| p.into_inner()).insert(service.to_owned(), info);
+    }
+
+    pub fn managed_info(&self, service: &str) -> Option<crate::discovery::managed::ManagedInfo> {
+        self.managed_info.lock().unwrap_or_else(|p| p.into_inner()).get(service).cloned()
+    }
+
     /// A managed service that is gone: its series go with it.
     pub fn forget_managed(&self, service: &str) {
+        self.managed_info.lock().unwrap_or_else(|p| p.into_inner()).remove(service);
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, _), _| s != service);
         self.desired.lock().unwrap_or_else(|p| p.into_inner()).remove(service);
     }

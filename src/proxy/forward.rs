@@ -423,6 +423,11 @@ impl Exchange<'_> {
             self.set_cookie = cookie;
             return self.relay(c, conn, in_flight, timeouts.backend_response).await;
         }
+        if !attempted && lb.pool.is_empty() && service.config.managed.is_some() {
+            if let Some(now) = super::cold_start::wait(&c.state, service, deadline.into_std()).await {
+                return Box::pin(self.serve(c, &now, start)).await;
+            }
+        }
         if !attempted {
             // Nothing was even tried: every backend is down or ejected.
             warn!(service = %service.config.name, "no healthy backend, request dropped");

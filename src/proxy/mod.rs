@@ -1,6 +1,7 @@
 //! HTTP listeners and the per-request path.
 
 mod client;
+mod cold_start;
 mod forward;
 mod listener;
 mod redirect;
