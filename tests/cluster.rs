@@ -87,6 +87,10 @@ async fn members_are_listed(redis: &str, tag: &str) {
     assert_eq!(ids, ["lb-1", "lb-2"], "{s}");
     assert_eq!(s["instance_id"], "lb-1");
     assert_eq!(s["store"]["breaker"], "closed");
+    let metrics = common::get(one.admin, "admin", "/metrics").await.body;
+    for line in ["velocity_cluster_members 2", "velocity_cluster_store_up 1", "velocity_cluster_breaker_open 0"] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
     // An instance that shuts down takes itself out at once, well before its key would expire.
     signal(two.v.pid(), "-TERM");
     let start = Instant::now();
