@@ -197,6 +197,9 @@ async fn reload(
     if new.admin != old_admin {
         warn!("reload ({reason}): changes to `admin` take effect at the next start");
     }
+    if new.cluster != membership.snapshot().config.cluster {
+        warn!("reload ({reason}): changes to `cluster` take effect at the next start");
+    }
     let desired = membership.prepare_reload(new.clone()).await;
     // Open added listeners before switching, so a port in use rejects the whole reload.
     let mut added = Vec::new();

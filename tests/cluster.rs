@@ -404,7 +404,8 @@ enum Outage {
 /// request of the same load with the store up), the `local` policy holds (the limit split
 /// between the live instances), and the limit is shared again once the store is back.
 async fn the_store_fails_mid_run(store: &mut Store, outage: Outage, tag: &str) {
-    const TIMEOUT_MS: u64 = 20;
+    // Above a loaded machine's usual round trip to Redis (a timed-out decision is a local one).
+    const TIMEOUT_MS: u64 = 50;
     let backend = TestBackend::start("a").await;
     let redis = store.redis_yaml();
     let p = prefix(tag);
@@ -457,11 +458,11 @@ async fn the_store_fails_mid_run(store: &mut Store, outage: Outage, tag: &str) {
         "{outage:?}: a request waited {:?} (allowed {allowed:?}): {during:?}",
         during.slowest
     );
-    assert_eq!(
-        (fallbacks(&ia).await, fallbacks(&ib).await),
-        (fa, fb),
-        "{outage:?}: decisions still local after the store came back"
-    );
+    // Shared again: at most a stray decision timed out on a loaded machine (1%), where a
+    // store still taken for down would answer every one locally.
+    let late = fallbacks(&ia).await + fallbacks(&ib).await - fa - fb;
+    let phase = after.admitted + after.limited;
+    assert!(late * 100 <= phase, "{outage:?}: {late} of {phase} decisions still local after the store came back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
