@@ -247,6 +247,9 @@ async fn reload(
     if new.admin != old_admin {
         warn!("reload ({reason}): changes to `admin` take effect at the next start");
     }
+    if new.cluster != membership.snapshot().config.cluster {
+        warn!("reload ({reason}): changes to `cluster` take effect at the next start");
+    }
     let desired = membership.prepare_reload(new.clone()).await;
     // Listeners are known by their address: one still configured keeps its socket and gets
     // the new settings, one no longer configured closes, a new address opens. Certificates

@@ -87,9 +87,17 @@ async fn members_are_listed(redis: &str, tag: &str) {
     assert_eq!(ids, ["lb-1", "lb-2"], "{s}");
     assert_eq!(s["instance_id"], "lb-1");
     assert_eq!(s["store"]["breaker"], "closed");
-    // A stopped instance leaves the list (it says so on its way out).
-    drop(two);
-    all_see(&[&one], 1).await;
+    let metrics = common::get(one.admin, "admin", "/metrics").await.body;
+    for line in ["velocity_cluster_members 2", "velocity_cluster_store_up 1", "velocity_cluster_breaker_open 0"] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
+    // An instance that shuts down takes itself out at once, well before its key would expire.
+    signal(two.v.pid(), "-TERM");
+    let start = Instant::now();
+    while cluster_status(one.admin).await["live"] != 1 {
+        assert!(start.elapsed() < Duration::from_millis(2500), "lb-2 did not leave");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A backend drained through A gets no request from B or C a second after the API answered.
@@ -396,7 +404,8 @@ enum Outage {
 /// request of the same load with the store up), the `local` policy holds (the limit split
 /// between the live instances), and the limit is shared again once the store is back.
 async fn the_store_fails_mid_run(store: &mut Store, outage: Outage, tag: &str) {
-    const TIMEOUT_MS: u64 = 20;
+    // Above a loaded machine's usual round trip to Redis (a timed-out decision is a local one).
+    const TIMEOUT_MS: u64 = 50;
     let backend = TestBackend::start("a").await;
     let redis = store.redis_yaml();
     let p = prefix(tag);
@@ -449,11 +458,11 @@ async fn the_store_fails_mid_run(store: &mut Store, outage: Outage, tag: &str) {
         "{outage:?}: a request waited {:?} (allowed {allowed:?}): {during:?}",
         during.slowest
     );
-    assert_eq!(
-        (fallbacks(&ia).await, fallbacks(&ib).await),
-        (fa, fb),
-        "{outage:?}: decisions still local after the store came back"
-    );
+    // Shared again: at most a stray decision timed out on a loaded machine (1%), where a
+    // store still taken for down would answer every one locally.
+    let late = fallbacks(&ia).await + fallbacks(&ib).await - fa - fb;
+    let phase = after.admitted + after.limited;
+    assert!(late * 100 <= phase, "{outage:?}: {late} of {phase} decisions still local after the store came back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

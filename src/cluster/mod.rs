@@ -179,6 +179,11 @@ impl Cluster {
         self.live.load(Ordering::Relaxed).max(1)
     }
 
+    /// Whether the last heartbeat reached the store.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
     pub fn keys(&self) -> &Keys {
         &self.keys
     }

@@ -724,8 +724,46 @@ impl Scrape {
             "velocity_backend_connections_opened",
             "New connections opened to the backend.",
             &counter(&|b| b.connections_opened()),
-        )
+        )?;
+        cluster(enc)
     }
+}
+
+/// With `cluster:`: the members and the store's health.
+fn cluster(enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let Some(c) = crate::cluster::current() else { return Ok(()) };
+    let b = &c.store.breaker;
+    let n = no_labels();
+    gauges(
+        enc,
+        "velocity_cluster_members",
+        "Live instances at the last heartbeat, this one included.",
+        &[(n, c.live() as i64)],
+    )?;
+    gauges(
+        enc,
+        "velocity_cluster_store_up",
+        "1 when the last heartbeat reached the store.",
+        &[(n, i64::from(c.reachable()))],
+    )?;
+    gauges(
+        enc,
+        "velocity_cluster_breaker_open",
+        "1 while requests do not ask the store.",
+        &[(n, i64::from(b.is_open()))],
+    )?;
+    counters(
+        enc,
+        "velocity_cluster_store_errors",
+        "Failed or timed-out store requests.",
+        &[(n, b.errors.load(Relaxed))],
+    )?;
+    counters(
+        enc,
+        "velocity_cluster_store_fallbacks",
+        "Cluster-scope rate limit decisions made by on_store_error (store failed or breaker open).",
+        &[(n, b.fallbacks.load(Relaxed))],
+    )
 }
 
 #[cfg(test)]
