@@ -174,15 +174,10 @@ fn at(bytes: &[u8], (start, end): (u32, u32)) -> &[u8] {
     &bytes[start as usize..end as usize]
 }
 
-fn trim_start(mut s: &[u8]) -> &[u8] {
+fn trim(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
         s = rest;
     }
-    s
-}
-
-fn trim(s: &[u8]) -> &[u8] {
-    let mut s = trim_start(s);
     while let [rest @ .., b' ' | b'\t'] = s {
         s = rest;
     }
@@ -211,10 +206,9 @@ fn classify(
         2 => is("te"),
         4 if request && is("host") => {
             if known.host.is_none() {
-                // Trimmed once here: routing, validation and forwarding all read it.
-                let lead = value.len() - trim_start(value).len();
-                let trail = value.len() - lead - trim(value).len();
-                known.host = Some((value_span.0 + lead as u32, value_span.1 - trail as u32));
+                // httparse has trimmed the value (leading and trailing whitespace): routing,
+                // validation and forwarding read it as it is.
+                known.host = Some(value_span);
             }
             known.host_lines = known.host_lines.saturating_add(1);
             false
@@ -741,7 +735,7 @@ impl ResponseHead {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn parse_from(&mut self, buf: &[u8], max_bytes: usize) -> Result<bool, HeadError> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
