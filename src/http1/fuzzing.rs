@@ -89,6 +89,12 @@ pub fn response_head(data: &[u8]) {
     let mut out = Vec::new();
     head.encode_for_client(data, &mut out, ClientFraming { chunked: true, close: true, keep_alive_10: false });
     let mut again = ResponseHead::default();
+    // Velocity adds its framing headers (up to two): a head that came with nearly
+    // MAX_HEADERS lines can go out with more than its own parser takes (clients take more).
+    let lines = out.windows(2).filter(|w| w == b"\r\n").count().saturating_sub(2);
+    if lines > super::head::MAX_HEADERS {
+        return;
+    }
     assert_eq!(again.parse(&out, 64 * 1024), Ok(true), "{:?}", String::from_utf8_lossy(&out));
     assert_eq!(again.len, out.len());
     assert_eq!(again.status, head.status);
