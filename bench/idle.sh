@@ -5,14 +5,16 @@
 # stay open (idle, kept alive), read the RSS again: (after - before) / N is what one idle
 # connection costs in the proxy's process(es). Kernel socket buffers are not in RSS (they are
 # the kernel's, and the same for the three).
-# Usage: bench/idle.sh [N]   (default 10000; needs `ulimit -n` above N, raised to the hard limit;
+# Usage: bench/idle.sh [N]   (default 9000; HAProxy needs `ulimit -n` above 2N, raised to the hard limit;
 #        VELOCITY_BIN=path measures that binary instead of a fresh release build)
 # Everything listens on 127.0.0.1; every process the script starts is stopped by its PID.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-n=${1:-10000}
+n=${1:-9000}
 ulimit -n "$(ulimit -Hn)"
-if [ "$(ulimit -n)" -le $((n + 100)) ]; then echo "ulimit -n is $(ulimit -n): too low for $n connections" >&2; exit 1; fi
+# HAProxy wants two descriptors per `maxconn` (a client and a server side) and refuses to start
+# if the limit cannot hold them.
+if [ "$(ulimit -n)" -le $((2 * (n + 100) + 100)) ]; then echo "ulimit -n is $(ulimit -n): too low for $n connections" >&2; exit 1; fi
 for tool in nginx haproxy; do
   command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }
 done
@@ -60,7 +62,7 @@ http {
 CONF
 cat > "$dir/haproxy.cfg" <<CONF
 global
-  maxconn $((n + 1000))
+  maxconn $((n + 100))
   nbthread 1
 defaults
   mode http

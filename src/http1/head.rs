@@ -179,15 +179,10 @@ fn at(bytes: &[u8], (start, end): (u32, u32)) -> &[u8] {
     &bytes[start as usize..end as usize]
 }
 
-fn trim_start(mut s: &[u8]) -> &[u8] {
+fn trim(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
         s = rest;
     }
-    s
-}
-
-fn trim(s: &[u8]) -> &[u8] {
-    let mut s = trim_start(s);
     while let [rest @ .., b' ' | b'\t'] = s {
         s = rest;
     }
@@ -216,10 +211,9 @@ fn classify(
         2 => is("te"),
         4 if request && is("host") => {
             if known.host.is_none() {
-                // Trimmed once here: routing, validation and forwarding all read it.
-                let lead = value.len() - trim_start(value).len();
-                let trail = value.len() - lead - trim(value).len();
-                known.host = Some((value_span.0 + lead as u32, value_span.1 - trail as u32));
+                // httparse has trimmed the value (leading and trailing whitespace): routing,
+                // validation and forwarding read it as it is.
+                known.host = Some(value_span);
             }
             known.host_lines = known.host_lines.saturating_add(1);
             false
@@ -324,9 +318,11 @@ impl RequestHead {
             buf.advance(if buf[0] == b'\n' { 1 } else { 2 });
             self.scanned = 0;
         }
-        if self.scanned > 0 && !has_blank_line(buf, self.scanned) {
+        // Past the limit the whole parse decides, as in one read: malformed before it was
+        // too large is a 400, not a 431.
+        if self.scanned > 0 && buf.len() <= max_bytes && !has_blank_line(buf, self.scanned) {
             self.scanned = buf.len();
-            return if buf.len() > max_bytes { self.fail(HeadError::TooLarge) } else { Ok(false) };
+            return Ok(false);
         }
         match self.parse_whole(buf, max_bytes) {
             Ok(Some(len)) => {
@@ -779,7 +775,7 @@ impl ResponseHead {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn parse_from(&mut self, buf: &[u8], max_bytes: usize) -> Result<bool, HeadError> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -795,7 +791,7 @@ impl ResponseHead {
         };
         self.status = resp.code.unwrap_or(502);
         self.version = resp.version.unwrap_or(1);
-        self.reason = span(buf, resp.reason.unwrap_or("").as_bytes());
+        self.reason = reason_span(buf, resp.reason);
         collect_headers(buf, resp.headers, false, &mut self.headers, &mut self.known)?;
         let coded = self.known.chunked || self.known.unknown_coding;
         self.length_and_coding = coded && self.known.length_line;
@@ -864,6 +860,25 @@ impl ResponseHead {
         framing.push(out);
         out.extend_from_slice(b"\r\n");
     }
+}
+
+/// Where the reason phrase is in `buf`. httparse gives a phrase that is not UTF-8 (obs-text,
+/// which RFC 9112 4 allows) as a static `""` that is no slice of `buf`: its offsets would be
+/// garbage, so the phrase is then found in the status line itself, and forwarded as it came.
+fn reason_span(buf: &[u8], reason: Option<&str>) -> (u32, u32) {
+    if let Some(r) = reason.filter(|r| !r.is_empty()) {
+        return span(buf, r.as_bytes());
+    }
+    let line = &buf[..buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len())];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // `HTTP/1.1`, spaces, the three digits, one space, then the phrase.
+    let mut i = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    i += line[i..].iter().take_while(|&&b| b == b' ').count();
+    i += line[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if line.get(i) == Some(&b' ') {
+        i += 1;
+    }
+    (i as u32, line.len() as u32)
 }
 
 /// Whether a response head has an obs-fold: a line end followed by a space or tab before the
@@ -1226,6 +1241,37 @@ mod tests {
         assert_eq!(r.parse(b"HTTP/1.1 204 No Content\r\n\r\n", 8192), Ok(true));
         r.encode_for_client(b"HTTP/1.1 204 No Content\r\n\r\n", &mut out, ClientFraming::default());
         assert_eq!(out, b"HTTP/1.1 204 No Content\r\n\r\n");
+    }
+
+    /// Found by fuzzing (response_head): a reason phrase in obs-text came back from httparse
+    /// as a static "" and its offsets underflowed (a panic, or garbage forwarded).
+    #[test]
+    fn a_reason_phrase_that_is_not_utf8_is_forwarded_as_it_came() {
+        let text = b"HTTP/1.0 304 Not Mod\xff\xfeed\r\nX-A: x\r\n\r\n";
+        let mut r = ResponseHead::default();
+        assert_eq!(r.parse(text, 8192), Ok(true));
+        let mut out = Vec::new();
+        r.encode_for_client(text, &mut out, ClientFraming::default());
+        assert_eq!(out, b"HTTP/1.1 304 Not Mod\xff\xfeed\r\nX-A: x\r\n\r\n");
+        for (text, reason) in [(&b"HTTP/1.1 200 \r\n\r\n"[..], &b""[..]), (b"HTTP/1.1 200\r\n\r\n", b"")] {
+            assert_eq!(r.parse(text, 8192), Ok(true));
+            r.encode_for_client(text, &mut out, ClientFraming::default());
+            assert_eq!(out, [&b"HTTP/1.1 200 "[..], reason, b"\r\n\r\n"].concat());
+        }
+    }
+
+    /// Found by fuzzing (request_head): past `max_header_bytes`, a head that trickled in is
+    /// refused for what is wrong with it, as in one read.
+    #[test]
+    fn a_malformed_head_past_the_limit_is_malformed_however_it_came() {
+        let text = format!("GET / HTTP/1.1\r\nBad Header: {}", "x".repeat(100));
+        let mut head = RequestHead::default();
+        let mut buf = BytesMut::from(&text.as_bytes()[..10]);
+        assert_eq!(head.parse(&mut buf, 64), Ok(false));
+        buf.extend_from_slice(&text.as_bytes()[10..]);
+        let whole = RequestHead::default().parse(&mut BytesMut::from(text.as_str()), 64);
+        assert_eq!(head.parse(&mut buf, 64), whole);
+        assert_eq!(whole, Err(HeadError::Malformed("invalid header name")));
     }
 
     #[test]

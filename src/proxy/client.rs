@@ -322,7 +322,14 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
                 now + idle.min(IDLE_GRACE)
             })
         };
-        let read = conn.timer.within(deadline, read_head(&mut conn.stream, &mut conn.buf)).await;
+        // A buffer with room is read into at once (one future less on every request); an
+        // empty one without room (given back while idle) gets its memory once bytes arrive.
+        // TLS always reads at once: rustls may hold decrypted bytes the socket will not signal.
+        let read = if conn.buf.capacity() > conn.buf.len() || conn.stream.is_tls() {
+            conn.timer.within(deadline, read_more(&mut conn.stream, &mut conn.buf, READ_BUFFER)).await
+        } else {
+            conn.timer.within(deadline, read_into_empty(&mut conn.stream, &mut conn.buf)).await
+        };
         drain.idle.store(false, Ordering::Relaxed);
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
@@ -360,12 +367,8 @@ pub(super) async fn send(
     }
 }
 
-/// Read more of a request head into `buf`. An empty buffer without room (an idle
-/// connection's) gets its memory only once the socket is readable.
-async fn read_head(stream: &mut ClientStream, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() > buf.len() || stream.is_tls() {
-        return read_more(stream, buf, READ_BUFFER).await;
-    }
+/// Read the start of a request head into `buf`, which has no room (an idle connection's, plain TCP): it gets its memory only once the socket is readable.
+async fn read_into_empty(stream: &mut ClientStream, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
         stream.readable().await?;
         buf.reserve(READ_BUFFER);
