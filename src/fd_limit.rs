@@ -78,9 +78,12 @@ pub struct Need {
 }
 
 pub fn need(config: &Config) -> Need {
-    let listeners = config.listen.len() as u64;
-    let per_listener = config.limits.max_client_connections as u64;
-    let clients = listeners.saturating_mul(per_listener);
+    let all = config.all_listeners();
+    let listeners = all.len() as u64;
+    // Listeners may have their own limits: the clients are their sum, the message shows the
+    // largest.
+    let per_listener = all.iter().map(|l| l.max_client_connections as u64).max().unwrap_or(0);
+    let clients = all.iter().fold(0u64, |sum, l| sum.saturating_add(l.max_client_connections as u64));
     let mut addrs = HashSet::new();
     let mut capped: Option<u64> = Some(0);
     for b in config.services.iter().flat_map(|s| &s.backends) {

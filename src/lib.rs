@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod discovery;
@@ -17,8 +18,10 @@ pub mod membership;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod random;
 pub mod server;
 pub mod state;
 pub mod testserver;
+pub mod tls;
 pub mod upstream;

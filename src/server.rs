@@ -1,7 +1,6 @@
 //! Process lifecycle: load the config, open listeners, serve; reload on SIGHUP or a file change;
 //! reopen log files on SIGUSR1 (and SIGHUP); drain and exit on SIGTERM/SIGINT.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +10,10 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{self, Config};
+use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::membership::{Change, ChangeError, ErrorKind, Membership, Outcome, Source, DRAIN_POLL};
 use crate::observe::{events, history};
-use crate::proxy::{Listener, Tracker};
+use crate::proxy::{Listener, ListenerSettings, Tracker};
 use crate::state::Shared;
 
 /// How often `--watch` looks at the config file.
@@ -33,8 +33,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // Before any listener: a signal that arrives once "listening" is logged must be handled,
     // not take the default action (which kills the process, even for SIGHUP).
     let mut signals = Signals::new()?;
-    let listen = config.listen.clone();
+    let listen = config.all_listeners();
     let admin_config = config.admin.clone();
+    let cluster_config = config.cluster.clone();
     events::configure(&config.event_log, config.log_format)
         .map_err(|e| format!("cannot open the event log {}: {e}", config.event_log))?;
     // After the event log is set up, so the line goes where events go, in their format.
@@ -46,18 +47,24 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     let state: Shared = membership.shared();
     let mut sources = crate::discovery::Sources::new(handle.clone(), state.clone());
     sources.sync(&state.load().config);
+    let cluster = cluster_config.map(|c| crate::cluster::Cluster::start(&c, handle.clone())).transpose()?;
     let tracker = Arc::new(Tracker::default());
     history::spawn_sampler(state.clone());
+    crate::policy::spawn_sweeper(state.clone());
     let mut listeners = Vec::new();
-    for addr in listen {
-        let listener = bind(addr).await?;
-        listeners.push(Listener::start(addr, listener, state.clone(), tracker.clone()));
+    for config in listen {
+        listeners.push(open_listener(config, &state, &tracker).await?);
     }
     let admin = match &admin_config {
         Some(cfg) => {
             let token = admin::token(cfg)?;
-            let admin_state =
-                AdminState { shared: state.clone(), membership: handle, token, metrics_public: cfg.metrics_public };
+            let admin_state = AdminState {
+                shared: state.clone(),
+                membership: handle,
+                token,
+                metrics_public: cfg.metrics_public,
+                cluster: cluster.clone(),
+            };
             Some(admin::start(cfg, admin_state).await?)
         }
         None => None,
@@ -120,6 +127,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
     // error rather than waiting).
     drop(admin);
     drop(commands);
+    if let Some(c) = &cluster {
+        c.leave().await;
+    }
     let result = shutdown(stop_signal, &mut signals, &state, &listeners, &tracker).await;
     // After the drain: managed backends serve their last requests first.
     sources.stop().await;
@@ -131,7 +141,16 @@ pub async fn run(config: Config, options: Options) -> Result<(), String> {
 /// client a 1 s retransmit; NGINX uses 511, HAProxy its maxconn.
 const LISTEN_BACKLOG: u32 = 4096;
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+/// Load a listener's certificates, bind its address and start accepting.
+async fn open_listener(config: ListenerConfig, state: &Shared, tracker: &Arc<Tracker>) -> Result<Listener, String> {
+    let ticketer = crate::tls::ticketer()?;
+    let settings = ListenerSettings::build(config, &ticketer)?;
+    let socket = bind(&settings.config).await?;
+    Ok(Listener::start(settings, ticketer, socket, state.clone(), tracker.clone()))
+}
+
+async fn bind(config: &ListenerConfig) -> Result<TcpListener, String> {
+    let addr = config.addr;
     let listen = || -> std::io::Result<TcpListener> {
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         // A restarted Velocity can bind at once while the old sockets sit in TIME_WAIT.
@@ -142,7 +161,15 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     let listener = listen().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     // Tests and scripts read this line to learn the port when the config says `:0`.
-    info!("listening on http://{local}");
+    let scheme = config.scheme();
+    if config.name == addr.to_string() {
+        info!("listening on {scheme}://{local}");
+    } else {
+        info!("listening on {scheme}://{local} (listener {})", config.name);
+    }
+    if config.protocol == ListenerProtocol::Tcp {
+        warn!("listener {}: protocol tcp is not served by this build: its connections are closed", config.name);
+    }
     Ok(listener)
 }
 
@@ -196,17 +223,32 @@ async fn reload(
         warn!("reload ({reason}): changes to `admin` take effect at the next start");
     }
     let desired = membership.prepare_reload(new.clone()).await;
-    // Open added listeners before switching, so a port in use rejects the whole reload.
+    // Listeners are known by their address: one still configured keeps its socket and gets
+    // the new settings, one no longer configured closes, a new address opens. Certificates
+    // load and added listeners open before switching, so a bad certificate or a port in use
+    // rejects the whole reload. (Port 0 listeners, which get any free port, are known by
+    // address and name.)
+    let mut kept: Vec<Option<ListenerSettings>> = listeners.iter().map(|_| None).collect();
     let mut added = Vec::new();
-    for addr in &desired.config.listen {
-        if !listeners.iter().any(|l| l.configured == *addr) {
-            match bind(*addr).await {
-                Ok(l) => added.push((*addr, l)),
-                Err(e) => {
-                    error!("reload rejected ({reason}): {e}; still serving the previous config");
-                    return Err(ChangeError::new(ErrorKind::Failed, e, Some("listen")));
+    for config in desired.config.all_listeners() {
+        // Port 0 listeners (any free port) are told apart by name.
+        let same = |(i, l): &(usize, &Listener)| {
+            kept[*i].is_none()
+                && l.configured == config.addr
+                && (config.addr.port() != 0 || l.settings().config.name == config.name)
+        };
+        let opened = match listeners.iter().enumerate().find(same).map(|(i, _)| i) {
+            Some(i) => ListenerSettings::build(config, &listeners[i].ticketer).map(|s| kept[i] = Some(s)),
+            None => match crate::tls::ticketer().and_then(|t| ListenerSettings::build(config, &t).map(|s| (s, t))) {
+                Ok((settings, ticketer)) => {
+                    bind(&settings.config).await.map(|socket| added.push((settings, ticketer, socket)))
                 }
-            }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = opened {
+            error!("reload rejected ({reason}): {e}; still serving the previous config");
+            return Err(ChangeError::new(ErrorKind::Failed, e, Some("listeners")));
         }
     }
     if let Err(e) = events::configure(&new.event_log, new.log_format) {
@@ -230,19 +272,21 @@ async fn reload(
     let state = membership.shared();
 
     let mut removed = 0;
+    let mut kept = kept.into_iter();
     listeners.retain(|l| {
-        if cfg.listen.contains(&l.configured) {
-            l.set_max_connections(cfg.limits.max_client_connections);
+        if let Some(settings) = kept.next().flatten() {
+            l.update(settings);
             return true;
         }
-        info!("closing listener http://{}: removed from the config; its open connections drain", l.local);
+        let scheme = l.settings().config.scheme();
+        info!("closing listener {scheme}://{}: removed from the config; its open connections drain", l.local);
         l.stop(cfg.shutdown.drain_timeout);
         removed += 1;
         false
     });
     let opened = added.len();
-    for (addr, l) in added {
-        listeners.push(Listener::start(addr, l, state.clone(), tracker.clone()));
+    for (settings, ticketer, socket) in added {
+        listeners.push(Listener::start(settings, ticketer, socket, state.clone(), tracker.clone()));
     }
     info!(
         "reload ok ({reason}): {shown}: {} service(s), {} listener(s) ({opened} opened, {removed} closed)",

@@ -15,7 +15,7 @@ use crate::balancer::{self, Balancer};
 use crate::config::{Config, ServiceConfig};
 use crate::health::retry::RetryBudget;
 use crate::observe::{AccessLog, Metrics, ServiceMetrics};
-use crate::policy::Queue;
+use crate::policy::{GlobalGate, Queue, ServiceGate};
 use crate::proxy::router::Router;
 use crate::upstream::{Backend, Pool};
 
@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub access_log: Option<AccessLog>,
     /// Process-wide metrics, the same object in every snapshot.
     pub metrics: Arc<Metrics>,
+    /// Who the client is (`trusted_proxies`) and the listener's allow/deny rules.
+    pub policy: GlobalGate,
 }
 
 /// A service's pool and the balancer built for it, swapped as one.
@@ -49,6 +51,8 @@ pub struct Service {
     pub queue: Arc<Queue>,
     /// Request counters, carried over by a reload like the queue.
     pub metrics: Arc<ServiceMetrics>,
+    /// Allow/deny and rate limits; `None` when the service has none.
+    pub gate: Option<ServiceGate>,
 }
 
 impl Service {
@@ -76,9 +80,15 @@ impl Service {
         let pool = Pool::new(backends);
         let balancer = balancer::build(&config, &pool);
         let retry_budget = RetryBudget::new(config.health.retry.budget_percent);
+        let gate = ServiceGate::build(
+            &config.policy,
+            previous.and_then(|p| Some((&p.config.policy, p.gate.as_ref()?))),
+            &config.name,
+        );
         // Limits may have grown or backends been added: let waiting requests look again.
         queue.wake_all();
-        Service { config, lb: ArcSwap::from_pointee(LoadBalancer { pool, balancer }), retry_budget, queue, metrics }
+        let lb = ArcSwap::from_pointee(LoadBalancer { pool, balancer });
+        Service { config, lb, retry_budget, queue, metrics, gate }
     }
 }
 
@@ -108,6 +118,14 @@ impl Snapshot {
                 Arc::new(Service::new(s.clone(), old.map(|o| &**o)))
             })
             .collect();
-        Ok(Snapshot { router: Router::new(&config.services), services, access_log, metrics, config: Arc::new(config) })
+        let policy = GlobalGate::build(&config.policy, previous.map(|p| (&p.config.policy, &p.policy)));
+        Ok(Snapshot {
+            router: Router::new(&config.services),
+            services,
+            access_log,
+            metrics,
+            policy,
+            config: Arc::new(config),
+        })
     }
 }

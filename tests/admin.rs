@@ -591,12 +591,26 @@ async fn velocity_ctl_end_to_end() {
     let (ok, _, err) = ctl(admin, &["weight", "web", &b_addr, "0"]);
     assert!(!ok && err.contains("field: weight"), "{err}");
 
+    let (ok, out, err) = ctl(admin, &["remove", "web", &b_addr]);
+    assert!(ok && out.contains("removed"), "{out}{err}");
+    let (ok, out, err) = ctl(admin, &["add", "web", &b_addr]);
+    assert!(ok && out.contains(&b_addr), "{out}{err}");
     let (ok, out, err) = ctl(admin, &["drain", "web", &b_addr]);
     assert!(ok && out.contains(&b_addr), "{out}{err}");
     let (ok, _, err) = ctl(admin, &["remove", "web", &a_addr]);
     assert!(!ok && err.contains("is the last of service"), "{err}");
-    let (ok, out, err) = ctl(admin, &["remove", "web", &b_addr]);
-    assert!(ok && out.contains("removed"), "{out}{err}");
+    // Nothing is in flight on b, so its drain ends at the writer's next poll: it is removed.
+    // (Polled: a loaded machine may take longer than that poll to run `velocity ctl` at all.)
+    let start = std::time::Instant::now();
+    loop {
+        let (ok, out, err) = ctl(admin, &["services"]);
+        assert!(ok, "{err}");
+        if !out.contains(&b_addr) {
+            break;
+        }
+        assert!(start.elapsed() < common::DEADLINE, "the drained backend stays: {out}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (ok, out, err) = ctl(admin, &["reload"]);
     assert!(ok && out.starts_with("reload ok: 1 service(s)"), "{out}{err}");
     let (ok, out, _) = ctl(admin, &["services"]);
@@ -607,4 +621,77 @@ async fn velocity_ctl_end_to_end() {
 
     let (ok, _, err) = ctl("127.0.0.1:1".parse().unwrap(), &["services"]);
     assert!(!ok && err.contains("cannot reach the admin API at 127.0.0.1:1"), "{err}");
+}
+
+/// Read from `stream` until the peer closes it (`Some(bytes read)`), or `None` if it is still
+/// open after `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok().map(|()| got)
+}
+
+/// One whole answer with a `content-length`, read off `stream`.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed mid-answer: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let Some(end) = text.find("\r\n\r\n") else { continue };
+        let len: usize = text[..end]
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .expect("a content-length");
+        if got.len() >= end + 4 + len {
+            return text;
+        }
+    }
+}
+
+/// The admin listener has the data plane's client deadlines: a connection that sends half a
+/// request, or nothing, or goes idle after an answer, is closed; one that keeps asking is
+/// served on.
+#[tokio::test]
+async fn the_admin_listener_closes_slow_and_idle_connections() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let a = TestBackend::start("a").await;
+    let yaml = admin_config("", &web(&[&a], ""))
+        .replace("services:\n", "timeouts: {client_header: 1s, client_idle: 2s}\nservices:\n");
+    let (_lb, admin) = start(&yaml).await;
+    // Generous against a loaded machine; without the deadlines these stay open for ever.
+    let limit = Duration::from_secs(8);
+
+    let mut half = TcpStream::connect(admin).await.unwrap();
+    half.write_all(b"GET /api/v1/services HTTP/1.1\r\nHost: admin\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(closed_within(&mut half, limit).await.is_some(), "half a request: still open after {limit:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed before client_header: {:?}", started.elapsed());
+
+    let mut silent = TcpStream::connect(admin).await.unwrap();
+    assert!(closed_within(&mut silent, limit).await.is_some(), "nothing sent: still open after {limit:?}");
+
+    // Requests back to back on one connection are served; then, idle, it is closed.
+    let mut kept = TcpStream::connect(admin).await.unwrap();
+    let ask = format!("GET /api/v1/services HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
+    for _ in 0..2 {
+        kept.write_all(ask.as_bytes()).await.unwrap();
+        let answer = tokio::time::timeout(limit, read_answer(&mut kept)).await.expect("an answer in time");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert!(closed_within(&mut kept, limit).await.is_some(), "idle keep-alive: still open after {limit:?}");
 }

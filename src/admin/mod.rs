@@ -9,8 +9,10 @@
 
 mod api;
 pub mod auth;
+mod cluster;
 mod dashboard;
 pub mod error;
+mod listener;
 mod logs;
 mod metrics;
 
@@ -24,7 +26,7 @@ use axum::routing::{delete, get, patch, post, MethodRouter};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::info;
 
 pub use error::{ApiError, ApiPath, ApiQuery, JsonBody};
 
@@ -45,6 +47,8 @@ pub struct AdminState {
     /// `None`: the API needs no token (only allowed on loopback addresses).
     pub token: Option<Arc<str>>,
     pub metrics_public: bool,
+    /// `cluster:`: the members and the store's state; `None`: a single instance.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The routes and the record of them (for the OpenAPI test), built together so they cannot
@@ -100,6 +104,7 @@ fn all_routes(metrics_public: bool) -> Routes {
     // Other route files are added here: `let r = observe::routes(r, metrics_public);`
     let r = metrics::routes(r, metrics_public);
     let r = dashboard::routes(r);
+    let r = cluster::routes(r);
     logs::routes(r)
 }
 
@@ -159,11 +164,9 @@ pub async fn start(cfg: &AdminConfig, state: AdminState) -> Result<AdminServer, 
         TcpListener::bind(cfg.listen).await.map_err(|e| format!("cannot listen on {} (admin): {e}", cfg.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     info!("admin API listening on http://{local}");
+    let timeouts = state.shared.load().config.limits.timeouts;
+    let deadlines = listener::Deadlines { header: timeouts.client_header, idle: timeouts.client_idle };
     let app = router(state);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            error!("admin API stopped: {e}");
-        }
-    });
+    let task = tokio::spawn(listener::serve(listener, app, deadlines));
     Ok(AdminServer { local, task })
 }

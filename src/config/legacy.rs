@@ -38,6 +38,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
     let services = validate::services(&mut ctx, services);
     let mut cfg = Config {
         listen,
+        listeners: Vec::new(),
         access_log: AccessLog::Stdout,
         log_format: LogFormat::Text,
         event_log: super::EventLog::Stderr,
@@ -47,6 +48,8 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
         shutdown: Shutdown::default(),
         // The Go version served its API on api_port; ours listens on loopback only.
         admin: api_port.map(AdminConfig::loopback),
+        cluster: None,
+        policy: Default::default(),
         legacy_equivalent: None,
     };
     cfg.legacy_equivalent = Some(equivalent_yaml(&cfg));
@@ -128,6 +131,8 @@ pub fn to_yaml(cfg: &Config) -> String {
     // Writing to a String cannot fail; the results of `writeln!` are ignored for that reason.
     let listen: Vec<String> = cfg.listen.iter().map(|a| quote(&a.to_string())).collect();
     match listen.as_slice() {
+        // Only `listeners:` (an empty `listen:` would be an error).
+        [] if !cfg.listeners.is_empty() => {}
         [one] => {
             let _ = writeln!(out, "listen: {one}");
         }
@@ -159,8 +164,11 @@ pub fn to_yaml(cfg: &Config) -> String {
     if cfg.access_log_ring != crate::observe::ring::DEFAULT_LINES {
         let _ = writeln!(out, "access_log_ring: {}", cfg.access_log_ring);
     }
+    super::listeners::to_yaml(&mut out, cfg);
     lifecycle::global_yaml(&mut out, cfg);
     admin::to_yaml(&mut out, &cfg.admin);
+    super::cluster::to_yaml(&mut out, &cfg.cluster);
+    super::policy::global_yaml(&mut out, &cfg.policy);
     let _ = writeln!(out, "services:");
     for s in &cfg.services {
         let _ = writeln!(out, "  - name: {}", quote(&s.name));
@@ -173,6 +181,7 @@ pub fn to_yaml(cfg: &Config) -> String {
         }
         let _ = writeln!(out, "    algorithm: {}", s.algorithm.name());
         super::balancing::to_yaml(&mut out, &s.balancing);
+        super::policy::service_yaml(&mut out, &s.policy);
         lifecycle::service_yaml(&mut out, s, &cfg.limits.timeouts);
         let _ = writeln!(out, "    backends:");
         for b in &s.backends {

@@ -32,6 +32,8 @@ const CLIENT_SEND: Bounds<Duration> = up_to(DAY);
 const CONNECT: Bounds<Duration> = up_to(Duration::from_secs(5 * 60));
 const BACKEND_RESPONSE: Bounds<Duration> = up_to(DAY);
 const REQUEST: Bounds<Duration> = up_to(DAY);
+/// WebSocket and TCP connections may sit quiet for long (HAProxy's `timeout tunnel`).
+const TUNNEL_IDLE: Bounds<Duration> = up_to(Duration::from_secs(7 * 24 * 3600));
 const DRAIN: Bounds<Duration> = up_to(DAY);
 const QUEUE_TIMEOUT: Bounds<Duration> = up_to(HOUR);
 
@@ -88,7 +90,7 @@ pub fn backend(ctx: &mut Ctx, raw: &RawBackend) -> Option<usize> {
 }
 
 fn timeouts(ctx: &mut Ctx, raw: RawTimeouts, base: &Timeouts, top_level: bool) -> Timeouts {
-    let RawTimeouts { client_header, client_idle, client_send, connect, backend_response, request } = raw;
+    let RawTimeouts { client_header, client_idle, client_send, connect, backend_response, request, tunnel_idle } = raw;
     let mut out = *base;
     for (key, value, slot, bounds) in [
         ("client_header", client_header, &mut out.client_header, CLIENT_HEADER),
@@ -97,6 +99,7 @@ fn timeouts(ctx: &mut Ctx, raw: RawTimeouts, base: &Timeouts, top_level: bool) -
         ("connect", connect, &mut out.connect, CONNECT),
         ("backend_response", backend_response, &mut out.backend_response, BACKEND_RESPONSE),
         ("request", request, &mut out.request, REQUEST),
+        ("tunnel_idle", tunnel_idle, &mut out.tunnel_idle, TUNNEL_IDLE),
     ] {
         let Some(value) = value else { continue };
         if !top_level && key.starts_with("client_") {
@@ -159,6 +162,7 @@ fn timeouts_yaml(t: &Timeouts, base: &Timeouts) -> String {
         ("connect", t.connect, base.connect),
         ("backend_response", t.backend_response, base.backend_response),
         ("request", t.request, base.request),
+        ("tunnel_idle", t.tunnel_idle, base.tunnel_idle),
     ]
     .iter()
     .filter(|(_, v, b)| v != b)
@@ -215,6 +219,20 @@ services:
         assert_eq!(other.max_body_bytes, None);
         assert_eq!(other.queue, QueueConfig::default());
         assert_eq!(cfg.services[1].backends[0].max_connections, None);
+    }
+
+    #[test]
+    fn tunnel_idle_defaults_to_an_hour_and_is_set_per_service() {
+        let text = "listen: 127.0.0.1:8000\ntimeouts: {tunnel_idle: 2h}\nservices:\n  - name: a\n    timeouts: {tunnel_idle: 30s}\n    backends: [{address: 127.0.0.1:1}]\n  - name: b\n    path_prefix: /b\n    backends: [{address: 127.0.0.1:2}]\n";
+        let cfg = load(text).unwrap();
+        assert_eq!(Timeouts::default().tunnel_idle, HOUR);
+        assert_eq!(cfg.limits.timeouts.tunnel_idle, 2 * HOUR);
+        assert_eq!(cfg.services[0].limits.timeouts.tunnel_idle, Duration::from_secs(30));
+        assert_eq!(cfg.services[1].limits.timeouts.tunnel_idle, 2 * HOUR);
+        assert_prefixes(
+            &errors("listen: 127.0.0.1:8000\ntimeouts: {tunnel_idle: 5}\n"),
+            &["1:1: missing `services`", "2:25: tunnel_idle: duration \"5\" is missing a unit"],
+        );
     }
 
     #[test]

@@ -5,12 +5,15 @@
 
 pub(crate) mod admin;
 mod balancing;
+pub(crate) mod cluster;
 mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod health;
 mod legacy;
 mod lifecycle;
+mod listeners;
+mod policy;
 mod preflight;
 mod schema;
 mod validate;
@@ -22,14 +25,22 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use cluster::{ClusterConfig, OnStoreError};
 pub use discovery::{Discovery, DnsDiscovery, DnsKind, DockerDiscovery, ManagedConfig};
+pub use listeners::{CertificateFiles, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, TlsConfig, TlsVersion};
+pub use policy::{
+    parse_net, AccessRules, DenyAction, GlobalPolicy, LimitKey, LimitScope, Rate, RateLimitConfig, ServicePolicy,
+};
 pub use validate::{Scope, MAX_WEIGHT};
 pub use value::{format_duration, parse_duration, parse_size};
 
 /// A fully validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The top-level `listen:`: plain HTTP listeners (see `all_listeners`).
     pub listen: Vec<SocketAddr>,
+    /// `listeners:`, in order.
+    pub listeners: Vec<ListenerConfig>,
     pub access_log: AccessLog,
     pub log_format: LogFormat,
     /// Where events (everything but access lines) go.
@@ -42,6 +53,10 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// `admin:`: the admin API listener; `None`: no admin API.
     pub admin: Option<AdminConfig>,
+    /// `cluster:`: the Redis store shared with other instances; `None`: this instance alone.
+    pub cluster: Option<ClusterConfig>,
+    /// `trusted_proxies`, the listener's `allow`/`deny`, the run-time deny list.
+    pub policy: GlobalPolicy,
     /// Set when the file was in the original Go Velocity format; holds the equivalent new YAML.
     pub legacy_equivalent: Option<String>,
 }
@@ -102,6 +117,8 @@ pub struct ServiceConfig {
     pub limits: ServiceLimits,
     /// The algorithm's parameters (`hash_key`, `sticky`, `slow_start`, ...).
     pub balancing: Balancing,
+    /// `allow`/`deny`, `rate_limits` and the service's run-time deny list.
+    pub policy: ServicePolicy,
     /// `discovery:`: DNS or Docker sources of backends (none: the list alone).
     pub discovery: Discovery,
     /// `managed:`: backends Velocity starts and scales itself.
@@ -360,54 +377,53 @@ pub fn parse_offline(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>
 /// One line per service, for `velocity check`, such as
 /// `service web: hosts web.local,*.web.local path /api, least_connections over 2 backends (127.0.0.1:9001 w3, 127.0.0.1:9002 w1)`.
 pub fn summary_lines(cfg: &Config) -> Vec<String> {
-    cfg.services
-        .iter()
-        .map(|s| {
-            let hosts = if s.hosts.is_empty() {
-                "*".to_owned()
-            } else {
-                s.hosts.iter().map(HostPattern::to_string).collect::<Vec<_>>().join(",")
-            };
-            let backends: Vec<String> = s
-                .backends
-                .iter()
-                .map(|b| match b.max_connections {
-                    Some(max) => format!("{} w{} max {max}", b.address, b.weight),
-                    None => format!("{} w{}", b.address, b.weight),
-                })
-                .collect();
-            let noun = if backends.len() == 1 { "backend" } else { "backends" };
-            let mut line = format!(
-                "service {}: hosts {hosts} path {}, {} over {} {noun} ({})",
-                s.name,
-                s.path_prefix,
-                s.algorithm.name(),
-                backends.len(),
-                backends.join(", ")
-            );
-            // What else governs the service, so `check` shows the settings that took effect.
-            line += &balancing::summary(s);
-            if let Some(c) = &s.health.check {
-                line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
-            }
-            line += &format!("; {} retries", s.health.retry.attempts);
-            if let Some(d) = &s.discovery.dns {
-                line += &format!("; dns {} {} every {:?}", d.kind.name(), d.name, d.refresh);
-            }
-            if let Some(d) = &s.discovery.docker {
-                let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                line += &format!("; docker containers labelled {}", labels.join(","));
-            }
-            if let Some(m) = &s.managed {
-                line += &format!("; managed {}..{} instances on ports {}-{}", m.min, m.max, m.ports.0, m.ports.1);
-            }
-            if s.backends.iter().any(|b| b.max_connections.is_some()) {
-                let q = s.limits.queue;
-                line += &format!("; queue {} for {:?}", q.size, q.timeout);
-            }
-            line
-        })
-        .collect()
+    let services = cfg.services.iter().map(|s| {
+        let hosts = if s.hosts.is_empty() {
+            "*".to_owned()
+        } else {
+            s.hosts.iter().map(HostPattern::to_string).collect::<Vec<_>>().join(",")
+        };
+        let backends: Vec<String> = s
+            .backends
+            .iter()
+            .map(|b| match b.max_connections {
+                Some(max) => format!("{} w{} max {max}", b.address, b.weight),
+                None => format!("{} w{}", b.address, b.weight),
+            })
+            .collect();
+        let noun = if backends.len() == 1 { "backend" } else { "backends" };
+        let mut line = format!(
+            "service {}: hosts {hosts} path {}, {} over {} {noun} ({})",
+            s.name,
+            s.path_prefix,
+            s.algorithm.name(),
+            backends.len(),
+            backends.join(", ")
+        );
+        // What else governs the service, so `check` shows the settings that took effect.
+        line += &balancing::summary(s);
+        line += &policy::summary(&s.policy);
+        if let Some(c) = &s.health.check {
+            line += &format!("; {} check every {:?}", c.kind.name(), c.interval);
+        }
+        line += &format!("; {} retries", s.health.retry.attempts);
+        if let Some(d) = &s.discovery.dns {
+            line += &format!("; dns {} {} every {:?}", d.kind.name(), d.name, d.refresh);
+        }
+        if let Some(d) = &s.discovery.docker {
+            let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            line += &format!("; docker containers labelled {}", labels.join(","));
+        }
+        if let Some(m) = &s.managed {
+            line += &format!("; managed {}..{} instances on ports {}-{}", m.min, m.max, m.ports.0, m.ports.1);
+        }
+        if s.backends.iter().any(|b| b.max_connections.is_some()) {
+            let q = s.limits.queue;
+            line += &format!("; queue {} for {:?}", q.size, q.timeout);
+        }
+        line
+    });
+    listeners::summary_lines(cfg).into_iter().chain(services).collect()
 }
 
 /// As written in the file: `web.local` or `*.web.local`.
@@ -445,6 +461,8 @@ pub struct Timeouts {
     pub backend_response: Duration,
     /// The whole exchange up to the response headers (queueing, connects, retries): then 504.
     pub request: Duration,
+    /// A tunnel (WebSocket, TCP mode) with no byte either way for this long is closed.
+    pub tunnel_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -456,6 +474,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(2),
             backend_response: Duration::from_secs(30),
             request: Duration::from_secs(60),
+            tunnel_idle: Duration::from_secs(3600),
         }
     }
 }

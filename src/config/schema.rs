@@ -135,6 +135,7 @@ impl<'de> Deserialize<'de> for Scalar {
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub listen: Option<S<OneOrMany>>,
+    pub listeners: Option<S<Vec<S<super::listeners::RawListener>>>>,
     pub access_log: Option<S<String>>,
     pub log_format: Option<S<String>>,
     pub event_log: Option<S<String>>,
@@ -145,6 +146,12 @@ pub struct RawConfig {
     pub max_client_connections: Option<S<Scalar>>,
     pub shutdown: Option<S<RawShutdown>>,
     pub admin: Option<S<super::admin::RawAdmin>>,
+    pub cluster: Option<S<super::cluster::RawCluster>>,
+    // Traffic policy (see `policy.rs`).
+    pub trusted_proxies: super::policy::RawNets,
+    pub allow: super::policy::RawNets,
+    pub deny: super::policy::RawNets,
+    pub deny_action: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +173,10 @@ pub struct RawService {
     pub hash_query: Option<S<Scalar>>,
     pub sticky: Option<S<super::balancing::RawSticky>>,
     pub slow_start: Option<S<Scalar>>,
+    // Traffic policy (see `policy.rs`).
+    pub rate_limits: Option<S<Vec<S<super::policy::RawRateLimit>>>>,
+    pub allow: super::policy::RawNets,
+    pub deny: super::policy::RawNets,
     // Where backends come from besides `backends` (see `discovery.rs`).
     pub discovery: Option<S<super::discovery::RawDiscovery>>,
     pub managed: Option<S<super::discovery::RawManaged>>,
@@ -191,6 +202,7 @@ pub struct RawTimeouts {
     pub connect: Option<S<Scalar>>,
     pub backend_response: Option<S<Scalar>>,
     pub request: Option<S<Scalar>>,
+    pub tunnel_idle: Option<S<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,9 +42,11 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
 
 fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let (limits, shutdown) = lifecycle::global(ctx, &mut raw);
+    let policy = super::policy::global(ctx, &mut raw);
     ctx.timeouts = limits.timeouts;
     let listen = match raw.listen {
         Some(l) => listen(ctx, l),
+        None if raw.listeners.is_some() => Vec::new(),
         None => {
             ctx.error_at(1, 1, "missing `listen`: the address to listen on, such as 127.0.0.1:8000");
             Vec::new()
@@ -56,8 +58,16 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let access_log_ring = raw.access_log_ring.map_or(crate::observe::ring::DEFAULT_LINES, |v| access_log_ring(ctx, &v));
     let services = services(ctx, raw.services);
     let admin = raw.admin.and_then(|a| super::admin::convert(ctx, a));
+    let listeners = raw.listeners.map_or_else(Vec::new, |l| {
+        super::listeners::convert(ctx, l, &listen, &services, limits.max_client_connections)
+    });
+    let cluster = raw.cluster.and_then(|c| super::cluster::convert(ctx, c));
+    if let (None, Some((line, column))) = (&cluster, ctx.cluster_scope_at) {
+        ctx.error_at(line, column, "scope: cluster needs a `cluster:` section (the Redis store the instances share)");
+    }
     Config {
-        listen,
+        listen: listen.into_iter().map(|(addr, _)| addr).collect(),
+        listeners,
         access_log,
         log_format,
         event_log,
@@ -66,6 +76,8 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
         limits,
         shutdown,
         admin,
+        cluster,
+        policy,
         legacy_equivalent: None,
     }
 }
@@ -80,11 +92,20 @@ pub struct Ctx<'a> {
     resolved: HashMap<String, Result<IpAddr, String>>,
     /// The top-level timeouts, which services inherit; set before the services are read.
     pub timeouts: Timeouts,
+    /// Where the first `scope: cluster` rate limit is (it needs `cluster:`).
+    pub cluster_scope_at: Option<(u64, u64)>,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(file: &'a Path, scope: Scope) -> Ctx<'a> {
-        Ctx { file, scope, errors: Vec::new(), resolved: HashMap::new(), timeouts: Timeouts::default() }
+        Ctx {
+            file,
+            scope,
+            errors: Vec::new(),
+            resolved: HashMap::new(),
+            timeouts: Timeouts::default(),
+            cluster_scope_at: None,
+        }
     }
 
     pub fn error(&mut self, at: &Location, message: impl Into<String>) {
@@ -102,6 +123,14 @@ impl<'a> Ctx<'a> {
         // Stable: problems on one line stay in the order they were found.
         self.errors.sort_by_key(|e| (e.line, e.column));
         Err(self.errors)
+    }
+
+    /// `path` as written in the config file: relative to the file's directory.
+    pub fn relative(&self, path: &Path) -> PathBuf {
+        match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
     }
 
     fn resolve(&mut self, host: &str, port: u16) -> Result<SocketAddr, String> {
@@ -201,7 +230,8 @@ fn edit_distance(a: &[char], b: &[char]) -> usize {
     previous[b.len()]
 }
 
-fn listen(ctx: &mut Ctx, value: S<OneOrMany>) -> Vec<SocketAddr> {
+/// The top-level `listen:` addresses, each with its line.
+fn listen(ctx: &mut Ctx, value: S<OneOrMany>) -> Vec<(SocketAddr, u64)> {
     let whole = value.referenced;
     let items = OneOrMany::into_items(value);
     if items.is_empty() {
@@ -210,23 +240,7 @@ fn listen(ctx: &mut Ctx, value: S<OneOrMany>) -> Vec<SocketAddr> {
     let mut seen: HashMap<SocketAddr, u64> = HashMap::new();
     let mut out = Vec::new();
     for item in items {
-        let text = item.value.trim();
-        // `8000` and `:8000` mean all interfaces, like the Go version's listen_port.
-        let port_only = text.strip_prefix(':').unwrap_or(text);
-        let parsed = if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
-            port_only
-                .parse::<u16>()
-                .map(|port| SocketAddr::from(([0, 0, 0, 0], port)))
-                .map_err(|_| format!("port {port_only} is out of range (0-65535)"))
-        } else {
-            split_authority(text).and_then(|(host, port)| {
-                check_host(host)?;
-                let port =
-                    port.ok_or_else(|| format!("listen address {text:?} needs a port, such as 127.0.0.1:8000"))?;
-                ctx.resolve(host, port)
-            })
-        };
-        match parsed {
+        match listen_address(ctx, &item.value) {
             Ok(addr) => {
                 if let Some(first) = seen.get(&addr) {
                     ctx.error(&item.referenced, format!("listen address {addr} is already listed on line {first}"));
@@ -237,13 +251,32 @@ fn listen(ctx: &mut Ctx, value: S<OneOrMany>) -> Vec<SocketAddr> {
                         }
                     }
                     seen.insert(addr, item.referenced.line());
-                    out.push(addr);
+                    out.push((addr, item.referenced.line()));
                 }
             }
             Err(msg) => ctx.error(&item.referenced, msg),
         }
     }
     out
+}
+
+/// One listen address: `host:port`, `[v6]:port`, `port` or `:port`.
+pub(super) fn listen_address(ctx: &mut Ctx, text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    // `8000` and `:8000` mean all interfaces, like the Go version's listen_port.
+    let port_only = text.strip_prefix(':').unwrap_or(text);
+    if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
+        port_only
+            .parse::<u16>()
+            .map(|port| SocketAddr::from(([0, 0, 0, 0], port)))
+            .map_err(|_| format!("port {port_only} is out of range (0-65535)"))
+    } else {
+        split_authority(text).and_then(|(host, port)| {
+            check_host(host)?;
+            let port = port.ok_or_else(|| format!("listen address {text:?} needs a port, such as 127.0.0.1:8000"))?;
+            ctx.resolve(host, port)
+        })
+    }
 }
 
 fn access_log(ctx: &mut Ctx, v: &S<String>) -> AccessLog {
@@ -354,6 +387,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
 
         let algorithm = raw.algorithm.as_ref().map_or(Algorithm::RoundRobin, |a| algorithm(ctx, a));
         let balancing = super::balancing::convert(ctx, &mut raw, algorithm, name_at);
+        let policy = super::policy::service(ctx, &mut raw);
         let (hosts, hosts_valid) = raw.hosts.map_or((Vec::new(), true), |h| hosts(ctx, h));
         let path_prefix = match &raw.path_prefix {
             Some(p) => path_prefix(ctx, p),
@@ -407,6 +441,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             health,
             limits,
             balancing,
+            policy,
             discovery,
             managed,
         });
@@ -916,7 +951,7 @@ services:
         }
         // Nothing close: the allowed keys only.
         let e = errors("listen: 127.0.0.1:8000\nservices: []\nbogus: 1\n");
-        assert!(e[0].starts_with("3:1: unknown key `bogus`; allowed keys: listen, access_log"), "{e:?}");
+        assert!(e[0].starts_with("3:1: unknown key `bogus`; allowed keys: listen, listeners, access_log"), "{e:?}");
         assert_eq!(closest("on", &["ip", "name"]), None);
         assert_eq!(closest("targetUrls", &["name", "targetURLs"]), Some("targetURLs"));
     }

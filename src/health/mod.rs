@@ -69,10 +69,16 @@ impl HealthState {
     }
 }
 
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
 /// Milliseconds since a process-wide epoch, never 0 (0 marks "not ejected").
 pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// [`now_ms`] of an instant already read (no clock read).
+pub fn ms_at(t: Instant) -> u64 {
+    t.saturating_duration_since(*EPOCH.get_or_init(Instant::now)).as_millis() as u64 + 1
 }
 
 /// A uniform random number in [0, 1) (see [`crate::random`]).

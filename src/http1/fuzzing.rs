@@ -31,8 +31,10 @@ fn request_outcome(pieces: &[&[u8]], max: usize) -> String {
                 head.encode_for_backend(&mut out, &Forwarding { client_ip: b"10.0.0.1", proto: b"http" }, b"b:1");
                 // The fields the proxy acts on are all readable.
                 let _ = (head.path(), head.header("cookie"), head.host_bytes(), head.target_bytes());
+                // The whole parsed head (its bytes, every header's offsets, what was
+                // recognised in them), then what the proxy derives from it.
                 return format!(
-                    "{} {:?} v{} {:?} {} {} rest={:?}\n{}",
+                    "{head:?}\n{} {:?} v{} {:?} {} {} rest={:?}\n{}",
                     head.method,
                     head.host(),
                     head.version,

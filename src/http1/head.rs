@@ -69,6 +69,11 @@ struct Known {
     forwarded_for: u8,
     /// `Connection` names other headers: those are hop-by-hop too.
     connection_lists_others: bool,
+    /// `Connection: upgrade`.
+    connection_upgrade: bool,
+    /// An `Upgrade` header offers `websocket` (the only protocol Velocity tunnels; `h2c` is
+    /// dropped like every other offer).
+    upgrade_websocket: bool,
 }
 
 impl Known {
@@ -121,6 +126,30 @@ pub struct RequestHead {
     /// Bytes of an incomplete head already looked at: the next read resumes the search for
     /// the head's end there, so a head that trickles in costs linear time, not quadratic.
     scanned: usize,
+    /// The last Host value found valid on this connection.
+    last_host: LastHost,
+}
+
+/// A connection's requests nearly always carry the same Host: comparing it with the last one
+/// found valid is cheaper than validating it again (a per-byte check on every request).
+#[derive(Debug, Clone, Default)]
+struct LastHost {
+    len: u8,
+    bytes: [u8; 32],
+}
+
+impl LastHost {
+    fn is_valid(&mut self, host: &[u8]) -> bool {
+        if host.len() == usize::from(self.len) && host == &self.bytes[..host.len()] {
+            return true;
+        }
+        let valid = valid_host(host);
+        if valid && host.len() <= self.bytes.len() {
+            self.bytes[..host.len()].copy_from_slice(host);
+            self.len = host.len() as u8;
+        }
+        valid
+    }
 }
 
 impl Default for RequestHead {
@@ -135,6 +164,7 @@ impl Default for RequestHead {
             headers: Vec::new(),
             known: Known::default(),
             scanned: 0,
+            last_host: LastHost::default(),
         }
     }
 }
@@ -149,10 +179,15 @@ fn at(bytes: &[u8], (start, end): (u32, u32)) -> &[u8] {
     &bytes[start as usize..end as usize]
 }
 
-fn trim(mut s: &[u8]) -> &[u8] {
+fn trim_start(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
         s = rest;
     }
+    s
+}
+
+fn trim(s: &[u8]) -> &[u8] {
+    let mut s = trim_start(s);
     while let [rest @ .., b' ' | b'\t'] = s {
         s = rest;
     }
@@ -181,7 +216,10 @@ fn classify(
         2 => is("te"),
         4 if request && is("host") => {
             if known.host.is_none() {
-                known.host = Some(value_span);
+                // Trimmed once here: routing, validation and forwarding all read it.
+                let lead = value.len() - trim_start(value).len();
+                let trail = value.len() - lead - trim(value).len();
+                known.host = Some((value_span.0 + lead as u32, value_span.1 - trail as u32));
             }
             known.host_lines = known.host_lines.saturating_add(1);
             false
@@ -190,20 +228,33 @@ fn classify(
             known.expect_continue = trim(value).eq_ignore_ascii_case(b"100-continue");
             true
         }
-        7 => is("upgrade") || is("trailer"),
+        7 if is("upgrade") => {
+            // Always skipped: the websocket offer is written again by `encode_for_backend`,
+            // alone, so that `h2c` (a request-smuggling shape) never reaches a backend.
+            if request {
+                known.upgrade_websocket |=
+                    value.split(|&b| b == b',').map(trim).any(|t| t.eq_ignore_ascii_case(b"websocket"));
+            }
+            true
+        }
+        7 => is("trailer"),
         10 if is("connection") => {
             for token in value.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty()) {
                 if token.eq_ignore_ascii_case(b"close") {
                     known.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     known.keep_alive = true;
-                } else if !token.eq_ignore_ascii_case(b"upgrade") {
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    known.connection_upgrade = true;
+                } else {
                     known.connection_lists_others = true;
                 }
             }
             true
         }
         10 => is("keep-alive"),
+        // h2c's settings: never honoured, so never forwarded.
+        14 if request && is("http2-settings") => true,
         14 if is("content-length") => {
             // Repeated lines (or a list) must agree, or the framing is ambiguous (smuggling).
             known.length_line = true;
@@ -355,7 +406,9 @@ impl RequestHead {
         match (known.host_lines, known.host) {
             (0, _) if self.version == 1 => return Err(HeadError::Malformed("missing host header")),
             (2.., _) => return Err(HeadError::Malformed("more than one host header")),
-            (_, Some(h)) if !valid_host(trim(at(base, h))) => return Err(HeadError::Malformed("invalid host header")),
+            (_, Some(h)) if !self.last_host.is_valid(at(base, h)) => {
+                return Err(HeadError::Malformed("invalid host header"))
+            }
             _ => {}
         }
         if authority.is_some() && known.host.is_some() {
@@ -388,7 +441,7 @@ impl RequestHead {
     pub fn host(&self) -> Option<&[u8]> {
         match self.authority {
             Some(a) => Some(at(&self.bytes, a)),
-            None => self.known.host.map(|h| trim(at(&self.bytes, h))),
+            None => self.known.host.map(|h| at(&self.bytes, h)),
         }
     }
 
@@ -410,6 +463,15 @@ impl RequestHead {
             .map(|h| at(&self.bytes, h.value))
     }
 
+    /// Every value of header `name`, in order (a list header such as `X-Forwarded-For` may
+    /// come on several lines).
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |h| at(&self.bytes, h.name).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|h| at(&self.bytes, h.value))
+    }
+
     pub fn content_length(&self) -> Option<u64> {
         self.known.content_length
     }
@@ -425,6 +487,16 @@ impl RequestHead {
 
     pub fn expects_continue(&self) -> bool {
         self.known.expect_continue && self.has_body() && self.version == 1
+    }
+
+    /// A WebSocket opening handshake (RFC 6455 4.1): an HTTP/1.1 GET without a body that
+    /// offers `Upgrade: websocket` with `Connection: upgrade`.
+    pub fn is_websocket_upgrade(&self) -> bool {
+        self.known.upgrade_websocket
+            && self.known.connection_upgrade
+            && self.version == 1
+            && self.method == Method::GET
+            && !self.has_body()
     }
 
     /// Whether the client allows the connection to stay open after this request.
@@ -468,6 +540,9 @@ impl RequestHead {
         }
         if self.known.chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if self.known.upgrade_websocket && self.is_websocket_upgrade() {
+            out.extend_from_slice(b"upgrade: websocket\r\nconnection: upgrade\r\n");
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -526,7 +601,45 @@ fn split_target<'a>(target: &'a [u8], method: &Method) -> Result<(&'a [u8], Opti
 /// Whether `host` is a valid `uri-host [ ":" port ]` (RFC 3986 3.2.2): a reg-name
 /// (unreserved, percent-encoded, sub-delims), an IPv4 address (a reg-name too) or a bracketed
 /// IP literal, then digits after a colon. Empty is valid (RFC 9112 3.2: the URI has no host).
+///
+/// Every request's Host goes through here, so the common `name[:port]` costs one table lookup
+/// per byte; only a `[` (IP literal) or a `%` (percent-encoding) takes the general path.
 pub fn valid_host(host: &[u8]) -> bool {
+    for (i, &b) in host.iter().enumerate() {
+        match HOST_CLASS[b as usize] {
+            NAME => {}
+            // A reg-name has no colon: the first one starts the port.
+            COLON => return host[i + 1..].iter().all(u8::is_ascii_digit),
+            SPECIAL => return valid_host_general(host),
+            _ => return false,
+        }
+    }
+    true
+}
+
+const INVALID: u8 = 0;
+const NAME: u8 = 1;
+const COLON: u8 = 2;
+const SPECIAL: u8 = 3;
+
+/// [`valid_host`]'s fast path: what each byte can be in a plain `name[:port]`.
+const HOST_CLASS: [u8; 256] = {
+    let mut t = [INVALID; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = match b as u8 {
+            b'[' | b'%' => SPECIAL,
+            b':' => COLON,
+            _ if HOST_CHAR[b] => NAME,
+            _ => INVALID,
+        };
+        b += 1;
+    }
+    t
+};
+
+/// [`valid_host`] for any input: IP literals and percent-encoding included.
+fn valid_host_general(host: &[u8]) -> bool {
     let (name, port) = match host {
         [b'[', rest @ ..] => {
             let Some(close) = rest.iter().position(|&b| b == b']') else { return false };
@@ -641,24 +754,32 @@ impl ResponseHead {
     pub fn parse(&mut self, buf: &[u8], max_bytes: usize) -> Result<bool, HeadError> {
         self.unfolded = None;
         match self.parse_from(buf, max_bytes) {
-            // obs-fold (a header line continued on the next, indented) is refused by the
-            // strict parse; it is rare, so only then is the head looked at for it.
-            Err(e @ HeadError::Malformed(_)) => match fold_state(buf) {
-                Fold::None => Err(e),
-                Fold::Incomplete if buf.len() > max_bytes => Err(HeadError::TooLarge),
-                Fold::Incomplete => Ok(false),
-                Fold::Complete(end) => {
-                    let mut copy = buf[..end].to_vec();
-                    unfold(&mut copy);
-                    let parsed = self.parse_from(&copy, max_bytes);
-                    self.unfolded = Some(copy);
-                    parsed
-                }
-            },
+            Err(e @ HeadError::Malformed(_)) => self.parse_folded(buf, max_bytes, e),
             parsed => parsed,
         }
     }
 
+    /// obs-fold (a header line continued on the next, indented) is refused by the strict
+    /// parse; it is rare, so only then is the head looked at for it (out of line: the common
+    /// path keeps `parse_from` inlined).
+    #[cold]
+    #[inline(never)]
+    fn parse_folded(&mut self, buf: &[u8], max_bytes: usize, e: HeadError) -> Result<bool, HeadError> {
+        match fold_state(buf) {
+            Fold::None => Err(e),
+            Fold::Incomplete if buf.len() > max_bytes => Err(HeadError::TooLarge),
+            Fold::Incomplete => Ok(false),
+            Fold::Complete(end) => {
+                let mut copy = buf[..end].to_vec();
+                unfold(&mut copy);
+                let parsed = self.parse_from(&copy, max_bytes);
+                self.unfolded = Some(copy);
+                parsed
+            }
+        }
+    }
+
+    #[inline]
     fn parse_from(&mut self, buf: &[u8], max_bytes: usize) -> Result<bool, HeadError> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -853,6 +974,27 @@ mod tests {
     }
 
     #[test]
+    fn websocket_handshake_forwarded_alone_and_h2c_dropped() {
+        let h = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: h2c, websocket\r\nHTTP2-Settings: AA\r\nSec-WebSocket-Key: k\r\n\r\n").unwrap();
+        assert!(h.is_websocket_upgrade());
+        let out = forwarded(&h);
+        assert!(out.contains("Sec-WebSocket-Key: k\r\n"), "{out}");
+        assert!(out.ends_with("upgrade: websocket\r\nconnection: upgrade\r\n\r\n"), "{out}");
+        assert!(!out.to_ascii_lowercase().contains("h2c") && !out.contains("HTTP2"), "{out}");
+        for not_ws in [
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AA\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\nx",
+            "GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            let h = req(not_ws).unwrap();
+            assert!(!h.is_websocket_upgrade(), "{not_ws}");
+            let out = forwarded(&h).to_ascii_lowercase();
+            assert!(!out.contains("upgrade") && !out.contains("http2-settings"), "{out}");
+        }
+    }
+
+    #[test]
     fn forwards_end_to_end_headers_and_adds_forwarding() {
         let h = req("GET /a?b=1 HTTP/1.1\r\nHost: web\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nX-Forwarded-For: 1.2.3.4\r\nAccept: */*\r\nX-Forwarded-For: 5.6.7.8\r\nKeep-Alive: 5\r\nTE: trailers\r\n\r\n").unwrap();
         assert_eq!(h.path(), b"/a");
@@ -914,6 +1056,46 @@ mod tests {
         assert!(forwarded(&h).contains("host: b:1\r\n"));
     }
 
+    /// The fast path of `valid_host` decides as the general one does: every string up to
+    /// four bytes long over an alphabet with each kind of byte.
+    #[test]
+    fn valid_host_fast_path_agrees_with_the_general_one() {
+        let alphabet = b"a1.-:[]%F ~@/";
+        let mut inputs: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..4 {
+            let longer: Vec<Vec<u8>> = inputs
+                .iter()
+                .filter(|s| s.len() == inputs.last().map_or(0, Vec::len))
+                .flat_map(|s| alphabet.iter().map(move |&b| [s.as_slice(), &[b]].concat()))
+                .collect();
+            inputs.extend(longer);
+        }
+        assert!(inputs.len() > 30_000);
+        for host in &inputs {
+            assert_eq!(valid_host(host), valid_host_general(host), "{:?}", String::from_utf8_lossy(host));
+        }
+    }
+
+    /// One head parses a connection's requests in turn: the remembered valid Host never lets
+    /// a different, invalid one through.
+    #[test]
+    fn the_last_valid_host_is_remembered_but_never_stands_for_another() {
+        let mut head = RequestHead::default();
+        let long = "h".repeat(40);
+        for (host, ok) in [("a:80", true), ("a:80", true), ("a 80", false), ("a:8", true), (&long[..], true)] {
+            let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_str());
+            let parsed = head.parse(&mut buf, 8192);
+            assert_eq!(parsed.is_ok(), ok, "{host:?}: {parsed:?}");
+            if ok {
+                assert_eq!(head.host(), Some(host.as_bytes()));
+            }
+        }
+        let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\nHost: {long} \r\n\r\n").as_str());
+        assert_eq!(head.parse(&mut buf, 8192), Ok(true));
+        let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\nHost: {long}/\r\n\r\n").as_str());
+        assert!(head.parse(&mut buf, 8192).is_err());
+    }
+
     thread_local! {
         /// Bytes handed to `httparse`, to check that a trickling head costs linear work.
         pub(super) static PARSED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -948,8 +1130,10 @@ mod tests {
                     for rest in &pieces[i + 1..] {
                         buf.extend_from_slice(rest);
                     }
+                    // The whole parsed head (bytes, offsets of every header, what the
+                    // proxy recognised in them), then what the proxy derives from it.
                     return format!(
-                        "{} {:?} {:?} v{} len={:?} chunked={} ka={} rest={:?}\n{}",
+                        "{head:?}\n{} {:?} {:?} v{} len={:?} chunked={} ka={} rest={:?}\n{}",
                         head.method,
                         String::from_utf8_lossy(head.origin_target()),
                         head.host().map(String::from_utf8_lossy),

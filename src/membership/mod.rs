@@ -32,6 +32,8 @@ pub enum Source {
     Admin,
     /// A draining backend finished (or its drain timed out).
     Drain,
+    /// Another instance's change, through the cluster store.
+    Cluster,
     /// A discovery source or a managed service (`crate::discovery`); the change names which.
     Discovery,
 }
@@ -42,6 +44,7 @@ impl std::fmt::Display for Source {
             Source::Reload(why) => write!(f, "reload ({why})"),
             Source::Admin => f.write_str("admin API"),
             Source::Drain => f.write_str("drain"),
+            Source::Cluster => f.write_str("cluster"),
             Source::Discovery => f.write_str("discovery"),
         }
     }
@@ -94,6 +97,9 @@ pub enum Change {
     },
     /// Several changes applied as one: all of them or none.
     Batch(Vec<Change>),
+    /// Take this overlay whole (another instance's, from the cluster store) when its revision
+    /// is higher than ours; backends it removes drain here.
+    Adopt(Overlay),
 }
 
 /// What kind of problem kept a change from being applied (nothing changed).
@@ -157,6 +163,8 @@ pub struct View {
 pub struct Handle {
     tx: mpsc::Sender<Command>,
     view: Arc<ArcSwap<View>>,
+    /// The overlay's revision after each commit, for sources that mirror the overlay elsewhere.
+    revision: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Handle {
@@ -171,6 +179,11 @@ impl Handle {
     /// The last published view (lock-free).
     pub fn view(&self) -> Arc<View> {
         self.view.load_full()
+    }
+
+    /// Changes whenever the overlay does (its revision); the overlay itself is in [`Handle::view`].
+    pub fn overlay_revisions(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revision.clone()
     }
 }
 

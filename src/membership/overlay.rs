@@ -21,6 +21,10 @@ const FORMAT: u32 = 1;
 pub struct Overlay {
     #[serde(default = "format")]
     pub version: u32,
+    /// Counts the changes made to the overlay (by any instance of a cluster): the higher
+    /// revision wins when two instances' overlays differ.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u64,
     /// Whole services added at run time, as posted (the file's schema, in JSON).
     #[serde(default)]
     pub services: Vec<Value>,
@@ -55,6 +59,10 @@ pub struct BackendEdit {
     pub state: Option<AdminState>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -62,6 +70,13 @@ fn is_false(b: &bool) -> bool {
 impl Overlay {
     pub fn empty() -> Overlay {
         Overlay { version: FORMAT, ..Overlay::default() }
+    }
+
+    /// The same changes, whatever the revision.
+    pub fn same_changes(&self, other: &Overlay) -> bool {
+        self.services == other.services
+            && self.removed_services == other.removed_services
+            && self.backends == other.backends
     }
 
     pub fn is_empty(&self) -> bool {

@@ -35,6 +35,7 @@ pub struct Membership {
     shared: Shared,
     checkers: Checkers,
     view: Arc<ArcSwap<View>>,
+    revision: tokio::sync::watch::Sender<u64>,
 }
 
 type Started = (Membership, Handle, mpsc::Receiver<Command>);
@@ -91,7 +92,8 @@ impl Membership {
         let mut checkers = Checkers::default();
         sync_checkers(&mut checkers, &snapshot);
         let (tx, rx) = mpsc::channel(QUEUE);
-        let handle = Handle { tx, view: view.clone() };
+        let (revision, revisions) = tokio::sync::watch::channel(overlay.revision);
+        let handle = Handle { tx, view: view.clone(), revision: revisions };
         let m = Membership {
             file,
             overlay,
@@ -102,6 +104,7 @@ impl Membership {
             shared,
             checkers,
             view,
+            revision,
         };
         Ok((m, handle, rx))
     }
@@ -137,6 +140,9 @@ impl Membership {
     /// Apply one change from the API (or another source): check it against the current state,
     /// merge, validate, write the overlay, publish. On any error nothing has changed.
     pub async fn apply(&mut self, source: Source, change: Change) -> Result<Outcome, ChangeError> {
+        if let Change::Adopt(overlay) = &change {
+            return self.adopt(source, overlay.clone()).await;
+        }
         if let Change::SetSourced { service, source: owner, backends } = &change {
             return self.apply_sourced(service, owner, backends).await;
         }
@@ -156,6 +162,59 @@ impl Membership {
             self.sourced.retain(|(s, _), _| s != name);
         }
         info!("{source}: {what}");
+        Ok(outcome)
+    }
+
+    /// Take another instance's overlay when it is newer than ours. It was valid against that
+    /// instance's file, which may differ from ours: merged leniently, what does not apply here
+    /// is reported as a conflict. A backend it removes drains (its requests in flight finish),
+    /// as it does on the instance where the change was made.
+    async fn adopt(&mut self, source: Source, overlay: Overlay) -> Result<Outcome, ChangeError> {
+        let tie = overlay.revision == self.overlay.revision && !overlay.same_changes(&self.overlay);
+        if overlay.revision < self.overlay.revision || (overlay.revision == self.overlay.revision && !tie) {
+            return Ok(self.view.load_full());
+        }
+        let (file, o, old) = (self.file.clone(), overlay.clone(), self.current.clone());
+        let (kept, sourced) = (self.draining.clone(), self.sourced.clone());
+        let deadline = Instant::now() + old.config.shutdown.drain_timeout;
+        let (desired, draining) = tokio::task::spawn_blocking(move || {
+            let plain = desired::merge_lenient(&file, &o, &sourced, &[]);
+            // Drains that go on: backends the new overlay has gone too (a cancelled drain
+            // comes back as a backend of `plain`).
+            let has = |d: &Desired, service: &str, address: &str| {
+                d.service(service).is_some_and(|s| s.backends.iter().any(|b| same_address(&b.address, address)))
+            };
+            let mut draining: Vec<Draining> =
+                kept.into_iter().filter(|d| !has(&plain, &d.service, &d.backend.address)).collect();
+            for s in &old.config.services {
+                if plain.service(&s.name).is_none() {
+                    continue;
+                }
+                for b in &s.backends {
+                    let gone = !has(&plain, &s.name, &b.address);
+                    let listed =
+                        draining.iter().any(|d| d.service == s.name && same_address(&d.backend.address, &b.address));
+                    if gone && !listed {
+                        let from_overlay = old.from_overlay(&s.name, &b.address);
+                        draining.push(Draining {
+                            service: s.name.clone(),
+                            backend: b.clone(),
+                            deadline,
+                            from_overlay,
+                            source: None,
+                        });
+                    }
+                }
+            }
+            let desired =
+                if draining.is_empty() { plain } else { desired::merge_lenient(&file, &o, &sourced, &draining) };
+            (desired, draining)
+        })
+        .await
+        .map_err(|e| ChangeError::new(ErrorKind::Failed, format!("merge failed: {e}"), None))?;
+        let revision = overlay.revision;
+        let outcome = self.commit(source, desired, Some(overlay), Some(draining))?;
+        info!("{source}: overlay revision {revision} adopted");
         Ok(outcome)
     }
 
@@ -315,6 +374,13 @@ impl Membership {
         let snapshot = Snapshot::build(desired.config.clone(), Some(&old)).map_err(|e| {
             ChangeError::new(ErrorKind::Failed, format!("cannot open the access log: {e}"), Some("access_log"))
         })?;
+        // Every change made here counts; an adopted overlay keeps the revision it was given.
+        let overlay = overlay.map(|mut o| {
+            if source != Source::Cluster {
+                o.revision = self.overlay.revision + u64::from(!o.same_changes(&self.overlay));
+            }
+            o
+        });
         if let (Some(o), Some(path)) = (&overlay, &self.state_file) {
             if *o != self.overlay {
                 overlay::save(path, o).map_err(|e| {
@@ -341,6 +407,8 @@ impl Membership {
         self.current = Arc::new(desired);
         let view = Arc::new(View { snapshot, desired: self.current.clone(), overlay: self.overlay.clone() });
         self.view.store(view.clone());
+        let revision = self.overlay.revision;
+        self.revision.send_if_modified(|r| std::mem::replace(r, revision) != revision);
         Ok(view)
     }
 
@@ -572,6 +640,9 @@ impl Membership {
             }
             Change::Batch(_) => {
                 return Err(ChangeError::new(Invalid, "a batch cannot hold a batch", None));
+            }
+            Change::Adopt(_) => {
+                return Err(ChangeError::new(Invalid, "an adopted overlay is not part of a batch", None));
             }
             Change::SetSourced { .. } => {
                 return Err(ChangeError::new(Invalid, "a source's set is not part of a batch", None));

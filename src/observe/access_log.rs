@@ -47,6 +47,9 @@ pub struct AccessRecord {
     pub backend: Option<Arc<Backend>>,
     pub start: Instant,
     pub bytes: u64,
+    /// Bytes from the client, for tunnels (WebSocket, TCP mode) only: an HTTP request's line
+    /// keeps its one figure, the response body.
+    pub bytes_in: Option<u64>,
     /// Why the request ended as it did, when it is not a plain forward (`no_route`,
     /// `no_backend`, `client_aborted`, ...).
     pub note: Option<&'static str>,
@@ -314,6 +317,9 @@ fn format_record(out: &mut String, r: &AccessRecord, host: Option<&[u8]>, target
                 ms,
                 r.bytes
             );
+            if let Some(n) = r.bytes_in {
+                let _ = write!(out, " in:{n}B");
+            }
             if let Some(note) = r.note {
                 let _ = write!(out, " {note}");
             }
@@ -336,6 +342,9 @@ fn format_record(out: &mut String, r: &AccessRecord, host: Option<&[u8]>, target
             out.push_str(",\"backend\":");
             json_str(out, backend);
             let _ = write!(out, ",\"duration_ms\":{ms:.3},\"bytes\":{}", r.bytes);
+            if let Some(n) = r.bytes_in {
+                let _ = write!(out, ",\"bytes_in\":{n}");
+            }
             if let Some(note) = r.note {
                 let _ = write!(out, ",\"note\":\"{note}\"");
             }
@@ -376,6 +385,7 @@ mod tests {
             backend: None,
             start: Instant::now(),
             bytes: 3,
+            bytes_in: None,
             note: None,
         }
     }

@@ -242,7 +242,13 @@ impl RequestEnd {
     /// Record it; returns the duration in microseconds (for the access log).
     #[inline]
     pub fn finish(&mut self) -> u64 {
-        let us = self.start.elapsed().as_micros() as u64;
+        self.finish_at(Instant::now())
+    }
+
+    /// [`RequestEnd::finish`] with the clock already read at the end.
+    #[inline]
+    pub fn finish_at(&mut self, now: Instant) -> u64 {
+        let us = now.saturating_duration_since(self.start).as_micros() as u64;
         let unanswered = self.status == 0;
         if unanswered {
             // Ended without an answer (the client left first): NGINX's 499.

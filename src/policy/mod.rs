@@ -1,5 +1,184 @@
-//! Traffic policies applied around the balancer: the per-service request queue.
+//! Traffic policies applied around the balancer: the per-service request queue, the client's
+//! identity (`trusted_proxies`), allow/deny lists and rate limits.
+//!
+//! Everything here is built with a snapshot (from the config and the overlay's run-time deny
+//! list) so that a request only reads: an address set lookup is a binary search, a rate limit
+//! one sharded map entry. What is not configured is `None`, one branch per request.
 
+pub mod client_ip;
+pub mod ipset;
 pub mod queue;
+pub mod rate_limit;
 
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use ipset::IpSet;
 pub use queue::{Queue, QueueRejection, Ticket};
+pub use rate_limit::{Limited, Limiter, RateLimit};
+
+use crate::config::{AccessRules, DenyAction, GlobalPolicy, ServicePolicy};
+use crate::http1::RequestHead;
+use crate::state::Shared;
+
+/// Allow and deny sets of a listener or a service (deny includes the run-time deny list).
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// `None`: everyone not denied.
+    allow: Option<Arc<IpSet>>,
+    deny: Arc<IpSet>,
+}
+
+impl Access {
+    /// `None` when there is no rule at all. `previous`: the last build's rules and sets, kept
+    /// when unchanged (a 100,000-entry list is not sorted again for every API change).
+    fn build(
+        rules: &AccessRules,
+        runtime: &[IpNet],
+        previous: Option<(&AccessRules, &[IpNet], &Access)>,
+    ) -> Option<Access> {
+        if rules.is_empty() && runtime.is_empty() {
+            return None;
+        }
+        if let Some((r, rt, a)) = previous {
+            if r == rules && rt == runtime {
+                return Some(a.clone());
+            }
+        }
+        let allow = (!rules.allow.is_empty()).then(|| Arc::new(IpSet::new(&rules.allow)));
+        let deny = Arc::new(IpSet::new(rules.deny.iter().chain(runtime)));
+        Some(Access { allow, deny })
+    }
+
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        !self.deny.contains(ip) && self.allow.as_ref().is_none_or(|a| a.contains(ip))
+    }
+}
+
+/// The top-level policy of a snapshot: who the client is, and the listener's rules.
+#[derive(Debug, Clone, Default)]
+pub struct GlobalGate {
+    trusted: Option<Arc<IpSet>>,
+    access: Option<Access>,
+    close_at_accept: bool,
+}
+
+impl GlobalGate {
+    pub fn build(cfg: &GlobalPolicy, previous: Option<(&GlobalPolicy, &GlobalGate)>) -> GlobalGate {
+        let trusted = match previous {
+            Some((p, g)) if p.trusted_proxies == cfg.trusted_proxies => g.trusted.clone(),
+            _ => (!cfg.trusted_proxies.is_empty()).then(|| Arc::new(IpSet::new(&cfg.trusted_proxies))),
+        };
+        let prev_access = previous.and_then(|(p, g)| Some((&p.access, &p.runtime_deny[..], g.access.as_ref()?)));
+        let access = Access::build(&cfg.access, &cfg.runtime_deny, prev_access);
+        GlobalGate { trusted, access, close_at_accept: cfg.deny_action == DenyAction::Close }
+    }
+
+    /// The client of a request from `peer`: the one value every policy, the hash balancers
+    /// and the access log use. Without `trusted_proxies`, the peer (no header is looked at).
+    #[inline]
+    pub fn client_ip(&self, peer: IpAddr, head: &RequestHead) -> IpAddr {
+        match &self.trusted {
+            None => peer,
+            Some(t) => client_ip::resolve(t, peer, head),
+        }
+    }
+
+    /// Whether the listener's rules let `client` in.
+    #[inline]
+    pub fn permits(&self, client: IpAddr) -> bool {
+        self.access.as_ref().is_none_or(|a| a.permits(client))
+    }
+
+    /// `deny_action: close`: whether a connection from `peer` is closed at accept.
+    pub fn closes_at_accept(&self, peer: IpAddr) -> bool {
+        self.close_at_accept && !self.permits(peer)
+    }
+}
+
+/// A service's checks, made before any backend work (no pool slot, no connect).
+#[derive(Debug, Clone)]
+pub struct ServiceGate {
+    access: Option<Access>,
+    limits: Vec<RateLimit>,
+}
+
+/// Why a service refused a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    Denied,
+    Limited(Limited),
+}
+
+impl ServiceGate {
+    /// `None` when the service has no policy. Rate limit state and address sets carry over
+    /// from `previous` where the rules are unchanged.
+    pub fn build(
+        cfg: &ServicePolicy,
+        previous: Option<(&ServicePolicy, &ServiceGate)>,
+        service: &str,
+    ) -> Option<ServiceGate> {
+        if cfg.is_empty() {
+            return None;
+        }
+        let prev_access = previous.and_then(|(p, g)| Some((&p.access, &p.runtime_deny[..], g.access.as_ref()?)));
+        let access = Access::build(&cfg.access, &cfg.runtime_deny, prev_access);
+        let limits = cfg
+            .rate_limits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| RateLimit::new(l, previous.and_then(|(_, g)| g.limits.get(i)), &format!("{service}:{i}")))
+            .collect();
+        Some(ServiceGate { access, limits })
+    }
+
+    pub async fn check(&self, client: IpAddr, head: &RequestHead) -> Result<(), Refusal> {
+        if let Some(a) = &self.access {
+            if !a.permits(client) {
+                return Err(Refusal::Denied);
+            }
+        }
+        for l in &self.limits {
+            l.check(client, head).await.map_err(Refusal::Limited)?;
+        }
+        Ok(())
+    }
+
+    pub fn limiters(&self) -> impl Iterator<Item = &Arc<dyn Limiter>> {
+        self.limits.iter().map(|l| &l.limiter)
+    }
+}
+
+/// How often idle rate-limit keys are dropped.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Drop idle rate-limit keys every [`SWEEP_EVERY`], on a blocking thread (a sweep of a
+/// million keys takes a while, and must not hold up requests on the runtime's threads).
+pub fn spawn_sweeper(state: Shared) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let limiters: Vec<Arc<dyn Limiter>> = state
+                .load()
+                .services
+                .iter()
+                .filter_map(|s| s.gate.as_ref())
+                .flat_map(|g| g.limiters().cloned())
+                .collect();
+            if limiters.is_empty() {
+                continue;
+            }
+            let _ = tokio::task::spawn_blocking(move || {
+                for l in limiters {
+                    l.evict_idle();
+                }
+            })
+            .await;
+        }
+    });
+}

@@ -17,6 +17,7 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -26,6 +27,8 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::forward;
+use super::listener::ListenerSettings;
+use super::stream::ClientStream;
 use super::timer::LazyTimer;
 use crate::config::Limits;
 use crate::http1::{encode_local, ClientFraming, HeadError, RequestHead, ResponseHead};
@@ -57,7 +60,7 @@ impl Drain {
 
 /// A client connection and what its requests share.
 pub struct ClientConn {
-    pub stream: TcpStream,
+    pub stream: ClientStream,
     /// Bytes read from the client and not yet used: the next head, or body bytes.
     pub buf: BytesMut,
     /// Scratch for heads written to the client or to a backend, reused by every request.
@@ -70,6 +73,11 @@ pub struct ClientConn {
     /// The client's IP, formatted once, for `X-Forwarded-For`.
     pub client_ip: Vec<u8>,
     pub limits: Limits,
+    /// The listener's settings as they were when the connection was accepted.
+    pub listener: Arc<ListenerSettings>,
+    /// The clock as read when the last request ended (its metrics took it): the wait for the
+    /// next request counts from it instead of reading the clock again. Taken by that wait.
+    pub clock: Option<Instant>,
 }
 
 impl ClientConn {
@@ -142,7 +150,42 @@ enum Busy {
     Idle(Instant),
 }
 
-pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: &Drain) {
+/// Serve an accepted connection: the TLS handshake first on a TLS listener, within
+/// `client_header` (as the first request's head is).
+pub async fn serve_tcp(
+    stream: TcpStream,
+    client: SocketAddr,
+    listener: Arc<ListenerSettings>,
+    state: Shared,
+    drain: &Drain,
+) {
+    let stream = match &listener.tls {
+        None => ClientStream::Plain(stream),
+        Some(acceptor) => {
+            let timeout = state.load().config.limits.timeouts.client_header;
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    debug!(%client, listener = %listener.config.name, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%client, listener = %listener.config.name, ?timeout, "TLS handshake timed out (client_header)");
+                    return;
+                }
+            }
+        }
+    };
+    serve(stream, client, listener, state, drain).await;
+}
+
+async fn serve(
+    stream: ClientStream,
+    client: SocketAddr,
+    listener: Arc<ListenerSettings>,
+    state: Shared,
+    drain: &Drain,
+) {
     // Connection-level settings come from the config current at accept; a reload applies to
     // new connections.
     let limits = state.load().config.limits;
@@ -157,6 +200,8 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, state: Shared, drain: 
         client,
         client_ip: client.ip().to_string().into_bytes(),
         limits,
+        listener,
+        clock: None,
     };
     let mut head = RequestHead::default();
     let mut first = true;
@@ -239,7 +284,7 @@ async fn serve_busy(conn: &mut ClientConn, head: &mut RequestHead, first: &mut b
 
 async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool, drain: &Drain) -> Next {
     let max = conn.limits.max_header_bytes;
-    let timeouts = conn.limits.timeouts;
+    let (client_header, client_idle) = (conn.limits.timeouts.client_header, conn.limits.timeouts.client_idle);
     // Set once the first byte of the head arrives.
     let mut head_deadline: Option<Instant> = None;
     loop {
@@ -259,15 +304,16 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
         } else if head_deadline.is_none() {
             // Part of a head is here (a head that comes whole never gets this far): it has
             // `client_header` from now, however the rest trickles in.
-            head_deadline = Some(Instant::now() + timeouts.client_header);
+            head_deadline = Some(Instant::now() + client_header);
         }
-        let idle = if first { timeouts.client_header } else { timeouts.client_idle };
+        let idle = if first { client_header } else { client_idle };
         // With nothing read, wait at most `IDLE_GRACE` here; the rest of the idle time is
         // waited without buffers (`serve`).
         let mut since = None;
+        let ended = conn.clock.take();
         let deadline = || {
             head_deadline.unwrap_or_else(|| {
-                let now = Instant::now();
+                let now = ended.unwrap_or_else(Instant::now);
                 since = Some(now);
                 now + idle.min(IDLE_GRACE)
             })
@@ -291,21 +337,29 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
 /// Write all of `parts` to the client; a client that takes none of it for `limit` is given up
 /// on (`client_send`: the error's kind is `TimedOut`).
 pub(super) async fn send(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     timer: &mut LazyTimer,
     limit: Duration,
     parts: &mut [IoSlice<'_>],
 ) -> io::Result<()> {
-    match timer.within(|| Instant::now() + limit, write_all_vectored(stream, parts)).await {
-        Ok(written) => written.map_err(|(e, _)| e),
+    let write = async {
+        write_all_vectored(stream, parts).await.map_err(|(e, _)| e)?;
+        // TLS keeps what the socket did not take; plain TCP has nothing to flush.
+        if stream.is_tls() {
+            stream.flush().await?;
+        }
+        Ok(())
+    };
+    match timer.within(|| Instant::now() + limit, write).await {
+        Ok(written) => written,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client_send timeout")),
     }
 }
 
 /// Read more of a request head into `buf`. An empty buffer without room (an idle
 /// connection's) gets its memory only once the socket is readable.
-async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() > buf.len() {
+async fn read_head(stream: &mut ClientStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() > buf.len() || stream.is_tls() {
         return read_more(stream, buf, READ_BUFFER).await;
     }
     loop {
@@ -320,7 +374,7 @@ async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usi
 
 /// Read more from the client into `buf`, asking for at least `want` bytes of room (heads:
 /// `READ_BUFFER`; bodies: more, so that an upload moves in few system calls).
-pub(super) async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+pub(super) async fn read_more(stream: &mut ClientStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
     if buf.capacity() - buf.len() < want / 4 {
         buf.reserve(want);
     }

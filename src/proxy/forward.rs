@@ -5,17 +5,18 @@
 //! written and read right here, so a request costs no task hand-off and no channel.
 
 use std::io::IoSlice;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::client::{read_more, ClientConn, Drain, BODY_READ};
 use super::respond::LogLine;
+use super::stream::ClientStream;
 use crate::balancer::{Pick, RequestContext};
 use crate::config::HealthConfig;
 use crate::health::passive::{self, Admission};
@@ -116,6 +117,8 @@ struct Bounds {
     /// The request's deadline (sending the body counts against it).
     deadline: Instant,
     max_body: Option<u64>,
+    /// A WebSocket handshake: a `101` answer is taken (and the connections spliced).
+    upgrade: bool,
 }
 
 impl Bounds {
@@ -137,11 +140,14 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
     let start = Instant::now();
     let host = head.host().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
     let path = std::str::from_utf8(head.path()).unwrap_or("");
-    let (routed, mut log) = {
+    let (routed, mut log, client_ip, admitted) = {
         let snapshot = c.state.load();
+        // Computed once: every policy, the hash balancers and the access log use this value.
+        let client_ip = snapshot.policy.client_ip(c.client.ip(), head);
+        let admitted = snapshot.policy.permits(client_ip);
         let log = snapshot.access_log.as_ref().map(|log| {
             let record = AccessRecord {
-                client: c.client,
+                client: SocketAddr::new(client_ip, c.client.port()),
                 method: head.method.clone(),
                 host: head.host_bytes(),
                 target: head.target_bytes(),
@@ -150,13 +156,17 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
                 backend: None,
                 start: start.into_std(),
                 bytes: 0,
+                bytes_in: None,
                 note: None,
             };
             (log.clone(), record)
         });
-        let routed = snapshot.router.route(host, path).map(|i| snapshot.services[i].clone());
+        // A client the listener refuses is no service's business: counted as unrouted.
+        let routed =
+            admitted.then(|| snapshot.router.route(host, path).map(|i| snapshot.services[i].clone())).flatten();
         let metrics = routed.as_ref().map_or_else(|| snapshot.metrics.unrouted.clone(), |s| s.metrics.clone());
-        (routed, LogLine { end: RequestEnd::new(metrics, &head.method, start.into_std()), access: log })
+        let end = RequestEnd::new(metrics, &head.method, start.into_std());
+        (routed, LogLine { end, access: log, finished: false }, client_ip, admitted)
     };
     let mut req = Exchange {
         head,
@@ -166,8 +176,11 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         continued: false,
         set_cookie: None,
         done: false,
+        client_ip,
     };
     let keep_alive = match routed {
+        _ if !admitted => req.denied(c).await,
+        _ if c.listener.config.redirect_https => req.redirect_https(c).await,
         Some(service) => req.serve(c, &service, start).await,
         None => {
             let body = c.state.load().router.explain_miss(host, path);
@@ -175,6 +188,8 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         }
     };
     req.done = true;
+    drop(req);
+    c.clock = Some(log.finish());
     keep_alive
 }
 
@@ -192,6 +207,8 @@ pub(super) struct Exchange<'a> {
     /// Served to the end. An exchange dropped before that was cut by the listener because
     /// `drain_timeout` passed (the only place a request's future is dropped half-way).
     done: bool,
+    /// The client (see `GlobalGate::client_ip`).
+    pub(super) client_ip: IpAddr,
 }
 
 impl Drop for Exchange<'_> {
@@ -206,6 +223,12 @@ impl Drop for Exchange<'_> {
 impl Exchange<'_> {
     async fn serve(&mut self, c: &mut ClientConn, service: &Arc<Service>, start: Instant) -> bool {
         let head = self.head;
+        // Before any backend work: a refused request costs no pool slot and no connection.
+        if let Some(gate) = &service.gate {
+            if let Err(why) = gate.check(self.client_ip, head).await {
+                return self.refused(c, service, why).await;
+            }
+        }
         let lb = service.lb.load_full();
         let timeouts = service.config.limits.timeouts;
         let deadline = start + timeouts.request;
@@ -221,7 +244,8 @@ impl Exchange<'_> {
                 return self.body_too_large(c, max).await;
             }
         }
-        service.retry_budget.record_request();
+        // Counted at the request's arrival, from the clock read that started it.
+        service.retry_budget.record_request_at(crate::health::ms_at(start.into_std()));
 
         let mut body = match head.content_length() {
             _ if head.is_chunked() => ReqBody::Chunked(ChunkedScanner::new()),
@@ -251,14 +275,20 @@ impl Exchange<'_> {
         let mut last_failure = String::new();
         let mut retries = 0u32;
         let mut attempted = false;
-        let mut bounds =
-            Bounds { now, connect: timeouts.connect, backend_response: timeouts.backend_response, deadline, max_body };
+        let mut bounds = Bounds {
+            now,
+            connect: timeouts.connect,
+            backend_response: timeouts.backend_response,
+            deadline,
+            max_body,
+            upgrade: head.is_websocket_upgrade(),
+        };
         // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend
         // takes the request: if none can, the client gets this answer rather than an error.
         let mut held: Option<(BackendConn, ResponseHead, InFlight, Option<Bytes>)> = None;
         loop {
             let acquired = {
-                let ctx = RequestContext { client_ip: c.client.ip(), head };
+                let ctx = RequestContext { client_ip: self.client_ip, head };
                 let pool = &lb.pool;
                 let usable = |i: usize| {
                     let b = &pool.backends[i];
@@ -306,6 +336,9 @@ impl Exchange<'_> {
                         passive::record_failure(backend, trial, passive_cfg, &lb.pool, &service.config.name, &why);
                     } else {
                         passive::record_success(backend, trial, &service.config.name);
+                    }
+                    if status == 101 {
+                        return self.tunnel(c, conn, in_flight, timeouts.tunnel_idle).await;
                     }
                     if retry.on.contains(&status) && may_replay && body.replayable() && may_retry(service, retries) {
                         warn!(service = %service.config.name, backend = %backend.name, status, retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
@@ -480,7 +513,8 @@ impl Exchange<'_> {
         conn: &mut BackendConn,
         bounds: Bounds,
     ) -> Result<(), AttemptError> {
-        let fwd = Forwarding { client_ip: &c.client_ip, proto: b"http" };
+        let proto: &[u8] = if c.stream.is_tls() { b"https" } else { b"http" };
+        let fwd = Forwarding { client_ip: &c.client_ip, proto };
         self.head.encode_for_backend(&mut c.out, &fwd, backend.host_header.as_bytes());
         let sent = match body {
             // A backend that does not take the request in is bounded by the request deadline:
@@ -588,7 +622,7 @@ async fn read_response_head(c: &mut ClientConn, conn: &mut BackendConn, bounds: 
                     conn.buf.advance(c.resp.len);
                     continue;
                 }
-                Ok(true) if c.resp.status == 101 => {
+                Ok(true) if c.resp.status == 101 && !bounds.upgrade => {
                     return Err(AttemptError::Sent("switching protocols without an upgrade".into()));
                 }
                 Ok(true) => return Ok(()),
@@ -625,7 +659,7 @@ enum Waited {
 /// answer is awaited gets its backend request abandoned, as NGINX does (`499` in the log),
 /// rather than holding a backend connection until the answer comes. Bytes the client sends
 /// meanwhile (a pipelined request) are kept, up to a bound.
-async fn backend_or_client(client: &mut TcpStream, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
+async fn backend_or_client(client: &mut ClientStream, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
     let mut backend = pin!(conn.read_more());
     loop {
         if buf.len() >= MAX_PIPELINED {
@@ -634,7 +668,9 @@ async fn backend_or_client(client: &mut TcpStream, buf: &mut BytesMut, conn: &mu
         tokio::select! {
             biased;
             read = backend.as_mut() => return Waited::Backend(read),
-            ready = client.readable() => {
+            // The read-readiness slot rather than `readable()` (a waiter list entry under a
+            // lock): this task is the client's only reader, and this wait is on every request.
+            ready = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => {
                 if ready.is_err() {
                     return Waited::ClientGone;
                 }

@@ -3,9 +3,13 @@
 mod client;
 mod cold_start;
 mod forward;
+mod listener;
+mod redirect;
 mod respond;
 pub mod router;
+mod stream;
 mod timer;
+pub mod tunnel;
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,14 +18,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::observe::metrics::ListenerGauge;
+use crate::config::ListenerProtocol;
+use crate::observe::metrics::{ListenerGauge, Reject};
 use crate::state::Shared;
 use crate::upstream::is_local_exhaustion;
 use client::Drain;
+pub use listener::ListenerSettings;
+pub use stream::ClientStream;
 
 /// The wait before accepting again after an accept failed for want of a descriptor (or
 /// another non-transient reason): long enough not to spin, short enough to pick the backlog up
@@ -115,9 +123,15 @@ impl ConnLimit {
 
 /// A running listener: its accept loop and the switch that stops it.
 pub struct Listener {
-    /// The address as configured (`127.0.0.1:0` stays that, whatever port it got).
+    /// The address as configured (`127.0.0.1:0` stays that, whatever port it got): a reload
+    /// keeps the listener whose address is still configured.
     pub configured: SocketAddr,
     pub local: SocketAddr,
+    /// Read at each accept: a reload swaps them (certificates, redirect, protocol) for new
+    /// connections without touching open ones.
+    settings: Arc<ArcSwap<ListenerSettings>>,
+    /// Session ticket keys, kept across reloads so tickets issued before one still resume.
+    pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
     /// `Some(drain_timeout)` once the listener is told to stop.
     stop: watch::Sender<Option<Duration>>,
     limit: Arc<ConnLimit>,
@@ -126,19 +140,38 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Start accepting on `listener`.
-    pub fn start(configured: SocketAddr, listener: TcpListener, state: Shared, tracker: Arc<Tracker>) -> Listener {
+    /// Start accepting on `listener`, bound to `settings.config.addr`.
+    pub fn start(
+        settings: ListenerSettings,
+        ticketer: Arc<dyn rustls::server::ProducesTickets>,
+        listener: TcpListener,
+        state: Shared,
+        tracker: Arc<Tracker>,
+    ) -> Listener {
+        let configured = settings.config.addr;
         let local = listener.local_addr().unwrap_or(configured);
-        let max = state.load().config.limits.max_client_connections;
+        let max = settings.config.max_client_connections;
         let limit = Arc::new(ConnLimit { open: AtomicUsize::new(0), max: AtomicUsize::new(max), freed: Notify::new() });
         let (stop, stopped) = watch::channel(None);
         let open = state.load().metrics.listener(local);
-        tokio::spawn(serve(listener, local, state, tracker, limit.clone(), stopped, open.clone()));
-        Listener { configured, local, stop, limit, _open: open }
+        let settings = Arc::new(ArcSwap::from_pointee(settings));
+        let accept = Accept { listener, local, state, tracker, limit: limit.clone(), settings: settings.clone() };
+        tokio::spawn(serve(accept, stopped, open.clone()));
+        Listener { configured, local, settings, ticketer, stop, limit, _open: open }
+    }
+
+    pub fn settings(&self) -> Arc<ListenerSettings> {
+        self.settings.load_full()
+    }
+
+    /// Apply reloaded settings: new connections get them, open ones keep theirs.
+    pub fn update(&self, settings: ListenerSettings) {
+        self.set_max_connections(settings.config.max_client_connections);
+        self.settings.store(Arc::new(settings));
     }
 
     /// Apply a reloaded `max_client_connections`.
-    pub fn set_max_connections(&self, max: usize) {
+    fn set_max_connections(&self, max: usize) {
         if self.limit.max.swap(max, Ordering::SeqCst) != max {
             // A raised limit frees room at once.
             self.limit.freed.notify_one();
@@ -151,15 +184,18 @@ impl Listener {
     }
 }
 
-async fn serve(
+/// What an accept loop needs.
+struct Accept {
     listener: TcpListener,
     local: SocketAddr,
     state: Shared,
     tracker: Arc<Tracker>,
     limit: Arc<ConnLimit>,
-    mut stopped: watch::Receiver<Option<Duration>>,
-    open: Arc<ListenerGauge>,
-) {
+    settings: Arc<ArcSwap<ListenerSettings>>,
+}
+
+async fn serve(accept: Accept, mut stopped: watch::Receiver<Option<Duration>>, open: Arc<ListenerGauge>) {
+    let Accept { listener, local, state, tracker, limit, settings } = accept;
     // Failed accepts in the current out-of-descriptors episode (0: none): logged when it
     // starts and when it ends, not every 50 ms.
     let mut exhausted = 0u64;
@@ -193,12 +229,19 @@ async fn serve(
             info!(listener = %local, failed_accepts = exhausted, "accepting again: file descriptors are free");
             exhausted = 0;
         }
+        if state.load().policy.closes_at_accept(client.ip()) {
+            // `deny_action: close`: not even a 403.
+            debug!(listener = %local, %client, "denied client: connection closed at accept");
+            state.load().metrics.unrouted.reject(Reject::Denied);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let tracked = (tracker.enter(), open.enter());
         let state = state.clone();
         let stopped = stopped.clone();
+        let settings = settings.load_full();
         tokio::spawn(async move {
-            serve_connection(stream, client, state, stopped, &tracked.0 .0).await;
+            serve_connection(stream, client, settings, state, stopped, &tracked.0 .0).await;
             drop((admitted, tracked));
         });
     }
@@ -209,12 +252,19 @@ async fn serve(
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     client: SocketAddr,
+    settings: Arc<ListenerSettings>,
     state: Shared,
     mut stopped: watch::Receiver<Option<Duration>>,
     tracker: &Tracker,
 ) {
+    if settings.config.protocol == ListenerProtocol::Tcp {
+        // Forwarding whole TCP connections is the tunnel module's (issue 16); until it is
+        // built in, a tcp listener accepts and closes.
+        debug!(%client, listener = %settings.config.name, "tcp listener: not served by this build, closing");
+        return;
+    }
     let drain = Drain::default();
-    let mut conn = pin!(client::serve(stream, client, state, &drain));
+    let mut conn = pin!(client::serve_tcp(stream, client, settings, state, &drain));
     tokio::select! {
         biased;
         () = conn.as_mut() => {}

@@ -14,7 +14,7 @@ use super::forward::{Exchange, TimeoutKind};
 use crate::config::Timeouts;
 use crate::http1::{ChunkedScanner, ClientFraming, Framing};
 use crate::observe::{AccessLog, AccessRecord, RequestEnd};
-use crate::policy::QueueRejection;
+use crate::policy::{QueueRejection, Refusal};
 use crate::state::Service;
 use crate::upstream::{Backend, BackendConn, InFlight};
 
@@ -23,6 +23,8 @@ use crate::upstream::{Backend, BackendConn, InFlight};
 pub(super) struct LogLine {
     pub(super) end: RequestEnd,
     pub(super) access: Option<(AccessLog, AccessRecord)>,
+    /// Recorded already (by [`LogLine::finish`]).
+    pub(super) finished: bool,
 }
 
 impl LogLine {
@@ -45,9 +47,18 @@ impl LogLine {
     }
 }
 
-impl Drop for LogLine {
-    fn drop(&mut self) {
-        let us = self.end.finish();
+impl LogLine {
+    /// Record the request now; returns the clock read that ended it, for the connection's next
+    /// wait (one clock read per request fewer). A line dropped unfinished records itself.
+    pub(super) fn finish(&mut self) -> Instant {
+        let now = Instant::now();
+        self.record(now.into_std());
+        now
+    }
+
+    fn record(&mut self, now: std::time::Instant) {
+        self.finished = true;
+        let us = self.end.finish_at(now);
         if let Some((log, mut record)) = self.access.take() {
             record.status = self.end.status;
             record.note = self.end.note;
@@ -55,6 +66,14 @@ impl Drop for LogLine {
             let name = &self.end.service.name;
             record.service = (!name.is_empty()).then(|| name.clone());
             log.log(record, us);
+        }
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record(std::time::Instant::now());
         }
     }
 }
@@ -197,6 +216,30 @@ impl Exchange<'_> {
         c.write_local(status, extra, body, close, self.head.version).await;
         self.log.bytes(body.len() as u64);
         !close
+    }
+
+    /// The client is on a deny list (or not on an allow list): `403`.
+    pub(super) async fn denied(&mut self, c: &mut ClientConn) -> bool {
+        debug!(client = %self.client_ip, "client denied: 403");
+        self.local(c, 403, &[], b"403 forbidden\n", "denied").await
+    }
+
+    /// A service's allow/deny or rate limit refused the request.
+    pub(super) async fn refused(&mut self, c: &mut ClientConn, service: &Service, why: Refusal) -> bool {
+        let Refusal::Limited(l) = why else { return self.denied(c).await };
+        debug!(service = %service.config.name, client = %self.client_ip, "rate limited: 429");
+        // Formatted only for a refused request. Headers of the IETF draft
+        // (draft-ietf-httpapi-ratelimit-headers): the bucket size, nothing left, and when
+        // the next request under the same key may pass.
+        let wait = l.wait_secs().to_string();
+        let limit = l.limit.to_string();
+        let extra = [
+            ("retry-after", wait.as_bytes()),
+            ("ratelimit-limit", limit.as_bytes()),
+            ("ratelimit-remaining", b"0".as_slice()),
+            ("ratelimit-reset", wait.as_bytes()),
+        ];
+        self.local(c, 429, &extra, b"429 too many requests\n", "rate_limited").await
     }
 
     pub(super) async fn body_too_large(&mut self, c: &mut ClientConn, max: u64) -> bool {

@@ -107,8 +107,12 @@ fn strip_port(host: &str) -> &str {
         // [v6]:port
         return rest.split(']').next().unwrap_or(rest);
     }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+    // From the end: the port's digits, then the colon before them. Bytes, not a char search:
+    // this runs for every request.
+    let bytes = host.as_bytes();
+    let digits = bytes.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    match bytes.len().checked_sub(digits + 1) {
+        Some(colon) if bytes[colon] == b':' => &host[..colon],
         _ => host,
     }
 }
@@ -128,6 +132,7 @@ mod tests {
             health: Default::default(),
             limits: Default::default(),
             balancing: Default::default(),
+            policy: Default::default(),
             discovery: Default::default(),
             managed: None,
         }
@@ -162,5 +167,10 @@ mod tests {
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("h:80"), "h");
         assert_eq!(strip_port("h"), "h");
+        assert_eq!(strip_port("h:"), "h");
+        assert_eq!(strip_port("h:8x"), "h:8x");
+        assert_eq!(strip_port("a:b:80"), "a:b");
+        assert_eq!(strip_port("80"), "80");
+        assert_eq!(strip_port(""), "");
     }
 }

@@ -79,16 +79,21 @@ pub struct BackendConn {
     /// When it was last checked out (or opened): its idle time counts from there, which spares
     /// the request path a clock read when it gives the connection back.
     since: Instant,
+    /// `since` + the idle timeout, added once per checkout: the two idle checks each
+    /// request makes compare instants instead of subtracting them.
+    expires: Instant,
 }
 
 impl BackendConn {
     fn new(stream: TcpStream) -> Self {
+        let since = Instant::now();
         BackendConn {
             stream,
             buf: BytesMut::with_capacity(READ_BUFFER),
             read_size: READ_BUFFER,
             reused: false,
-            since: Instant::now(),
+            since,
+            expires: since + super::backend::IDLE_TIMEOUT,
         }
     }
 
@@ -114,9 +119,15 @@ impl BackendConn {
         write_all_vectored(&mut self.stream, parts).await
     }
 
+    /// The socket and what was read past the last response head, for a connection that leaves
+    /// HTTP (a WebSocket tunnel): it never goes back to the pool.
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     /// Whether an idle connection may carry a request: not idle too long, not closed.
     fn usable(&mut self, now: Instant) -> bool {
-        now.saturating_duration_since(self.since) < super::backend::IDLE_TIMEOUT && !self.is_stale()
+        now < self.expires && !self.is_stale()
     }
 
     /// Whether the backend closed (or wrote to) this idle connection: both make it unusable.
@@ -190,6 +201,7 @@ impl Backend {
             if conn.usable(now) {
                 conn.reused = true;
                 conn.since = now;
+                conn.expires = now + super::backend::IDLE_TIMEOUT;
                 return Some(conn);
             }
         }

@@ -506,3 +506,4 @@ pub fn tally(resps: &[Resp]) -> HashMap<String, usize> {
 fn addr_in(text: &str) -> Option<SocketAddr> {
     text.trim().split(['"', ' ', '}']).next()?.parse().ok()
 }
+pub mod redis;
