@@ -762,10 +762,11 @@ async fn idle_keep_alive_connections_hold_no_read_buffers() {
     }
     // Buffers are given back 50 ms after a response when no next request came. An 8 KiB read buffer
     // kept per connection made this 16 KiB (a release build is under 1 KiB, bench/idle.sh;
-    // this is a debug build, with larger futures).
+    // this is a debug build, with larger futures: 4.2 KiB here, and once 6.3 KiB on a loaded
+    // machine, the allocator's pages as much as the tasks; 8 KiB still tells the 16 KiB apart).
     let per_connection = || rss_kib(lb.pid()).saturating_sub(before) as f64 / CONNECTIONS as f64;
     let start = std::time::Instant::now();
-    while per_connection() >= 5.0 {
+    while per_connection() >= 8.0 {
         assert!(start.elapsed() < DEADLINE, "{:.1} KiB of RSS per idle keep-alive connection", per_connection());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -179,8 +179,8 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         client_ip,
     };
     let keep_alive = match routed {
-        _ if !admitted => req.denied(c).await,
-        _ if c.listener.config.redirect_https => req.redirect_https(c).await,
+        _ if !admitted => Box::pin(req.denied(c)).await,
+        _ if c.listener.config.redirect_https => Box::pin(req.redirect_https(c)).await,
         Some(service) => req.serve(c, &service, start).await,
         None => {
             let body = c.state.load().router.explain_miss(host, path);
@@ -338,7 +338,7 @@ impl Exchange<'_> {
                         passive::record_success(backend, trial, &service.config.name);
                     }
                     if status == 101 {
-                        return self.tunnel(c, conn, in_flight, timeouts.tunnel_idle).await;
+                        return Box::pin(self.tunnel(c, conn, in_flight, timeouts.tunnel_idle)).await;
                     }
                     if retry.on.contains(&status) && may_replay && body.replayable() && may_retry(service, retries) {
                         warn!(service = %service.config.name, backend = %backend.name, status, retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
@@ -424,7 +424,7 @@ impl Exchange<'_> {
             return self.relay(c, conn, in_flight, timeouts.backend_response).await;
         }
         if !attempted && lb.pool.is_empty() && service.config.managed.is_some() {
-            if let Some(now) = super::cold_start::wait(&c.state, service, deadline.into_std()).await {
+            if let Some(now) = Box::pin(super::cold_start::wait(&c.state, service, deadline.into_std())).await {
                 return Box::pin(self.serve(c, &now, start)).await;
             }
         }
