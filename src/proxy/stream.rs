@@ -1,22 +1,18 @@
-//! A client connection's socket: plain TCP or TLS over TCP. An enum rather than a trait
-//! object or a generic: dispatch is one branch per I/O call, the request path is compiled
-//! once, and the plain variant does what a bare `TcpStream` did.
+//! A client connection's socket: plain TCP or TLS over TCP ([`MaybeTls`], which does the
+//! reads and writes); what only the client side needs is here.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-pub enum ClientStream {
-    Plain(TcpStream),
-    /// Boxed: a TLS session is a few hundred bytes, which would make every plain
-    /// connection's state that much bigger.
-    Tls(Box<TlsStream<TcpStream>>),
-}
+use crate::tls::stream::MaybeTls;
+
+pub type ClientStream = MaybeTls<TlsStream<TcpStream>>;
 
 impl ClientStream {
     /// Wait until there is something to read. For TLS, bytes on the socket may be a partial
@@ -68,62 +64,6 @@ impl ClientStream {
                     Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
                 }
             }
-        }
-    }
-
-    pub fn is_tls(&self) -> bool {
-        matches!(self, ClientStream::Tls(_))
-    }
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Plain(s) => s.is_write_vectored(),
-            ClientStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    /// TLS: writes may leave encrypted records in rustls when the socket is full; flushing
-    /// sends them. Plain: nothing to do.
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(_) => Poll::Ready(Ok(())),
-            ClientStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! rustls with the `ring` provider, as for https health checks.
 
 pub mod client;
+pub mod stream;
 mod x509;
 
 use std::path::Path;

@@ -1,18 +1,19 @@
-//! A backend connection's socket: plain TCP, or TLS for `https://` backends. An enum, as on
-//! the client side (`proxy::stream`): one branch per I/O call, nothing boxed on the plain path.
+//! A backend connection's socket: plain TCP, or TLS for `https://` backends ([`MaybeTls`],
+//! as on the client side, does the reads and writes); what only the backend side needs is here.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::BackendTlsConfig;
+use crate::tls::stream::MaybeTls;
 
 /// What connecting to an https backend needs, built once per backend (at load).
 pub struct BackendTls {
@@ -43,12 +44,7 @@ impl BackendTls {
     }
 }
 
-#[derive(Debug)]
-pub enum BackendStream {
-    Plain(TcpStream),
-    /// Boxed: a TLS session is large, and plain connections should not carry its size.
-    Tls(Box<TlsStream<TcpStream>>),
-}
+pub type BackendStream = MaybeTls<TlsStream<TcpStream>>;
 
 impl BackendStream {
     /// Whether the backend closed (or wrote to) this idle connection, without waiting and
@@ -72,60 +68,6 @@ impl BackendStream {
                 let mut buf = ReadBuf::new(&mut probe);
                 Pin::new(&mut **s).poll_read(&mut cx, &mut buf).is_ready()
             }
-        }
-    }
-
-    pub fn is_tls(&self) -> bool {
-        matches!(self, BackendStream::Tls(_))
-    }
-}
-
-impl AsyncRead for BackendStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            BackendStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for BackendStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            BackendStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            BackendStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            BackendStream::Plain(s) => s.is_write_vectored(),
-            BackendStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(_) => Poll::Ready(Ok(())),
-            BackendStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            BackendStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }
