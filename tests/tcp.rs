@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use common::{eventually, TestBackend, Velocity, DEADLINE};
+use common::{assert_metric, dead_addr, eventually, kill, metric, scrape, TestBackend, Velocity, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use velocity::proxy_protocol::{self as pp, Header, Parsed};
@@ -93,27 +93,29 @@ impl Drop for EchoBackend {
     }
 }
 
-/// The address of listener `name`, from its `listening on ... (listener NAME)` line.
-async fn listener_addr(lb: &Velocity, name: &str) -> SocketAddr {
-    let tag = format!("(listener {name})");
-    let mut found = None;
-    eventually(&format!("listener {name}"), DEADLINE, || {
-        found = lb
-            .log_lines()
-            .iter()
-            .filter(|l| l.contains(&tag))
-            .find_map(|l| l.split("listening on ").nth(1)?.split("://").nth(1)?.split(' ').next()?.parse().ok());
-        found.is_some()
-    })
-    .await;
-    found.unwrap()
-}
-
 fn config(backends: &[SocketAddr], listener_extra: &str, service_extra: &str) -> String {
     let list: String = backends.iter().map(|a| format!("      - address: {a}\n")).collect();
     format!(
         "listen: 127.0.0.1:0\naccess_log: stdout\nlisteners:\n  - name: echo\n    listen: 127.0.0.1:0\n    protocol: tcp\n    service: echo\n{listener_extra}services:\n  - name: echo\n{service_extra}    backends:\n{list}"
     )
+}
+
+/// Echo backends named `names` behind a Velocity whose tcp listener `echo` forwards to them
+/// ([`config`]'s extras); the backends, the Velocity and the listener's address.
+async fn echo_service(
+    names: &[&'static str],
+    expect_proxy: bool,
+    listener_extra: &str,
+    service_extra: &str,
+) -> (Vec<EchoBackend>, Velocity, SocketAddr) {
+    let mut backends = Vec::new();
+    for name in names {
+        backends.push(EchoBackend::start(name, expect_proxy).await);
+    }
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let lb = Velocity::start(&config(&addrs, listener_extra, service_extra)).await;
+    let echo = lb.listener_addr("echo").await;
+    (backends, lb, echo)
 }
 
 /// One echo exchange with a half-close: `hello`, its echo, `world`, then the client's FIN;
@@ -139,14 +141,8 @@ async fn echo_once(addr: SocketAddr) -> String {
 
 #[tokio::test]
 async fn tcp_echo_round_robin_over_three_backends_with_half_close() {
-    let backends = [
-        EchoBackend::start("t1", false).await,
-        EchoBackend::start("t2", false).await,
-        EchoBackend::start("t3", false).await,
-    ];
+    let (backends, lb, echo) = echo_service(&["t1", "t2", "t3"], false, "", "").await;
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let lb = Velocity::start(&config(&addrs, "", "")).await;
-    let echo = listener_addr(&lb, "echo").await;
     let mut tally: HashMap<String, usize> = HashMap::new();
     let mut order = Vec::new();
     for _ in 0..6 {
@@ -181,19 +177,12 @@ async fn a_tcp_service_takes_no_http_route() {
     for _ in 0..3 {
         assert_eq!(common::get(lb.addr(), "x", "/").await.backend(), "web");
     }
-    assert_eq!(echo_once(listener_addr(&lb, "echo").await).await, "t1");
+    assert_eq!(echo_once(lb.listener_addr("echo").await).await, "t1");
 }
 
 #[tokio::test]
 async fn a_killed_tcp_backend_is_skipped() {
-    let mut backends = [
-        EchoBackend::start("t1", false).await,
-        EchoBackend::start("t2", false).await,
-        EchoBackend::start("t3", false).await,
-    ];
-    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let lb = Velocity::start(&config(&addrs, "", "")).await;
-    let echo = listener_addr(&lb, "echo").await;
+    let (mut backends, lb, echo) = echo_service(&["t1", "t2", "t3"], false, "", "").await;
     backends[1].kill();
     let mut names = Vec::new();
     for _ in 0..9 {
@@ -207,9 +196,7 @@ async fn a_killed_tcp_backend_is_skipped() {
 #[tokio::test]
 async fn proxy_v2_and_v1_are_sent_to_backends_that_check_them() {
     for (version, extra) in [("v2", "    proxy_protocol: v2\n"), ("v1", "    proxy_protocol: v1\n")] {
-        let backend = EchoBackend::start("p1", true).await;
-        let lb = Velocity::start(&config(&[backend.addr], extra, "")).await;
-        let echo = listener_addr(&lb, "echo").await;
+        let (backends, _lb, echo) = echo_service(&["p1"], true, extra, "").await;
         let mut s = TcpStream::connect(echo).await.unwrap();
         let me = s.local_addr().unwrap();
         s.write_all(b"ping").await.unwrap();
@@ -218,7 +205,7 @@ async fn proxy_v2_and_v1_are_sent_to_backends_that_check_them() {
         tokio::time::timeout(DEADLINE, s.read_to_string(&mut got)).await.unwrap().unwrap();
         // The header is not part of the stream the backend echoes.
         assert_eq!(got, "pingp1:4\n", "{version}");
-        let headers = backend.headers.lock().unwrap().clone();
+        let headers = backends[0].headers.lock().unwrap().clone();
         assert_eq!(headers, vec![Header::Proxy { source: me, destination: echo }], "{version}");
     }
 }
@@ -242,8 +229,8 @@ async fn proxy_v1_and_v2_parsed_from_a_trusted_peer_and_refused_from_another() {
         backend.addr
     ))
     .await;
-    let trusted = listener_addr(&lb, "trusted").await;
-    let other = listener_addr(&lb, "other").await;
+    let trusted = lb.listener_addr("trusted").await;
+    let other = lb.listener_addr("other").await;
     let v1 = b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 80\r\n".to_vec();
     let v2 = pp::encode_v2("[2001:db8::9]:40000".parse().unwrap(), "[2001:db8::1]:80".parse().unwrap());
     for (header, ip) in [(&v1, "203.0.113.7"), (&v2, "2001:db8::9")] {
@@ -276,10 +263,8 @@ async fn proxy_v1_and_v2_parsed_from_a_trusted_peer_and_refused_from_another() {
 
 #[tokio::test]
 async fn a_tcp_listener_carries_a_trusted_address_on_and_refuses_an_untrusted_header() {
-    let backend = EchoBackend::start("p1", true).await;
     let extra = "    proxy_protocol: v2\n    accept_proxy_protocol: [127.0.0.1/32]\n";
-    let lb = Velocity::start(&config(&[backend.addr], extra, "")).await;
-    let echo = listener_addr(&lb, "echo").await;
+    let (backends, lb, echo) = echo_service(&["p1"], true, extra, "").await;
     let client: SocketAddr = "198.51.100.4:1234".parse().unwrap();
     let dest: SocketAddr = "198.51.100.1:5432".parse().unwrap();
     let mut s = TcpStream::connect(echo).await.unwrap();
@@ -289,15 +274,13 @@ async fn a_tcp_listener_carries_a_trusted_address_on_and_refuses_an_untrusted_he
     let mut got = String::new();
     tokio::time::timeout(DEADLINE, s.read_to_string(&mut got)).await.unwrap().unwrap();
     assert_eq!(got, "abcp1:3\n");
-    assert_eq!(backend.headers.lock().unwrap().clone(), vec![Header::Proxy { source: client, destination: dest }]);
+    assert_eq!(backends[0].headers.lock().unwrap().clone(), vec![Header::Proxy { source: client, destination: dest }]);
 
     // Not trusted (the list names another network): a header closes the connection before
     // anything reaches the backend.
     drop(lb);
     let extra = "    accept_proxy_protocol: [10.0.0.0/8]\n";
-    let plain = EchoBackend::start("p2", false).await;
-    let lb = Velocity::start(&config(&[plain.addr], extra, "")).await;
-    let echo = listener_addr(&lb, "echo").await;
+    let (_plain, lb, echo) = echo_service(&["p2"], false, extra, "").await;
     let mut s = TcpStream::connect(echo).await.unwrap();
     s.write_all(&pp::encode_v2(client, dest)).await.unwrap();
     s.write_all(b"abc").await.unwrap();
@@ -314,10 +297,7 @@ async fn a_tcp_listener_carries_a_trusted_address_on_and_refuses_an_untrusted_he
 
 #[tokio::test]
 async fn a_tcp_connection_counts_in_flight_for_least_connections() {
-    let backends = [EchoBackend::start("l1", false).await, EchoBackend::start("l2", false).await];
-    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let lb = Velocity::start(&config(&addrs, "", "    algorithm: least_connections\n")).await;
-    let echo = listener_addr(&lb, "echo").await;
+    let (_backends, _lb, echo) = echo_service(&["l1", "l2"], false, "", "    algorithm: least_connections\n").await;
     // Hold one connection open on whichever backend it went to.
     let mut held = TcpStream::connect(echo).await.unwrap();
     let mut one = [0u8; 1];
@@ -337,11 +317,6 @@ async fn a_tcp_connection_counts_in_flight_for_least_connections() {
     assert!(names.iter().all(|n| *n != held_on), "{names:?} {held_on}");
 }
 
-fn kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
-    assert!(status.success(), "kill {signal} {pid}");
-}
-
 /// One byte there and back on an open connection.
 async fn ping(s: &mut TcpStream, b: u8) {
     s.write_all(&[b]).await.unwrap();
@@ -356,7 +331,7 @@ async fn a_tcp_connection_survives_a_reload_and_drains_at_shutdown() {
     let path = common::temp_path("velocity.yaml");
     std::fs::write(&path, config(&[backend.addr], "", "")).unwrap();
     let mut lb = Velocity::start_file(path.clone(), &[]).await;
-    let echo = listener_addr(&lb, "echo").await;
+    let echo = lb.listener_addr("echo").await;
     let mut s = TcpStream::connect(echo).await.unwrap();
     ping(&mut s, b'a').await;
     std::fs::write(
@@ -381,4 +356,71 @@ async fn a_tcp_connection_survives_a_reload_and_drains_at_shutdown() {
         assert!(start.elapsed() < DEADLINE, "velocity did not exit");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// The tcp-mode series of service `echo` and its backend `b`, read from one scrape.
+fn tcp_series(text: &str, b: SocketAddr) -> [Option<f64>; 8] {
+    let s = r#"service="echo""#;
+    let sb = format!(r#"service="echo",backend="{b}""#);
+    [
+        metric(text, &format!("velocity_tcp_connections_total{{{s}}}")),
+        metric(text, &format!("velocity_tcp_connections_active{{{s}}}")),
+        metric(text, &format!("velocity_tcp_bytes_in_total{{{s}}}")),
+        metric(text, &format!("velocity_tcp_bytes_out_total{{{s}}}")),
+        metric(text, &format!("velocity_backend_tcp_connections_total{{{sb}}}")),
+        metric(text, &format!("velocity_backend_tcp_connections_active{{{sb}}}")),
+        metric(text, &format!("velocity_backend_tcp_bytes_in_total{{{sb}}}")),
+        metric(text, &format!("velocity_backend_tcp_bytes_out_total{{{sb}}}")),
+    ]
+}
+
+#[tokio::test]
+async fn tcp_connections_bytes_and_connect_failures_are_in_the_metrics() {
+    let mut backend = EchoBackend::start("m1", false).await;
+    let dead = dead_addr();
+    let yaml = format!("admin: {{listen: 127.0.0.1:0}}\n{}", config(&[dead, backend.addr], "", ""));
+    let lb = Velocity::start(&yaml).await;
+    let admin = lb.admin_addr().await;
+    let echo = lb.listener_addr("echo").await;
+    // One connection held open (1 byte each way so far), two whole exchanges (10 bytes up,
+    // 16 down each); the dead backend is tried and skipped on the way.
+    let mut held = TcpStream::connect(echo).await.unwrap();
+    ping(&mut held, b'x').await;
+    for _ in 0..2 {
+        assert_eq!(echo_once(echo).await, "m1");
+    }
+    // Bytes count as they move and the two closed connections end a moment after the client
+    // saw their end: poll.
+    let expected = [3.0, 1.0, 21.0, 33.0, 3.0, 1.0, 21.0, 33.0].map(Some);
+    let start = std::time::Instant::now();
+    let text = loop {
+        let text = scrape(admin).await;
+        if tcp_series(&text, backend.addr) == expected {
+            break text;
+        }
+        assert!(start.elapsed() < DEADLINE, "{:?} in\n{text}", tcp_series(&text, backend.addr));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let errors =
+        metric(&text, &format!(r#"velocity_backend_connection_errors_total{{service="echo",backend="{dead}"}}"#));
+    assert!(errors.is_some_and(|n| n >= 1.0), "{text}");
+    assert_metric(&text, &format!(r#"velocity_backend_tcp_connections_total{{service="echo",backend="{dead}"}}"#), 0.0);
+    // A failure series appears at its first count.
+    assert!(!text.lines().any(|l| l.starts_with("velocity_tcp_connections_failed_total{")), "{text}");
+
+    // Both backends refuse: the connection closes, counted by its reason before the close.
+    backend.kill();
+    // The aborted task's listener closes a moment later (until then the kernel still accepts).
+    let m1 = backend.addr;
+    eventually("the backend to refuse", DEADLINE, || std::net::TcpStream::connect(m1).is_err()).await;
+    let mut s = TcpStream::connect(echo).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut got)).await.expect("closed in time");
+    assert!(got.is_empty(), "{got:?}");
+    let text = scrape(admin).await;
+    assert_metric(&text, r#"velocity_tcp_connections_failed_total{service="echo",reason="no_backend"}"#, 1.0);
+    assert_metric(&text, r#"velocity_tcp_connections_total{service="echo"}"#, 4.0);
+    // The held connection (served by a task the kill left running) is still open.
+    assert_metric(&text, r#"velocity_tcp_connections_active{service="echo"}"#, 1.0);
+    ping(&mut held, b'y').await;
 }

@@ -160,6 +160,10 @@ pub struct ServiceMetrics {
     rejected: [AtomicU64; Reject::ALL.len()],
     bytes_received: AtomicU64,
     bytes_sent: AtomicU64,
+    /// Connections of the tcp listeners that forward to this service.
+    pub tcp: TcpCounters,
+    tcp_active: AtomicU64,
+    tcp_failed: [AtomicU64; TcpFailure::ALL.len()],
 }
 
 impl ServiceMetrics {
@@ -171,7 +175,30 @@ impl ServiceMetrics {
             rejected: Default::default(),
             bytes_received: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
+            tcp: TcpCounters::default(),
+            tcp_active: AtomicU64::new(0),
+            tcp_failed: Default::default(),
         })
+    }
+
+    /// A tcp listener accepted a connection for this service: counted now, and as active
+    /// until the guard drops (the end of the connection, or its cut at shutdown).
+    pub fn tcp_accepted(&self) -> TcpActive<'_> {
+        self.tcp.connections.fetch_add(1, Relaxed);
+        self.tcp_active.fetch_add(1, Relaxed);
+        TcpActive(&self.tcp_active)
+    }
+
+    pub fn tcp_failed(&self, f: TcpFailure) {
+        self.tcp_failed[f as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn tcp_failures(&self, f: TcpFailure) -> u64 {
+        self.tcp_failed[f as usize].load(Relaxed)
+    }
+
+    pub fn tcp_active(&self) -> u64 {
+        self.tcp_active.load(Relaxed)
     }
 
     /// One finished request (Velocity's own answers included).
@@ -263,6 +290,85 @@ impl RequestEnd {
     }
 }
 
+/// Which way TCP-mode bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client toward the backend (HAProxy's `bytes_in`).
+    In,
+    /// From the backend toward the client.
+    Out,
+}
+
+/// TCP-mode counters of a service (`velocity_tcp_*`) or a backend (`velocity_backend_tcp_*`).
+/// Bytes are added as they move, not when the connection ends, so a connection open for
+/// hours shows its traffic all along.
+#[derive(Debug, Default)]
+pub struct TcpCounters {
+    /// Service: connections accepted. Backend: connections forwarded to it (connected).
+    pub connections: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl TcpCounters {
+    #[inline]
+    pub fn moved(&self, dir: Direction, n: u64) {
+        match dir {
+            Direction::In => self.bytes_in.fetch_add(n, Relaxed),
+            Direction::Out => self.bytes_out.fetch_add(n, Relaxed),
+        };
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Relaxed)
+    }
+
+    pub fn bytes(&self, dir: Direction) -> u64 {
+        match dir {
+            Direction::In => self.bytes_in.load(Relaxed),
+            Direction::Out => self.bytes_out.load(Relaxed),
+        }
+    }
+}
+
+/// Counts a tcp connection as active on its service until dropped.
+#[derive(Debug)]
+pub struct TcpActive<'a>(&'a AtomicU64);
+
+impl Drop for TcpActive<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Why a tcp connection closed before it reached a backend
+/// (`velocity_tcp_connections_failed_total{reason}`; the access log's note).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpFailure {
+    /// Every connect that was tried failed.
+    NoBackend,
+    /// No backend could be tried (down, ejected, full).
+    NoHealthyBackend,
+    /// Velocity was out of a local resource (file descriptors, ports).
+    LocalError,
+    /// The PROXY header could not be sent to the backend.
+    BackendError,
+}
+
+impl TcpFailure {
+    pub const ALL: [TcpFailure; 4] =
+        [TcpFailure::NoBackend, TcpFailure::NoHealthyBackend, TcpFailure::LocalError, TcpFailure::BackendError];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TcpFailure::NoBackend => "no_backend",
+            TcpFailure::NoHealthyBackend => "no_healthy_backend",
+            TcpFailure::LocalError => "local_error",
+            TcpFailure::BackendError => "backend_error",
+        }
+    }
+}
+
 /// Counters of one backend, inside its `Backend`: a reload that keeps the backend keeps them.
 #[derive(Debug, Default)]
 pub struct BackendMetrics {
@@ -274,6 +380,8 @@ pub struct BackendMetrics {
     /// Tries of a request here after a failure or a retryable answer elsewhere.
     pub retries: AtomicU64,
     pub ejections: AtomicU64,
+    /// TCP mode (a backend of a service that a tcp listener names).
+    pub tcp: TcpCounters,
 }
 
 impl BackendMetrics {
@@ -607,6 +715,7 @@ impl Collector for Scrape {
         gauges(&mut enc, "velocity_queue_depth", "Requests waiting for a backend under max_connections.", &rows)?;
 
         self.encode_backends(&mut enc)?;
+        self.encode_tcp(&mut enc)?;
 
         let live = metrics.live_listeners();
         let rows: Vec<(Labels<1>, i64)> =
@@ -686,7 +795,7 @@ impl Scrape {
         counters(
             enc,
             "velocity_backend_connection_errors",
-            "Tries that could not deliver the request: connect refused, timed out or failed.",
+            "Tries that could not deliver the request or tcp connection: connect refused, timed out or failed.",
             &counter(&|b| b.metrics.connection_errors.load(Relaxed)),
         )?;
         counters(
@@ -726,6 +835,94 @@ impl Scrape {
             &counter(&|b| b.connections_opened()),
         )?;
         cluster(enc)
+    }
+}
+
+impl Scrape {
+    /// TCP mode: the services that tcp listeners name, and their backends. Nothing (not even
+    /// the families) without a tcp listener.
+    fn encode_tcp(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let snap = &self.0;
+        let names = snap.config.tcp_services();
+        let services: Vec<_> = snap.services.iter().filter(|s| names.contains(&s.config.name.as_str())).collect();
+        if services.is_empty() {
+            return Ok(());
+        }
+        let each = |f: &dyn Fn(&ServiceMetrics) -> u64| -> Vec<(Labels<1>, u64)> {
+            services.iter().map(|s| ([("service", s.config.name.as_str())], f(&s.metrics))).collect()
+        };
+        counters(
+            enc,
+            "velocity_tcp_connections",
+            "Connections accepted by tcp listeners, by the service they forward to.",
+            &each(&|m| m.tcp.connections()),
+        )?;
+        let rows: Vec<(Labels<1>, i64)> =
+            services.iter().map(|s| ([("service", s.config.name.as_str())], s.metrics.tcp_active() as i64)).collect();
+        gauges(enc, "velocity_tcp_connections_active", "Open tcp-mode client connections.", &rows)?;
+        let mut rows: Vec<(Labels<2>, u64)> = Vec::new();
+        for s in &services {
+            for f in TcpFailure::ALL {
+                let n = s.metrics.tcp_failures(f);
+                if n > 0 {
+                    rows.push(([("service", s.config.name.as_str()), ("reason", f.label())], n));
+                }
+            }
+        }
+        counters(
+            enc,
+            "velocity_tcp_connections_failed",
+            "Tcp-mode connections closed before they reached a backend.",
+            &rows,
+        )?;
+        counters(
+            enc,
+            "velocity_tcp_bytes_in",
+            "Bytes from tcp-mode clients to backends, counted as they move.",
+            &each(&|m| m.tcp.bytes(Direction::In)),
+        )?;
+        counters(
+            enc,
+            "velocity_tcp_bytes_out",
+            "Bytes from backends to tcp-mode clients, counted as they move.",
+            &each(&|m| m.tcp.bytes(Direction::Out)),
+        )?;
+
+        let pools: Vec<_> = services.iter().map(|s| (s.config.name.as_str(), s.lb.load_full())).collect();
+        let backends = || {
+            pools.iter().flat_map(|(service, lb)| lb.pool.backends.iter().map(move |b| (*service, b.name.as_str(), b)))
+        };
+        let each = |f: &dyn Fn(&crate::upstream::Backend) -> u64| -> Vec<(Labels<2>, u64)> {
+            backends().map(|(s, n, b)| ([("service", s), ("backend", n)], f(b))).collect()
+        };
+        counters(
+            enc,
+            "velocity_backend_tcp_connections",
+            "Tcp-mode connections forwarded to the backend (connected).",
+            &each(&|b| b.metrics.tcp.connections()),
+        )?;
+        // A tcp service takes no HTTP route, so its backends' in-flight count is their open
+        // (or connecting) tcp connections: the same number, under the name a user looks for.
+        let rows: Vec<(Labels<2>, i64)> =
+            backends().map(|(s, n, b)| ([("service", s), ("backend", n)], b.in_flight() as i64)).collect();
+        gauges(
+            enc,
+            "velocity_backend_tcp_connections_active",
+            "Open tcp-mode connections to the backend (connecting included).",
+            &rows,
+        )?;
+        counters(
+            enc,
+            "velocity_backend_tcp_bytes_in",
+            "Bytes sent to the backend from tcp-mode clients.",
+            &each(&|b| b.metrics.tcp.bytes(Direction::In)),
+        )?;
+        counters(
+            enc,
+            "velocity_backend_tcp_bytes_out",
+            "Bytes from the backend to tcp-mode clients.",
+            &each(&|b| b.metrics.tcp.bytes(Direction::Out)),
+        )
     }
 }
 

@@ -13,4 +13,4 @@ mod time;
 
 pub use access_log::{AccessLog, AccessRecord};
 pub use events::init_logging;
-pub use metrics::{BackendMetrics, Metrics, RequestEnd, ServiceMetrics};
+pub use metrics::{BackendMetrics, Direction, Metrics, RequestEnd, ServiceMetrics, TcpCounters, TcpFailure};

@@ -29,7 +29,7 @@ use crate::balancer::RequestContext;
 use crate::config::ProxyProtocolVersion;
 use crate::health::passive::{self, Admission};
 use crate::http1::RequestHead;
-use crate::observe::{AccessLog, AccessRecord, BackendMetrics};
+use crate::observe::{AccessLog, AccessRecord, BackendMetrics, TcpFailure};
 use crate::proxy_protocol::{self as pp, Header, Parsed};
 use crate::state::{Service, Shared};
 use crate::upstream::{Backend, BackendStream, ConnectError, InFlight};
@@ -161,6 +161,7 @@ async fn serve(stream: &mut TcpStream, peer: SocketAddr, settings: &ListenerSett
         return;
     };
     let timeouts = service.config.limits.timeouts;
+    let _active = service.metrics.tcp_accepted();
     let Some(addrs) = proxy_in(stream, peer, settings, snapshot.config.limits.timeouts.client_header, false).await
     else {
         return;
@@ -170,8 +171,9 @@ async fn serve(stream: &mut TcpStream, peer: SocketAddr, settings: &ListenerSett
     let mut line = TcpLine::new(snapshot.access_log.as_ref(), addrs.client, listener, &service);
     let (mut backend_stream, in_flight) = match connect(&service, addrs.client, timeouts.connect).await {
         Ok(connected) => connected,
-        Err(note) => {
-            line.note = Some(note);
+        Err(failure) => {
+            service.metrics.tcp_failed(failure);
+            line.note = Some(failure.label());
             return;
         }
     };
@@ -191,11 +193,14 @@ async fn serve(stream: &mut TcpStream, peer: SocketAddr, settings: &ListenerSett
         };
         if let Err(e) = sent.await {
             warn!(backend = %backend.name, error = %e, "sending the PROXY protocol header failed");
-            line.note = Some("backend_error");
+            service.metrics.tcp_failed(TcpFailure::BackendError);
+            line.note = Some(TcpFailure::BackendError.label());
             return;
         }
     }
-    let spliced = splice_guarded(stream, &[], &mut backend_stream, &[], timeouts.tunnel_idle, guard).await;
+    backend.metrics.tcp.connections.fetch_add(1, Ordering::Relaxed);
+    let meters = [&service.metrics.tcp, &backend.metrics.tcp];
+    let spliced = splice_guarded(stream, &[], &mut backend_stream, &[], timeouts.tunnel_idle, guard, &meters).await;
     debug!(client = %addrs.client, backend = %backend.name, up = spliced.up, down = spliced.down, end = ?spliced.end, "tcp connection closed");
     if let TunnelEnd::Failed(e) = &spliced.end {
         if e.kind() == std::io::ErrorKind::InvalidData {
@@ -212,7 +217,7 @@ async fn connect(
     service: &Service,
     client: SocketAddr,
     connect_timeout: Duration,
-) -> Result<(BackendStream, InFlight), &'static str> {
+) -> Result<(BackendStream, InFlight), TcpFailure> {
     let lb = service.lb.load_full();
     let pool = &lb.pool;
     let name = &service.config.name;
@@ -247,7 +252,7 @@ async fn connect(
             Err(ConnectError::Local(e)) => {
                 drop(trial);
                 warn!(service = %name, backend = %backend.name, error = %e, "cannot connect to the backend: Velocity is out of a local resource (not counted against the backend)");
-                return Err("local_error");
+                return Err(TcpFailure::LocalError);
             }
             Err(e) => {
                 BackendMetrics::inc(&backend.metrics.connection_errors);
@@ -258,10 +263,10 @@ async fn connect(
     }
     if attempted {
         warn!(service = %name, "no backend could take the tcp connection");
-        Err("no_backend")
+        Err(TcpFailure::NoBackend)
     } else {
         warn!(service = %name, "no healthy backend, tcp connection closed");
-        Err("no_healthy_backend")
+        Err(TcpFailure::NoHealthyBackend)
     }
 }
 

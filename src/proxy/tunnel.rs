@@ -22,6 +22,7 @@ use tracing::debug;
 use super::client::ClientConn;
 use super::forward::Exchange;
 use crate::http1::ClientFraming;
+use crate::observe::{Direction, TcpCounters};
 use crate::upstream::{BackendConn, InFlight};
 
 /// Room for one read per direction: allocated when the tunnel starts, not per idle
@@ -71,8 +72,15 @@ struct Activity {
 }
 
 impl Activity {
-    fn moved(&self, count: &AtomicU64, n: usize) {
+    fn moved(&self, dir: Direction, meters: &[&TcpCounters], n: usize) {
+        let count = match dir {
+            Direction::In => &self.up,
+            Direction::Out => &self.down,
+        };
         count.fetch_add(n as u64, Ordering::Relaxed);
+        for m in meters {
+            m.moved(dir, n as u64);
+        }
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
@@ -88,13 +96,14 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    splice_guarded(a, a_pending, b, b_pending, idle, false).await
+    splice_guarded(a, a_pending, b, b_pending, idle, false, &[]).await
 }
 
 /// [`splice`]; with `refuse_proxy_header`, a PROXY protocol header at the start of what `a`
 /// sends fails the tunnel (`InvalidData`) before any of it reaches `b`: `a` is a peer that
 /// `accept_proxy_protocol` does not list. Checked in the stream rather than before it, so
-/// that a protocol in which the server speaks first still works.
+/// that a protocol in which the server speaks first still works. `meters` (TCP mode's
+/// service and backend counters) get every byte as it moves, `a` to `b` as `In`.
 pub async fn splice_guarded<A, B>(
     a: &mut A,
     a_pending: &[u8],
@@ -102,6 +111,7 @@ pub async fn splice_guarded<A, B>(
     b_pending: &[u8],
     idle: Duration,
     refuse_proxy_header: bool,
+    meters: &[&TcpCounters],
 ) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -113,8 +123,8 @@ where
     // halves stay in this task, so its lock is never contended.
     let (mut a_read, mut a_write) = tokio::io::split(a);
     let (mut b_read, mut b_write) = tokio::io::split(b);
-    let up = copy_half(&mut a_read, &mut b_write, a_pending, &activity, &activity.up, refuse_proxy_header);
-    let down = copy_half(&mut b_read, &mut a_write, b_pending, &activity, &activity.down, false);
+    let up = copy_half(&mut a_read, &mut b_write, a_pending, &activity, Direction::In, meters, refuse_proxy_header);
+    let down = copy_half(&mut b_read, &mut a_write, b_pending, &activity, Direction::Out, meters, false);
     let idle_timer = async {
         loop {
             let until = activity.idle_until(idle);
@@ -140,13 +150,14 @@ async fn copy_half<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     to: &mut W,
     pending: &[u8],
     activity: &Activity,
-    count: &AtomicU64,
+    dir: Direction,
+    meters: &[&TcpCounters],
     mut refuse_proxy_header: bool,
 ) -> io::Result<()> {
     if !pending.is_empty() {
         to.write_all(pending).await?;
         to.flush().await?;
-        activity.moved(count, pending.len());
+        activity.moved(dir, meters, pending.len());
     }
     let mut buf = vec![0u8; TUNNEL_BUFFER];
     // Bytes at the front of `buf` held back until the PROXY check can decide (at most 12).
@@ -173,7 +184,7 @@ async fn copy_half<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             to.write_all(&buf[..filled]).await?;
             // TLS holds records until flushed; a no-op on plain TCP.
             to.flush().await?;
-            activity.moved(count, filled);
+            activity.moved(dir, meters, filled);
             held = 0;
         }
         if n == 0 {

@@ -487,21 +487,61 @@ impl Client {
 
     /// Like `send`, but a transport error is returned instead of failing the test.
     pub async fn try_get(&mut self, host: &str, path: &str) -> Result<Resp, String> {
-        let req = Request::builder().uri(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
-        self.sender.ready().await.map_err(|e| e.to_string())?;
-        let resp = self.sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok(Resp {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
+        try_get_on(&mut self.sender, host, path).await
     }
 
     pub async fn get(&mut self, host: &str, path: &str) -> Resp {
         self.request("GET", host, path, "").await
     }
+}
+
+/// A GET on any HTTP/1.1 connection (plain, TLS); a transport error is returned instead of
+/// failing the test.
+pub async fn try_get_on(
+    sender: &mut client_http1::SendRequest<Full<Bytes>>,
+    host: &str,
+    path: &str,
+) -> Result<Resp, String> {
+    let req = Request::builder().uri(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Resp {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// An address nothing listens on: connecting is refused.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Send `signal` (`-HUP`, `-TERM`, ...) to a process (a Velocity's `pid()`).
+pub fn kill(pid: u32, signal: &str) {
+    let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// `GET /metrics` on an admin listener (no token configured).
+pub async fn scrape(admin: SocketAddr) -> String {
+    let resp = get(admin, "localhost", "/metrics").await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(resp.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    resp.body
+}
+
+/// The value of the series written exactly as `series` (name and labels), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' '))).map(|v| v.parse().unwrap())
+}
+
+#[track_caller]
+pub fn assert_metric(text: &str, series: &str, expected: f64) {
+    assert_eq!(metric(text, series), Some(expected), "{series} in\n{text}");
 }
 
 /// One GET on a fresh connection.
