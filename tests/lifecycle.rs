@@ -47,11 +47,6 @@ async fn connect(addr: SocketAddr) -> Result<client_http1::SendRequest<Empty<Byt
     Ok(sender)
 }
 
-fn kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
-    assert!(status.success(), "kill {signal} {pid}");
-}
-
 async fn wait_exit(v: &mut Velocity, deadline: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {

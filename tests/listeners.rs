@@ -7,11 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
-    assert!(status.success(), "kill {signal} {pid}");
-}
-
 /// Replace the config file in one step, so a reader never sees half of it.
 fn write_config(path: &std::path::Path, text: &str) {
     let tmp = path.with_extension("tmp");

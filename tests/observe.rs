@@ -11,35 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, get, temp_path, Client, TestBackend, Velocity, DEADLINE};
-
-/// An address nothing listens on: connecting is refused.
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-async fn scrape(admin: SocketAddr) -> String {
-    let resp = get(admin, "localhost", "/metrics").await;
-    assert_eq!(resp.status, 200, "{}", resp.body);
-    assert_eq!(resp.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8");
-    resp.body
-}
-
-/// The value of the series written exactly as `series` (name and labels), if present.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' '))).map(|v| v.parse().unwrap())
-}
-
-#[track_caller]
-fn assert_value(text: &str, series: &str, expected: f64) {
-    assert_eq!(value(text, series), Some(expected), "{series} in\n{text}");
-}
-
-fn kill(pid: u32, signal: &str) {
-    let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
-    assert!(status.success(), "kill {signal} {pid}");
-}
+use common::{
+    assert_metric, dead_addr, eventually, get, kill, metric, scrape, temp_path, Client, TestBackend, Velocity, DEADLINE,
+};
 
 /// One raw request on a fresh connection; returns what came back until the server closed.
 fn raw(addr: SocketAddr, request: &[u8]) -> String {
@@ -102,63 +76,63 @@ services:
     let bad_dead = format!(r#"service="bad",backend="{d}""#);
 
     let requests = |labels: &str| format!("velocity_http_requests_total{{{labels}}}");
-    assert_value(&text, &requests(r#"service="web",code_class="2xx",method="GET""#), 4.0);
-    assert_value(&text, &requests(r#"service="web",code_class="2xx",method="POST""#), 1.0);
-    assert_value(&text, &requests(r#"service="web",code_class="4xx",method="POST""#), 1.0);
-    assert_value(&text, &requests(r#"service="",code_class="4xx",method="GET""#), 1.0);
-    assert_value(&text, &requests(r#"service="",code_class="4xx",method="other""#), 1.0);
-    assert_value(&text, &requests(r#"service="bad",code_class="5xx",method="GET""#), 1.0);
+    assert_metric(&text, &requests(r#"service="web",code_class="2xx",method="GET""#), 4.0);
+    assert_metric(&text, &requests(r#"service="web",code_class="2xx",method="POST""#), 1.0);
+    assert_metric(&text, &requests(r#"service="web",code_class="4xx",method="POST""#), 1.0);
+    assert_metric(&text, &requests(r#"service="",code_class="4xx",method="GET""#), 1.0);
+    assert_metric(&text, &requests(r#"service="",code_class="4xx",method="other""#), 1.0);
+    assert_metric(&text, &requests(r#"service="bad",code_class="5xx",method="GET""#), 1.0);
     assert_eq!(text.lines().filter(|l| l.starts_with("velocity_http_requests_total")).count(), 6, "{text}");
 
     // Malformed heads (the 431) are not in the duration histogram: no request was read.
-    assert_value(&text, r#"velocity_http_request_duration_seconds_count{service="web"}"#, 6.0);
-    assert_value(&text, r#"velocity_http_request_duration_seconds_count{service=""}"#, 1.0);
-    assert_value(&text, r#"velocity_http_request_duration_seconds_count{service="bad"}"#, 1.0);
-    assert_value(&text, r#"velocity_http_request_duration_seconds_bucket{service="web",le="+Inf"}"#, 6.0);
+    assert_metric(&text, r#"velocity_http_request_duration_seconds_count{service="web"}"#, 6.0);
+    assert_metric(&text, r#"velocity_http_request_duration_seconds_count{service=""}"#, 1.0);
+    assert_metric(&text, r#"velocity_http_request_duration_seconds_count{service="bad"}"#, 1.0);
+    assert_metric(&text, r#"velocity_http_request_duration_seconds_bucket{service="web",le="+Inf"}"#, 6.0);
 
-    assert_value(&text, r#"velocity_requests_rejected_total{service="web",reason="too_large"}"#, 1.0);
-    assert_value(&text, r#"velocity_requests_rejected_total{service="bad",reason="no_backend"}"#, 1.0);
-    assert_value(&text, r#"velocity_requests_rejected_total{service="",reason="header_too_large"}"#, 1.0);
+    assert_metric(&text, r#"velocity_requests_rejected_total{service="web",reason="too_large"}"#, 1.0);
+    assert_metric(&text, r#"velocity_requests_rejected_total{service="bad",reason="no_backend"}"#, 1.0);
+    assert_metric(&text, r#"velocity_requests_rejected_total{service="",reason="header_too_large"}"#, 1.0);
     assert_eq!(text.lines().filter(|l| l.starts_with("velocity_requests_rejected_total")).count(), 3, "{text}");
 
-    assert_value(&text, &format!(r#"velocity_backend_responses_total{{{web_good},code_class="2xx"}}"#), 5.0);
+    assert_metric(&text, &format!(r#"velocity_backend_responses_total{{{web_good},code_class="2xx"}}"#), 5.0);
     assert!(!text.contains(&format!("velocity_backend_responses_total{{{web_dead}")), "{text}");
-    assert_value(&text, &format!("velocity_backend_response_duration_seconds_count{{{web_good}}}"), 5.0);
-    assert_value(&text, &format!("velocity_backend_response_duration_seconds_count{{{web_dead}}}"), 0.0);
-    assert_value(&text, &format!("velocity_backend_connection_errors_total{{{web_dead}}}"), 1.0);
-    assert_value(&text, &format!("velocity_backend_connection_errors_total{{{web_good}}}"), 0.0);
-    assert_value(&text, &format!("velocity_backend_connection_errors_total{{{bad_dead}}}"), 1.0);
-    assert_value(&text, &format!("velocity_backend_retries_total{{{web_good}}}"), 1.0);
-    assert_value(&text, &format!("velocity_backend_retries_total{{{web_dead}}}"), 0.0);
-    assert_value(&text, &format!("velocity_backend_retries_total{{{bad_dead}}}"), 0.0);
-    assert_value(&text, &format!("velocity_backend_ejections_total{{{web_dead}}}"), 1.0);
-    assert_value(&text, &format!("velocity_backend_ejections_total{{{web_good}}}"), 0.0);
-    assert_value(&text, &format!("velocity_backend_up{{{web_dead}}}"), 0.0);
-    assert_value(&text, &format!("velocity_backend_up{{{web_good}}}"), 1.0);
-    assert_value(&text, &format!("velocity_backend_in_flight{{{web_good}}}"), 0.0);
-    let opened = value(&text, &format!("velocity_backend_connections_opened_total{{{web_good}}}")).unwrap();
+    assert_metric(&text, &format!("velocity_backend_response_duration_seconds_count{{{web_good}}}"), 5.0);
+    assert_metric(&text, &format!("velocity_backend_response_duration_seconds_count{{{web_dead}}}"), 0.0);
+    assert_metric(&text, &format!("velocity_backend_connection_errors_total{{{web_dead}}}"), 1.0);
+    assert_metric(&text, &format!("velocity_backend_connection_errors_total{{{web_good}}}"), 0.0);
+    assert_metric(&text, &format!("velocity_backend_connection_errors_total{{{bad_dead}}}"), 1.0);
+    assert_metric(&text, &format!("velocity_backend_retries_total{{{web_good}}}"), 1.0);
+    assert_metric(&text, &format!("velocity_backend_retries_total{{{web_dead}}}"), 0.0);
+    assert_metric(&text, &format!("velocity_backend_retries_total{{{bad_dead}}}"), 0.0);
+    assert_metric(&text, &format!("velocity_backend_ejections_total{{{web_dead}}}"), 1.0);
+    assert_metric(&text, &format!("velocity_backend_ejections_total{{{web_good}}}"), 0.0);
+    assert_metric(&text, &format!("velocity_backend_up{{{web_dead}}}"), 0.0);
+    assert_metric(&text, &format!("velocity_backend_up{{{web_good}}}"), 1.0);
+    assert_metric(&text, &format!("velocity_backend_in_flight{{{web_good}}}"), 0.0);
+    let opened = metric(&text, &format!("velocity_backend_connections_opened_total{{{web_good}}}")).unwrap();
     assert!(opened >= 1.0, "{text}");
-    assert_value(&text, &format!("velocity_backend_connect_duration_seconds_count{{{web_good}}}"), opened);
-    assert_value(&text, &format!("velocity_backend_connect_duration_seconds_count{{{web_dead}}}"), 0.0);
-    let idle = value(&text, &format!("velocity_backend_pool_idle_connections{{{web_good}}}")).unwrap();
+    assert_metric(&text, &format!("velocity_backend_connect_duration_seconds_count{{{web_good}}}"), opened);
+    assert_metric(&text, &format!("velocity_backend_connect_duration_seconds_count{{{web_dead}}}"), 0.0);
+    let idle = metric(&text, &format!("velocity_backend_pool_idle_connections{{{web_good}}}")).unwrap();
     assert!(idle >= 1.0 && idle <= opened, "{text}");
 
     // Body bytes: "hello" in; five "good\n" answers and the 413's text out.
-    assert_value(&text, r#"velocity_bytes_received_total{service="web"}"#, 5.0);
+    assert_metric(&text, r#"velocity_bytes_received_total{service="web"}"#, 5.0);
     let body_413 = "413 content too large: the limit is 10 bytes\n".len();
-    assert_value(&text, r#"velocity_bytes_sent_total{service="web"}"#, (5 * 5 + body_413) as f64);
-    assert_value(&text, r#"velocity_queue_depth{service="web"}"#, 0.0);
-    assert!(value(&text, &format!(r#"velocity_client_connections_open{{listener="{addr}"}}"#)).is_some(), "{text}");
-    assert_value(&text, r#"velocity_config_reloads_total{result="success"}"#, 0.0);
-    assert!(value(&text, "velocity_config_last_reload_success_timestamp_seconds").unwrap() > 1.7e9);
-    assert_value(&text, "velocity_access_log_dropped_total", 0.0);
+    assert_metric(&text, r#"velocity_bytes_sent_total{service="web"}"#, (5 * 5 + body_413) as f64);
+    assert_metric(&text, r#"velocity_queue_depth{service="web"}"#, 0.0);
+    assert!(metric(&text, &format!(r#"velocity_client_connections_open{{listener="{addr}"}}"#)).is_some(), "{text}");
+    assert_metric(&text, r#"velocity_config_reloads_total{result="success"}"#, 0.0);
+    assert!(metric(&text, "velocity_config_last_reload_success_timestamp_seconds").unwrap() > 1.7e9);
+    assert_metric(&text, "velocity_access_log_dropped_total", 0.0);
     // CPU time is counted in 10 ms ticks: a fast machine can serve all of the above in none.
     assert!(
-        value(&text, "process_cpu_seconds_total").is_some_and(|v| v >= 0.0),
+        metric(&text, "process_cpu_seconds_total").is_some_and(|v| v >= 0.0),
         "process_cpu_seconds_total in\n{text}"
     );
     for name in ["process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
-        assert!(value(&text, name).is_some_and(|v| v > 0.0), "{name} in\n{text}");
+        assert!(metric(&text, name).is_some_and(|v| v > 0.0), "{name} in\n{text}");
     }
     // Every label value comes from the config: the client's host and path are nowhere.
     assert!(!text.contains("other.local") && !text.contains("upload"), "{text}");
@@ -204,23 +178,23 @@ services:
     assert_eq!(get(lb.addr(), "web.local", "/").await.status, 200);
 
     let text = scrape(admin).await;
-    assert_value(&text, r#"velocity_http_requests_total{service="web",code_class="2xx",method="GET"}"#, 4.0);
-    assert_value(
+    assert_metric(&text, r#"velocity_http_requests_total{service="web",code_class="2xx",method="GET"}"#, 4.0);
+    assert_metric(
         &text,
         &format!(r#"velocity_backend_responses_total{{service="web",backend="{}",code_class="2xx"}}"#, a.addr),
         4.0,
     );
-    assert_value(&text, r#"velocity_http_request_duration_seconds_count{service="web"}"#, 4.0);
+    assert_metric(&text, r#"velocity_http_request_duration_seconds_count{service="web"}"#, 4.0);
     assert!(!text.contains(r#"service="old""#), "a removed service leaves the exposition:\n{text}");
-    assert_value(&text, r#"velocity_http_request_duration_seconds_count{service="new"}"#, 0.0);
-    assert_value(&text, r#"velocity_config_reloads_total{result="success"}"#, 1.0);
+    assert_metric(&text, r#"velocity_http_request_duration_seconds_count{service="new"}"#, 0.0);
+    assert_metric(&text, r#"velocity_config_reloads_total{result="success"}"#, 1.0);
 
     std::fs::write(&path, "listen: [").unwrap();
     kill(lb.pid(), "-HUP");
     eventually("the rejected reload", DEADLINE, || lb.log_contains("reload rejected (SIGHUP)")).await;
     let text = scrape(admin).await;
-    assert_value(&text, r#"velocity_config_reloads_total{result="failure"}"#, 1.0);
-    assert_value(&text, r#"velocity_http_requests_total{service="web",code_class="2xx",method="GET"}"#, 4.0);
+    assert_metric(&text, r#"velocity_config_reloads_total{result="failure"}"#, 1.0);
+    assert_metric(&text, r#"velocity_http_requests_total{service="web",code_class="2xx",method="GET"}"#, 4.0);
 }
 
 /// A `velocity run` whose stdout and stderr are kept apart (the harness merges them).

@@ -21,16 +21,6 @@ fn local(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
 }
 
-async fn scrape(admin: SocketAddr) -> String {
-    let resp = get(admin, "localhost", "/metrics").await;
-    assert_eq!(resp.status, 200, "{}", resp.body);
-    resp.body
-}
-
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' '))).map(|v| v.parse().unwrap())
-}
-
 /// At twice the rate for 3 s, the accepted count is rate × seconds + burst (within 10%), each
 /// refusal a 429 with the draft's headers, counted as rejected{reason="rate_limited"} and
 /// costing the backend nothing.
@@ -71,7 +61,7 @@ async fn rate_limit_accepts_rate_times_seconds_plus_burst_and_answers_429() {
     assert_eq!(b.hits(), accepted as usize, "a limited request never reaches the backend");
     let m = scrape(admin).await;
     let series = r#"velocity_requests_rejected_total{service="web",reason="rate_limited"}"#;
-    assert_eq!(value(&m, series), Some(f64::from(refused)), "{m}");
+    assert_eq!(metric(&m, series), Some(f64::from(refused)), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,7 +192,7 @@ services:
         assert_eq!(status("inner", client).await, want, "inner, client {client}");
     }
     let m = scrape(lb.admin_addr().await).await;
-    assert_eq!(value(&m, r#"velocity_requests_rejected_total{service="web",reason="denied"}"#), Some(5.0), "{m}");
+    assert_eq!(metric(&m, r#"velocity_requests_rejected_total{service="web",reason="denied"}"#), Some(5.0), "{m}");
 }
 
 /// The listener's own rules: 403 by default; with `deny_action: close`, the connection of a
@@ -231,7 +221,7 @@ async fn listener_deny_answers_403_or_closes_at_accept() {
     let hits = b.hits();
     assert_eq!(hits, 2);
     let m = scrape(lb.admin_addr().await).await;
-    assert_eq!(value(&m, r#"velocity_requests_rejected_total{service="",reason="denied"}"#), Some(1.0), "{m}");
+    assert_eq!(metric(&m, r#"velocity_requests_rejected_total{service="",reason="denied"}"#), Some(1.0), "{m}");
 }
 
 /// One admin API call: (status, JSON body).

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Full;
 use hyper::client::conn::http1 as client_http1;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -88,28 +88,10 @@ fn peer_cert(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
 }
 
 /// HTTP/1.1 over an established TLS connection.
-async fn http(tls: TlsStream<TcpStream>) -> client_http1::SendRequest<Empty<Bytes>> {
+async fn http(tls: TlsStream<TcpStream>) -> client_http1::SendRequest<Full<Bytes>> {
     let (sender, conn) = client_http1::handshake(TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
     sender
-}
-
-async fn get_on(sender: &mut client_http1::SendRequest<Empty<Bytes>>, host: &str, path: &str) -> Result<Resp, String> {
-    sender.ready().await.map_err(|e| e.to_string())?;
-    let req = Request::get(path).header("host", host).body(Empty::new()).unwrap();
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Resp {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
-    assert!(status.success(), "kill {signal} {pid}");
 }
 
 fn tls_config(dir: &Path, backend: SocketAddr, service_extra: &str) -> String {
@@ -157,7 +139,7 @@ async fn the_certificate_is_chosen_by_sni_and_requests_are_marked_https() {
     assert!(err.contains("NotValidForName") || err.contains("not valid"), "{err}");
 
     let mut sender = http(tls_connect(&ca, public, "b.test").await.unwrap()).await;
-    let r = get_on(&mut sender, "b.test", "/x").await.unwrap();
+    let r = try_get_on(&mut sender, "b.test", "/x").await.unwrap();
     assert_eq!((r.status, r.backend().as_str()), (200, "a"));
     let seen = backend.seen.lock().unwrap().last().cloned().unwrap();
     assert_eq!(seen.headers.get("x-forwarded-proto").unwrap(), "https");
@@ -170,7 +152,7 @@ async fn the_certificate_is_chosen_by_sni_and_requests_are_marked_https() {
     assert_eq!(seen.headers.get("x-forwarded-proto").unwrap(), "http");
     // Keep-alive over TLS.
     for _ in 0..3 {
-        assert_eq!(get_on(&mut sender, "b.test", "/").await.unwrap().status, 200);
+        assert_eq!(try_get_on(&mut sender, "b.test", "/").await.unwrap().status, 200);
     }
 
     let metrics = get(lb.admin_addr().await, "localhost", "/metrics").await.body;
@@ -266,7 +248,7 @@ async fn a_reload_swaps_the_certificate_and_keeps_open_tls_connections() {
     let tls = tls_connect(&ca, public, "a.test").await.unwrap();
     assert_eq!(peer_cert(&tls), old);
     let mut kept = http(tls).await;
-    assert_eq!(get_on(&mut kept, "a.test", "/").await.unwrap().status, 200);
+    assert_eq!(try_get_on(&mut kept, "a.test", "/").await.unwrap().status, 200);
 
     // A renewed certificate under the same file names.
     let new = ca.leaf(&dir, "a", &["a.test"], None);
@@ -275,7 +257,7 @@ async fn a_reload_swaps_the_certificate_and_keeps_open_tls_connections() {
     eventually("the reload", DEADLINE, || lb.log_contains("reload ok (SIGHUP)")).await;
     assert_eq!(peer_cert(&tls_connect(&ca, public, "a.test").await.unwrap()), new, "new connections get the new one");
     for _ in 0..3 {
-        let r = get_on(&mut kept, "a.test", "/").await.expect("the open connection survives the reload");
+        let r = try_get_on(&mut kept, "a.test", "/").await.expect("the open connection survives the reload");
         assert_eq!(r.status, 200);
     }
 
@@ -286,7 +268,7 @@ async fn a_reload_swaps_the_certificate_and_keeps_open_tls_connections() {
     let named = format!("key {}/a.key holds no usable PEM private key", dir.display());
     eventually("the problem, naming the file", DEADLINE, || lb.log_contains(&named)).await;
     assert_eq!(peer_cert(&tls_connect(&ca, public, "a.test").await.unwrap()), new);
-    assert_eq!(get_on(&mut kept, "a.test", "/").await.unwrap().status, 200);
+    assert_eq!(try_get_on(&mut kept, "a.test", "/").await.unwrap().status, 200);
 }
 
 /// An HTTPS backend: answers `NAME` with `X-Backend: NAME`, keeps connections alive, and

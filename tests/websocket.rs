@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{eventually, temp_path, Client, TestBackend, Velocity, DEADLINE};
+use common::{eventually, kill, temp_path, Client, TestBackend, Velocity, DEADLINE};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper::Request;
@@ -85,11 +85,6 @@ async fn echo(ws: &mut Ws, text: &str) -> String {
         Some(Ok(Message::Text(t))) => t.to_string(),
         other => panic!("expected a text echo, got {other:?}"),
     }
-}
-
-fn kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
-    assert!(status.success(), "kill {signal} {pid}");
 }
 
 #[tokio::test]
