@@ -269,40 +269,42 @@ async fn peak_ewma_moves_traffic_off_a_backend_that_turns_slow() {
     eprintln!("slow backend's share after it turned slow: {share:.3} of {n} (last 200 under 5% after {took:?})");
 }
 
+/// The share of `n` requests on `client` that backend `b` answered (each must be a 200).
+async fn share_of_b(client: &mut Client, n: usize) -> f64 {
+    let mut b = 0;
+    for _ in 0..n {
+        let r = client.get("web.local", "/").await;
+        assert_eq!(r.status, 200);
+        b += usize::from(r.backend() == "b");
+    }
+    b as f64 / n as f64
+}
+
 #[tokio::test]
 async fn slow_start_ramps_a_recovered_backend() {
     let backends = [TestBackend::start("a").await, TestBackend::start("b").await];
     let refs: Vec<&TestBackend> = backends.iter().collect();
     let lb = Velocity::start(&config(&refs, &format!("    slow_start: 6s\n{FAST_CHECKS}"))).await;
     let mut client = Client::connect(lb.addr()).await;
-    let mut share_of_b = async |n: usize| {
-        let mut b = 0;
-        for _ in 0..n {
-            let r = client.get("web.local", "/").await;
-            assert_eq!(r.status, 200);
-            b += usize::from(r.backend() == "b");
-        }
-        b as f64 / n as f64
-    };
     // Round robin: half and half.
-    assert_eq!(share_of_b(100).await, 0.5);
+    assert_eq!(share_of_b(&mut client, 100).await, 0.5);
 
     backends[1].set_health(500);
     wait_for_log(&lb, &backends[1], "backend is down").await;
-    assert_eq!(share_of_b(50).await, 0.0);
+    assert_eq!(share_of_b(&mut client, 50).await, 0.0);
     backends[1].set_health(200);
     wait_for_log(&lb, &backends[1], "backend is up").await;
     let back = Instant::now();
     // Just back: about a tenth of its weight, so about 1 in 11 requests.
-    let first = share_of_b(50).await;
+    let first = share_of_b(&mut client, 50).await;
     let first_took = back.elapsed();
     assert!(first < 0.3, "b took {first:.2} in the first {first_took:?} after it came back");
     // Growing, up to its full half once the window has passed.
     let mut shares = vec![first];
     while back.elapsed() < Duration::from_secs(7) {
-        shares.push(share_of_b(200).await);
+        shares.push(share_of_b(&mut client, 200).await);
     }
-    let last = share_of_b(200).await;
+    let last = share_of_b(&mut client, 200).await;
     assert!((0.45..=0.55).contains(&last), "b took {last:.2} after the window: {shares:?}");
     let mid = shares[shares.len() / 2];
     assert!(first < mid && mid <= last, "not a ramp: {shares:?}");
@@ -360,25 +362,15 @@ async fn slow_start_ramps_a_backend_added_by_a_reload() {
 
     let both: Vec<&TestBackend> = backends.iter().collect();
     std::fs::write(&lb.config_path, config(&both, "    algorithm: p2c\n    slow_start: 6s\n")).unwrap();
-    let status = std::process::Command::new("kill").args(["-HUP", &lb.pid().to_string()]).status().unwrap();
-    assert!(status.success());
+    kill(lb.pid(), "-HUP");
     eventually("the reload", DEADLINE, || lb.log_contains("reload ok (SIGHUP)")).await;
     let added = Instant::now();
-    let mut share_of_b = async |n: usize| {
-        let mut b = 0;
-        for _ in 0..n {
-            let r = client.get("web.local", "/").await;
-            assert_eq!(r.status, 200);
-            b += usize::from(r.backend() == "b");
-        }
-        b as f64 / n as f64
-    };
-    let first = share_of_b(50).await;
+    let first = share_of_b(&mut client, 50).await;
     assert!(first < 0.3, "the new backend took {first:.2} at once");
     let mut last = first;
     while added.elapsed() < Duration::from_secs(7) {
-        last = share_of_b(200).await;
+        last = share_of_b(&mut client, 200).await;
     }
-    last = last.max(share_of_b(400).await);
+    last = last.max(share_of_b(&mut client, 400).await);
     assert!(last > 0.38, "the new backend took only {last:.2} after the window");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::redis::{Relay, Store};
-use common::{temp_path, Client, TestBackend, Velocity, DEADLINE};
+use common::{kill, temp_path, Client, TestBackend, Velocity, DEADLINE};
 use http_body_util::Full;
 use hyper::Request;
 use serde_json::Value;
@@ -92,7 +92,7 @@ async fn members_are_listed(redis: &str, tag: &str) {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
     // An instance that shuts down takes itself out at once, well before its key would expire.
-    signal(two.v.pid(), "-TERM");
+    kill(two.v.pid(), "-TERM");
     let start = Instant::now();
     while cluster_status(one.admin).await["live"] != 1 {
         assert!(start.elapsed() < Duration::from_millis(2500), "lb-2 did not leave");
@@ -169,7 +169,7 @@ async fn a_change_made_while_b_was_cut_off_reaches_it(redis_a: &str, redis_b: &s
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        Cut::Pause => signal(ib.v.pid(), "-STOP"),
+        Cut::Pause => kill(ib.v.pid(), "-STOP"),
     }
     let path = format!("/api/v1/services/web/backends/{}", b.addr);
     let (status, body) = api(ia.admin, "PATCH", &path, Some(r#"{"weight":7}"#)).await;
@@ -189,7 +189,7 @@ async fn a_change_made_while_b_was_cut_off_reaches_it(redis_a: &str, redis_b: &s
         Cut::Pause => {
             // Long enough for B's member key to expire: B comes back as a new member.
             tokio::time::sleep(Duration::from_millis(3500)).await;
-            signal(ib.v.pid(), "-CONT");
+            kill(ib.v.pid(), "-CONT");
         }
     }
     let start = Instant::now();
@@ -201,11 +201,6 @@ async fn a_change_made_while_b_was_cut_off_reaches_it(redis_a: &str, redis_b: &s
         assert!(start.elapsed() < DEADLINE, "the change never reached B: {v}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status().is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pid}");
 }
 
 /// Redis restarts empty: each instance's own copy (its state file) brings the overlay back,
