@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{self, Config};
-use crate::config::{ListenerConfig, ListenerProtocol};
+use crate::config::ListenerConfig;
 use crate::membership::{Change, ChangeError, ErrorKind, Membership, Outcome, Source, DRAIN_POLL};
 use crate::observe::{events, history};
 use crate::proxy::{Listener, ListenerSettings, Tracker};
@@ -191,9 +191,6 @@ async fn bind(config: &ListenerConfig) -> Result<TcpListener, String> {
         info!("listening on {scheme}://{local}");
     } else {
         info!("listening on {scheme}://{local} (listener {})", config.name);
-    }
-    if config.protocol == ListenerProtocol::Tcp {
-        warn!("listener {}: protocol tcp is not served by this build: its connections are closed", config.name);
     }
     Ok(listener)
 }
