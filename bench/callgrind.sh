@@ -3,26 +3,19 @@
 # wall-clock benchmarks on this VM drift by ±30%, so it can compare two versions of the hot
 # path. Kernel time (about three quarters of the CPU per request) is not counted: confirm a
 # change with bench/run.sh before believing it matters.
-# Usage: bench/callgrind.sh [BIN] [CONFIG]   (default: a release build with debug info,
+# Usage: bench/callgrind.sh [BIN] [CONFIG]   (default: VELOCITY_BIN or a release build with debug info,
 #        round robin over three `velocity testserver` backends on 127.0.0.1)
 #        CALLGRIND_POLICY=1 adds a rate limit and a 10,000-entry deny list to that default
 #        config, neither of which the benchmark's requests trigger (issue 15's cost figure).
 # Writes target/velocity-callgrind.out; read it with callgrind_annotate. Ports derive from the
 # checkout's path (or CALLGRIND_PORT), so two checkouts can count at once.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-base=${CALLGRIND_PORT:-$((20000 + $(echo "$root" | cksum | cut -d' ' -f1) % 400 * 10))}
+. "$(dirname "$0")/lib.sh"
+base=${CALLGRIND_PORT:-$(port_base 20000)}
 out=$root/target/velocity-callgrind.out
 mkdir -p "$root/target"
-command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-bin=${1:-}
-if [ -z "$bin" ]; then
-  CARGO_PROFILE_RELEASE_DEBUG=1 cargo build --release --manifest-path "$root/Cargo.toml" \
-    --target-dir "$root/target/callgrind" >/dev/null 2>&1
-  bin=$root/target/callgrind/release/velocity
-fi
-dir=$(mktemp -d)
+need valgrind wrk curl
+VELOCITY_BIN=${1:-${VELOCITY_BIN:-}} velocity_build
 config=${2:-$dir/velocity.yaml}
 if [ -z "${2:-}" ]; then
   cat > "$config" <<YAML
@@ -30,10 +23,7 @@ listen: 127.0.0.1:$base
 access_log: off
 services:
   - name: bench
-    backends:
-      - address: 127.0.0.1:$((base + 1))
-      - address: 127.0.0.1:$((base + 2))
-      - address: 127.0.0.1:$((base + 3))
+$(backends_yaml $((base + 1)) $((base + 2)) $((base + 3)))
 YAML
   if [ -n "${CALLGRIND_POLICY:-}" ]; then
     {
@@ -44,15 +34,12 @@ YAML
     } >> "$config"
   fi
 fi
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
-for p in $((base + 1)) $((base + 2)) $((base + 3)); do "$bin" testserver --listen 127.0.0.1:$p --name b$p >/dev/null 2>&1 & pids+=($!); done
+testservers $((base + 1)) $((base + 2)) $((base + 3))
 valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run -c "$config" \
   > "$dir/velocity.log" 2>&1 &
 vg=$!
 pids+=($vg)
-for _ in $(seq 300); do curl -sf -o /dev/null http://127.0.0.1:$base/ && break; sleep 0.1; done
+wait_for "velocity under callgrind" curl -sf -o /dev/null http://127.0.0.1:$base/
 requests=$(wrk -t1 -c16 -d10s http://127.0.0.1:$base/ | awk '/requests in/{print $1}')
 kill -INT "$vg"; wait "$vg" 2>/dev/null || true
 total=$(awk '/^(summary|totals):/{print $2; exit}' "$out")

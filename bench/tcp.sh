@@ -1,26 +1,24 @@
 #!/usr/bin/env bash
-# TCP (L4) mode beside HAProxy `mode tcp`, one run each, same backends, same client:
-#  1. throughput: iperf3 through the proxy for 10 s (bytes per second, and the proxy's CPU
-#     seconds per GB moved);
+# TCP (L4) mode beside HAProxy `mode tcp`, one run each, same backends, same clients:
+#  1. throughput: iperf3 through the proxy (bytes per second, and the proxy's CPU seconds
+#     per GB moved);
 #  2. connections: wrk with `Connection: close` to an HTTP backend through the L4 proxy, so
-#     every request is a new TCP connection (the proxy's CPU microseconds per connection).
-# CPU is the proxy process's utime+stime from /proc, before and after.
-# Usage: bench/tcp.sh   (needs a quiet machine: do not run it while others build)
+#     every request is a new TCP connection through it (the proxy's CPU µs per connection).
+# Each proxy runs alone on CPU 1 with one thread of work (Velocity pinned there runs one
+# worker; HAProxy nbthread 1); iperf3, wrk and the backend run on CPU 0. CPU is the proxy's
+# user+system time from /proc, over each run. Read the ratios: on a shared VM absolute
+# figures drift.
+# Usage: bench/tcp.sh [SECONDS]   (default 10; VELOCITY_BIN=path skips the build).
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-base=${TCP_BENCH_PORT:-$((21000 + $(echo "$root" | cksum | cut -d' ' -f1) % 300 * 10))}
-for tool in iperf3 wrk haproxy; do
-  command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq iperf3 wrk haproxy >/dev/null; break; }
-done
-cargo build --release --manifest-path "$root/Cargo.toml" >/dev/null
-bin=$root/target/release/velocity
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
+secs=${1:-10}
+base=${TCP_BENCH_PORT:-$(port_base 31000 170)}
+need iperf3 wrk haproxy
+velocity_build
 iperf=$((base + 1)); http=$((base + 2)); vel=$((base + 3)); vel_http=$((base + 4)); ha=$((base + 5)); ha_http=$((base + 6))
-iperf3 -s -p $iperf >/dev/null 2>&1 & pids+=($!)
-"$bin" testserver --listen 127.0.0.1:$http --name b1 >/dev/null 2>&1 & pids+=($!)
+pin_clients
+iperf3 -s -p $iperf >"$dir/iperf3.log" 2>&1 & pids+=($!)
+testservers $http
 cat > "$dir/velocity.yaml" <<YAML
 listen: 127.0.0.1:$((base + 7))
 access_log: off
@@ -35,7 +33,9 @@ services:
 YAML
 cat > "$dir/haproxy.cfg" <<CFG
 global
-  maxconn 20000
+  # Its FD limit is 2 x maxconn + a few, under the 20,000 a container often allows.
+  maxconn 4000
+  nbthread 1
 defaults
   mode tcp
   timeout connect 2s
@@ -52,24 +52,31 @@ frontend http
 backend http
   server s1 127.0.0.1:$http
 CFG
-"$bin" run -c "$dir/velocity.yaml" >/dev/null 2>&1 & vpid=$!; pids+=($vpid)
-haproxy -f "$dir/haproxy.cfg" -db >/dev/null 2>&1 & hpid=$!; pids+=($hpid)
-for p in $vel $vel_http $ha $ha_http; do
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+taskset -c 1 "$bin" run -c "$dir/velocity.yaml" >"$dir/velocity.log" 2>&1 & vpid=$!; pids+=($vpid)
+taskset -c 1 haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 & hpid=$!; pids+=($hpid)
+for p in $http $vel_http $ha_http; do
+  wait_for "http://127.0.0.1:$p/" curl -sf -o /dev/null http://127.0.0.1:$p/
 done
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
-run() {
-  local name=$1 pid=$2 port=$3 http_port=$4
-  local c0 c1 bps conns
-  c0=$(cpu "$pid")
-  bps=$(iperf3 -c 127.0.0.1 -p "$port" -t 10 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8)')
-  c1=$(cpu "$pid")
-  python3 -c "b=$bps; s=($c1-$c0)/$hz; print(f'$name throughput: {b/1e9:.2f} GB/s, {s / (b*10/1e9):.3f} CPU s per GB')"
-  c0=$(cpu "$pid")
-  conns=$(wrk -t2 -c32 -d10s -H 'Connection: close' "http://127.0.0.1:$http_port/" | awk '/requests in/{print $1}')
-  c1=$(cpu "$pid")
-  python3 -c "n=$conns; s=($c1-$c0)/$hz; print(f'$name connections: {n/10:,.0f}/s, {s*1e6/n:.1f} CPU us per connection')"
+
+declare -A gbps cpu_gb conns cpu_conn
+run() { # NAME PID IPERF_PORT HTTP_PORT
+  local name=$1 pid=$2 port=$3 http_port=$4 c0 c1 bps out n
+  c0=$(cpu_ticks "$pid")
+  bps=$(iperf3 -c 127.0.0.1 -p "$port" -t "$secs" -J |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8)')
+  c1=$(cpu_ticks "$pid")
+  gbps[$name]=$(python3 -c "print($bps / 1e9)")
+  cpu_gb[$name]=$(python3 -c "print(($c1 - $c0) / $hz / ($bps * $secs / 1e9))")
+  c0=$(cpu_ticks "$pid")
+  out=$(wrk -t1 -c32 -d"${secs}s" -H 'Connection: close' "http://127.0.0.1:$http_port/")
+  c1=$(cpu_ticks "$pid")
+  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$name connections: errors:"; grep "Non-2xx\|Socket errors" <<<"$out"; fi
+  n=$(awk '/requests in/{print $1}' <<<"$out")
+  conns[$name]=$(python3 -c "print($n / $secs)")
+  cpu_conn[$name]=$(python3 -c "print(($c1 - $c0) / $hz * 1e6 / max($n, 1))")
+  printf '%-9s throughput %6.2f GB/s %7.3f CPU s/GB   connections %8.0f/s %7.1f CPU us each\n' \
+    "$name" "${gbps[$name]}" "${cpu_gb[$name]}" "${conns[$name]}" "${cpu_conn[$name]}"
 }
 run velocity $vpid $vel $vel_http
 run haproxy $hpid $ha $ha_http
+python3 -c "print(f'Velocity/HAProxy: throughput {${gbps[velocity]} / ${gbps[haproxy]}:.2f}x, CPU per GB {${cpu_gb[velocity]} / ${cpu_gb[haproxy]}:.2f}x, connections/s {${conns[velocity]} / ${conns[haproxy]}:.2f}x, CPU per connection {${cpu_conn[velocity]} / ${cpu_conn[haproxy]}:.2f}x')"
