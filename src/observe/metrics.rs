@@ -1037,5 +1037,7 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
+        // No tcp listener: not even the tcp families' headers.
+        assert!(!text.contains("velocity_tcp_") && !text.contains("velocity_backend_tcp_"), "{text}");
     }
 }
