@@ -9,8 +9,8 @@ use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::{self, Config};
 use crate::config::ListenerConfig;
+use crate::config::{self, Config};
 use crate::membership::{Change, ChangeError, ErrorKind, Membership, Outcome, Source, DRAIN_POLL};
 use crate::observe::{events, history};
 use crate::proxy::{Listener, ListenerSettings, Tracker};
