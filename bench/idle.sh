@@ -6,30 +6,19 @@
 # connection costs in the proxy's process(es). Kernel socket buffers are not in RSS (they are
 # the kernel's, and the same for the three).
 # Usage: bench/idle.sh [N]   (default 9000; HAProxy needs `ulimit -n` above 2N, raised to the hard limit;
-#        VELOCITY_BIN=path measures that binary instead of a fresh release build)
+#        VELOCITY_BIN=path measures that binary instead of a fresh build, see bench/lib.sh)
 # Everything listens on 127.0.0.1; every process the script starts is stopped by its PID.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/lib.sh"
 n=${1:-9000}
 ulimit -n "$(ulimit -Hn)"
 # HAProxy wants two descriptors per `maxconn` (a client and a server side) and refuses to start
 # if the limit cannot hold them.
 if [ "$(ulimit -n)" -le $((2 * (n + 100) + 100)) ]; then echo "ulimit -n is $(ulimit -n): too low for $n connections" >&2; exit 1; fi
-for tool in nginx haproxy; do
-  command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }
-done
-bin=${VELOCITY_BIN:-}
-if [ -z "$bin" ]; then
-  cargo build --release --manifest-path "$root/Cargo.toml" >/dev/null 2>&1
-  bin=$root/target/release/velocity
-fi
-# Ports derive from the checkout's path, so two checkouts can measure at once.
-base=$((24000 + $(echo "$root" | cksum | cut -d' ' -f1) % 300 * 10))
+need nginx haproxy
+velocity_build
+base=$(port_base 24000 300)
 backend=127.0.0.1:$((base + 1))
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
 
 "$bin" testserver --listen "$backend" --name idle >/dev/null 2>&1 & pids+=($!)
 

@@ -4,21 +4,16 @@
 # `key: client_ip`. Prints Velocity's resident memory before, at the peak (VmHWM) and after
 # the idle keys have been swept (target: under 150 MiB at the peak, under 50 MiB after).
 # Memory, not time: the figures do not depend on how loaded the machine is.
-# Usage: bench/ratelimit_memory.sh [BIN] [CLIENTS]   (default: a release build, 1000000)
+# Usage: bench/ratelimit_memory.sh [BIN] [CLIENTS]   (default: VELOCITY_BIN or a build, see bench/lib.sh; 1000000)
 #   RATE=10/s BURST=20 (default): a key is forgotten once its bucket has refilled (governor
 #   keeps it two intervals after its last request for a burst of 1), so the 5 s sweep keeps
 #   only the last seconds' clients. RATE=1/m BURST=1: every key stays for two minutes, so all
 #   1,000,000 are held at the peak (the worst case); WATCH=135 then sees them swept.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-bin=${1:-}
+. "$(dirname "$0")/lib.sh"
 clients=${2:-1000000}
-if [ -z "$bin" ]; then
-  cargo build --release --manifest-path "$root/Cargo.toml" >/dev/null 2>&1
-  bin=$root/target/release/velocity
-fi
-base=$((21000 + $(echo "$root" | cksum | cut -d' ' -f1) % 400 * 10))
-dir=$(mktemp -d)
+VELOCITY_BIN=${1:-${VELOCITY_BIN:-}} velocity_build
+base=$(port_base 21000)
 cat > "$dir/velocity.yaml" <<YAML
 listen: 127.0.0.1:$base
 access_log: off
@@ -29,9 +24,6 @@ services:
     backends:
       - address: 127.0.0.1:$((base + 1))
 YAML
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
 "$bin" testserver --listen 127.0.0.1:$((base + 1)) --name b >/dev/null 2>&1 & pids+=($!)
 "$bin" run -c "$dir/velocity.yaml" > "$dir/velocity.log" 2>&1 & vpid=$!
 pids+=($vpid)
