@@ -224,6 +224,79 @@ async fn listener_deny_answers_403_or_closes_at_accept() {
     assert_eq!(metric(&m, r#"velocity_requests_rejected_total{service="",reason="denied"}"#), Some(1.0), "{m}");
 }
 
+/// Whether a connection from `from` is closed without an answer to a request.
+async fn closed_unanswered(addr: SocketAddr, from: IpAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    // The write may already fail: the connection can be gone before it. `close`: an answer,
+    // if one comes, ends the connection, so it is seen at once.
+    let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf)).await.expect("closed in time");
+    match read {
+        Err(_) => Ok(()),
+        Ok(_) if buf.is_empty() => Ok(()),
+        Ok(_) => Err(String::from_utf8_lossy(&buf).into_owned()),
+    }
+}
+
+/// A named listener's own `allow`/`deny`: they hold on that listener only (the other one,
+/// without rules, serves the same clients), `deny` wins over `allow`, a client outside
+/// `allow` is refused too, with 403 by default and by closing the connection at accept with
+/// `deny_action: close`; either way the backend sees nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_listeners_allow_and_deny_rules_answer_403_or_close() {
+    let b = TestBackend::start("b").await;
+    for action in ["403", "close"] {
+        let lb = Velocity::start(&format!(
+            "access_log: off
+admin:
+  listen: 127.0.0.1:0
+listeners:
+  - name: open
+    listen: 127.0.0.1:0
+  - name: guarded
+    listen: 127.0.0.1:0
+    allow: [127.0.0.0/29]
+    deny: [127.0.0.3]
+    deny_action: {action}
+services:
+  - name: web
+    backends: [{{address: {}}}]
+",
+            b.addr
+        ))
+        .await;
+        let open = lb.listener_addr("open").await;
+        let guarded = lb.listener_addr("guarded").await;
+        let before = b.hits();
+        // In `allow` and not in `deny`: served on both.
+        for addr in [open, guarded] {
+            assert_eq!(Client::connect_from(addr, local(4)).await.get("web", "/").await.status, 200, "{action}");
+        }
+        // Denied (127.0.0.3) and outside allow (127.0.0.9): refused on `guarded`, served on `open`.
+        for client in [local(3), local(9)] {
+            assert_eq!(Client::connect_from(open, client).await.get("web", "/").await.status, 200, "{action}");
+            if action == "close" {
+                let got = closed_unanswered(guarded, client).await;
+                assert_eq!(got, Ok(()), "{client} on guarded: closed at accept, no answer");
+            } else {
+                let r = Client::connect_from(guarded, client).await.get("web", "/").await;
+                assert_eq!(r.status, 403, "{client} on guarded");
+            }
+        }
+        assert_eq!(b.hits() - before, 4, "{action}: the refused requests reached no backend");
+        let m = scrape(lb.admin_addr().await).await;
+        assert_eq!(
+            value(&m, r#"velocity_requests_rejected_total{service="",reason="denied"}"#),
+            Some(2.0),
+            "{action}: {m}"
+        );
+    }
+}
+
 /// One admin API call: (status, JSON body).
 async fn api(admin: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
     let mut req = hyper::Request::builder().method(method).uri(path).header("host", admin.to_string());

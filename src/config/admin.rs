@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::schema::{Scalar, S};
 use super::validate::Ctx;
+use super::value;
 
 /// `admin:` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -59,18 +60,12 @@ pub fn convert(ctx: &mut Ctx, raw: S<RawAdmin>) -> Option<AdminConfig> {
             return None;
         }
     };
-    let token_env = token_env.and_then(|t| match &t.value {
-        Scalar::Text(name) if valid_env_name(name.trim()) => Some(name.trim().to_owned()),
-        other => {
-            ctx.error(
-                &t.referenced,
-                format!(
-                    "token_env must be the name of an environment variable, such as VELOCITY_ADMIN_TOKEN, got {other}"
-                ),
-            );
-            None
-        }
-    });
+    let token_env = token_env
+        .and_then(|t| {
+            let hint = "the name of an environment variable, such as VELOCITY_ADMIN_TOKEN";
+            value::text(ctx, "token_env", &t, |n| valid_env_name(n.trim()), hint)
+        })
+        .map(|n| n.trim().to_owned());
     if token_env.is_none() && !addr.ip().is_loopback() {
         // Anyone who can reach the address could change the backends.
         ctx.error(
@@ -78,24 +73,10 @@ pub fn convert(ctx: &mut Ctx, raw: S<RawAdmin>) -> Option<AdminConfig> {
             format!("admin listen {addr} is not a loopback address: set `token_env` so that the API needs a token"),
         );
     }
-    let state_file = state_file.and_then(|p| match &p.value {
-        Scalar::Text(path) if !path.trim().is_empty() => Some(PathBuf::from(path.trim())),
-        other => {
-            ctx.error(&p.referenced, format!("state_file must be a file path, got {other}"));
-            None
-        }
-    });
-    let metrics_public = match metrics_public {
-        None => false,
-        Some(v) => match &v.value {
-            Scalar::Other(b) if b == "true" => true,
-            Scalar::Other(b) if b == "false" => false,
-            other => {
-                ctx.error(&v.referenced, format!("metrics_public must be true or false, got {other}"));
-                false
-            }
-        },
-    };
+    let state_file = state_file
+        .and_then(|p| value::text(ctx, "state_file", &p, |p| !p.trim().is_empty(), "a file path"))
+        .map(|p| PathBuf::from(p.trim()));
+    let metrics_public = metrics_public.and_then(|v| value::boolean(ctx, "metrics_public", &v)).unwrap_or(false);
     Some(AdminConfig { listen: addr, token_env, state_file, metrics_public })
 }
 
@@ -140,19 +121,17 @@ pub fn to_yaml(out: &mut String, admin: &Option<AdminConfig>) {
 mod tests {
     use std::path::Path;
 
+    use crate::config::test_support::{self, with_one_service};
     use crate::config::{parse, to_yaml, Config, ConfigError};
 
     use super::*;
 
     fn load(admin: &str) -> Result<Config, Vec<ConfigError>> {
-        let text = format!(
-            "listen: 127.0.0.1:8000\n{admin}services:\n  - name: a\n    backends: [{{address: 127.0.0.1:9001}}]\n"
-        );
-        parse(Path::new("t.yaml"), &text)
+        test_support::load(&with_one_service(admin))
     }
 
     fn errors(admin: &str) -> Vec<String> {
-        load(admin).unwrap_err().iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect()
+        test_support::errors(&with_one_service(admin))
     }
 
     #[test]

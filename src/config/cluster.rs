@@ -80,32 +80,18 @@ pub fn convert(ctx: &mut Ctx, raw: S<RawCluster>) -> Option<ClusterConfig> {
             Err(e) => ctx.error(&item.referenced, e),
         }
     }
-    let text = |ctx: &mut Ctx, key: &str, v: Option<S<Scalar>>, ok: fn(&str) -> bool, hint: &str| match v {
-        None => None,
-        Some(v) => match &v.value {
-            Scalar::Text(t) if ok(t) => Some(t.clone()),
-            other => {
-                ctx.error(&v.referenced, format!("{key} must be {hint}, got {other}"));
-                None
-            }
-        },
-    };
-    let key_prefix = text(
-        ctx,
-        "key_prefix",
-        key_prefix,
-        |t| !t.contains(['{', '}']) && !t.chars().any(char::is_control),
-        "text without `{`, `}` or control characters (Velocity adds the hash tags)",
-    )
-    .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
-    let instance_id = text(
-        ctx,
-        "instance_id",
-        instance_id,
-        |t| !t.trim().is_empty() && t.len() <= 200 && !t.chars().any(char::is_control),
-        "a non-empty name such as lb-1",
-    )
-    .map(|t| t.trim().to_owned());
+    let key_prefix = key_prefix
+        .and_then(|v| {
+            let hint = "text without `{`, `}` or control characters (Velocity adds the hash tags)";
+            value::text(ctx, "key_prefix", &v, |t| !t.contains(['{', '}']) && !t.chars().any(char::is_control), hint)
+        })
+        .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+    let instance_id = instance_id
+        .and_then(|v| {
+            let ok = |t: &str| !t.trim().is_empty() && t.len() <= 200 && !t.chars().any(char::is_control);
+            value::text(ctx, "instance_id", &v, ok, "a non-empty name such as lb-1")
+        })
+        .map(|t| t.trim().to_owned());
     let store_timeout = store_timeout
         .and_then(|v| value::duration(ctx, "store_timeout", &v, STORE_TIMEOUT))
         .unwrap_or(DEFAULT_STORE_TIMEOUT);
@@ -159,19 +145,17 @@ pub fn to_yaml(out: &mut String, cluster: &Option<ClusterConfig>) {
 mod tests {
     use std::path::Path;
 
+    use crate::config::test_support::{self, with_one_service};
     use crate::config::{parse, to_yaml, Config, ConfigError};
 
     use super::*;
 
     fn load(cluster: &str) -> Result<Config, Vec<ConfigError>> {
-        let text = format!(
-            "listen: 127.0.0.1:8000\n{cluster}services:\n  - name: a\n    backends: [{{address: 127.0.0.1:9001}}]\n"
-        );
-        parse(Path::new("t.yaml"), &text)
+        test_support::load(&with_one_service(cluster))
     }
 
     fn errors(cluster: &str) -> Vec<String> {
-        load(cluster).unwrap_err().iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect()
+        test_support::errors(&with_one_service(cluster))
     }
 
     #[test]

@@ -135,14 +135,9 @@ pub fn discovery(ctx: &mut Ctx, raw: S<RawDiscovery>) -> Discovery {
     Discovery { dns: raw.dns.and_then(|d| dns(ctx, d)), docker: raw.docker.and_then(|d| docker(ctx, d)) }
 }
 
-fn text<'a>(ctx: &mut Ctx, key: &str, v: &'a S<Scalar>) -> Option<&'a str> {
-    match &v.value {
-        Scalar::Text(t) if !t.trim().is_empty() => Some(t.trim()),
-        other => {
-            ctx.error(&v.referenced, format!("{key} must be a non-empty string, got {other}"));
-            None
-        }
-    }
+/// A non-empty string, trimmed.
+fn text(ctx: &mut Ctx, key: &str, v: &S<Scalar>) -> Option<String> {
+    value::text(ctx, key, v, |t| !t.trim().is_empty(), "a non-empty string").map(|t| t.trim().to_owned())
 }
 
 fn port(ctx: &mut Ctx, key: &str, v: &S<Scalar>) -> Option<u16> {
@@ -165,7 +160,7 @@ fn dns(ctx: &mut Ctx, raw: S<RawDns>) -> Option<DnsDiscovery> {
         },
     };
     let name = match &raw.name {
-        Some(v) => text(ctx, "discovery.dns.name", v).map(str::to_owned),
+        Some(v) => text(ctx, "discovery.dns.name", v),
         None => {
             ctx.error(&at, "discovery.dns needs `name`: the DNS name to resolve");
             None
@@ -207,7 +202,7 @@ fn docker(ctx: &mut Ctx, raw: S<RawDocker>) -> Option<DockerDiscovery> {
     let raw = raw.value;
     let socket = match &raw.socket {
         None => Some(DEFAULT_DOCKER_SOCKET.to_owned()),
-        Some(v) => text(ctx, "discovery.docker.socket", v).map(str::to_owned),
+        Some(v) => text(ctx, "discovery.docker.socket", v),
     };
     let mut labels = BTreeMap::new();
     match &raw.labels {
@@ -230,7 +225,7 @@ fn docker(ctx: &mut Ctx, raw: S<RawDocker>) -> Option<DockerDiscovery> {
     };
     let network = match &raw.network {
         None => Some(None),
-        Some(v) => text(ctx, "discovery.docker.network", v).map(|t| Some(t.to_owned())),
+        Some(v) => text(ctx, "discovery.docker.network", v).map(Some),
     };
     if labels.is_empty() {
         return None;

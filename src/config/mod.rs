@@ -548,6 +548,14 @@ pub(crate) mod test_support {
 
     use super::{parse, Config, ConfigError};
 
+    /// A config of `section` (top-level keys, each line ending in a newline) beside one listener
+    /// and one service: the frame for testing a section on its own.
+    pub fn with_one_service(section: &str) -> String {
+        format!(
+            "listen: 127.0.0.1:8000\n{section}services:\n  - name: a\n    backends: [{{address: 127.0.0.1:9001}}]\n"
+        )
+    }
+
     /// `parse` of `text` as the file `t.yaml`.
     pub fn load(text: &str) -> Result<Config, Vec<ConfigError>> {
         parse(Path::new("t.yaml"), text)

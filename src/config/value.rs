@@ -167,6 +167,18 @@ pub fn whole(ctx: &mut Ctx, key: &str, v: &S<Scalar>, min: i64, max: i64) -> Opt
     }
 }
 
+/// A text value that passes `ok`, as written (trimming is the caller's choice); otherwise
+/// "KEY must be HINT, got VALUE", at the value.
+pub fn text(ctx: &mut Ctx, key: &str, v: &S<Scalar>, ok: fn(&str) -> bool, hint: &str) -> Option<String> {
+    match &v.value {
+        Scalar::Text(t) if ok(t) => Some(t.clone()),
+        other => {
+            ctx.error(&v.referenced, format!("{key} must be {hint}, got {other}"));
+            None
+        }
+    }
+}
+
 pub fn boolean(ctx: &mut Ctx, key: &str, v: &S<Scalar>) -> Option<bool> {
     match &v.value {
         Scalar::Other(t) if t == "true" => Some(true),
