@@ -180,6 +180,9 @@ pub fn to_yaml(cfg: &Config) -> String {
             let _ = writeln!(out, "    path_prefix: {}", quote(&s.path_prefix));
         }
         let _ = writeln!(out, "    algorithm: {}", s.algorithm.name());
+        if s.backend_protocol != super::BackendProtocol::Http1 {
+            let _ = writeln!(out, "    backend_protocol: {}", s.backend_protocol.name());
+        }
         super::balancing::to_yaml(&mut out, &s.balancing);
         super::policy::service_yaml(&mut out, &s.policy);
         lifecycle::service_yaml(&mut out, s, &cfg.limits.timeouts);

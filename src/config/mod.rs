@@ -4,6 +4,7 @@
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
 pub(crate) mod admin;
+mod backend_protocol;
 mod backend_tls;
 mod balancing;
 pub(crate) mod cluster;
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use backend_protocol::BackendProtocol;
 pub use backend_tls::BackendTlsConfig;
 pub use cluster::{ClusterConfig, OnStoreError};
 pub use discovery::{Discovery, DnsDiscovery, DnsKind, DockerDiscovery, ManagedConfig};
@@ -112,6 +114,8 @@ pub struct ServiceConfig {
     /// Always starts with `/`; `/` when not configured.
     pub path_prefix: String,
     pub algorithm: Algorithm,
+    /// What Velocity speaks to the backends: HTTP/1.1 (default), HTTP/2 over TLS or h2c.
+    pub backend_protocol: BackendProtocol,
     pub backends: Vec<BackendConfig>,
     /// Issue 3: health checks, passive detection, retries.
     pub health: HealthConfig,
@@ -237,6 +241,8 @@ pub enum CheckKind {
     Tcp,
     Http,
     Https,
+    /// `grpc.health.v1.Health/Check` over the backends' own HTTP/2 (h2 or h2c).
+    Grpc,
 }
 
 impl CheckKind {
@@ -245,6 +251,7 @@ impl CheckKind {
             CheckKind::Tcp => "tcp",
             CheckKind::Http => "http",
             CheckKind::Https => "https",
+            CheckKind::Grpc => "grpc",
         }
     }
 }
@@ -266,6 +273,8 @@ pub struct HealthCheckConfig {
     /// Consecutive failures for an up backend to leave.
     pub unhealthy_threshold: u32,
     pub insecure_skip_verify: bool,
+    /// `grpc` checks: the gRPC service asked about; empty: the server as a whole.
+    pub grpc_service: String,
 }
 
 impl Default for HealthCheckConfig {
@@ -280,6 +289,7 @@ impl Default for HealthCheckConfig {
             healthy_threshold: 2,
             unhealthy_threshold: 3,
             insecure_skip_verify: false,
+            grpc_service: String::new(),
         }
     }
 }

@@ -161,6 +161,8 @@ pub struct RawService {
     pub hosts: Option<S<OneOrMany>>,
     pub path_prefix: Option<S<String>>,
     pub algorithm: Option<S<String>>,
+    /// `http1` (default), `h2` or `h2c` (see `backend_protocol.rs`).
+    pub backend_protocol: Option<S<String>>,
     pub backends: Option<S<Vec<S<RawBackend>>>>,
     pub health_check: Option<S<RawHealthCheck>>,
     pub passive: Option<S<RawPassive>>,
@@ -235,6 +237,8 @@ pub struct RawHealthCheck {
     pub healthy_threshold: Option<S<Scalar>>,
     pub unhealthy_threshold: Option<S<Scalar>>,
     pub insecure_skip_verify: Option<S<Scalar>>,
+    /// `grpc` checks: the service name asked about (`grpc.health.v1.HealthCheckRequest.service`).
+    pub service: Option<S<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
