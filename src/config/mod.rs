@@ -415,6 +415,9 @@ pub fn summary_lines(cfg: &Config) -> Vec<String> {
             backends.join(", ")
         );
         // What else governs the service, so `check` shows the settings that took effect.
+        if s.backend_protocol.is_h2() {
+            line += &format!("; speaks {} to them", s.backend_protocol.name());
+        }
         line += &balancing::summary(s);
         line += &policy::summary(&s.policy);
         if let Some(c) = &s.health.check {

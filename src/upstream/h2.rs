@@ -251,11 +251,10 @@ impl Backend {
         let started = Instant::now();
         let stream = self.open_stream(connect_timeout).await.map_err(H2Error::Connect)?;
         let deadline = started + connect_timeout;
-        let (send, connection) = tokio::time::timeout_at(deadline.into(), handshake(stream))
+        let (send, mut connection) = tokio::time::timeout_at(deadline.into(), handshake(stream))
             .await
             .map_err(|_| H2Error::Connect(ConnectError::Timeout))??;
-        self.note_connection_opened();
-        self.metrics.connect_time.observe_us(started.elapsed().as_micros() as u64);
+        let ping = connection.ping_pong();
         let state = Arc::new(ConnState::default());
         let ended = state.clone();
         let name = self.name.clone();
@@ -265,6 +264,18 @@ impl Backend {
             }
             ended.closed.store(true, Ordering::Relaxed);
         });
+        // The peer's SETTINGS come before its answer to a PING: once it is back, the stream
+        // limit is the peer's, not h2's initial guess of 100, so a burst on a new connection
+        // spreads over new ones instead of queueing here. One round trip per connection.
+        if let Some(mut ping) = ping {
+            match tokio::time::timeout_at(deadline.into(), ping.ping(h2::Ping::opaque())).await {
+                Err(_) => return Err(H2Error::Connect(ConnectError::Timeout)),
+                Ok(Err(e)) => return Err(H2Error::Connect(ConnectError::Io(h2_io(e)))),
+                Ok(Ok(_)) => {}
+            }
+        }
+        self.note_connection_opened();
+        self.metrics.connect_time.observe_us(started.elapsed().as_micros() as u64);
         let conn = H2Conn { send, state };
         Ok((conn.clone(), self.h2.add(conn)))
     }
@@ -286,10 +297,16 @@ pub async fn handshake(
         .max_header_list_size(MAX_HEADER_LIST)
         .handshake(stream)
         .await
-        .map_err(|e| {
-            let e = e.into_io().unwrap_or_else(|| std::io::Error::other("HTTP/2 handshake failed"));
-            H2Error::Connect(ConnectError::Io(e))
-        })
+        .map_err(|e| H2Error::Connect(ConnectError::Io(h2_io(e))))
+}
+
+/// An h2 error of a connection being set up, as the I/O error `ConnectError` carries.
+fn h2_io(e: h2::Error) -> std::io::Error {
+    if e.is_io() {
+        e.into_io().unwrap_or_else(|| std::io::Error::other("HTTP/2 connection failed"))
+    } else {
+        std::io::Error::other(e)
+    }
 }
 
 /// Headers that mean something for one HTTP/1.1 connection only, which HTTP/2 forbids
@@ -379,5 +396,188 @@ pub async fn relay(from: &mut RecvStream, to: &mut SendStream<Bytes>) -> Result<
     match from.trailers().await? {
         Some(trailers) => to.send_trailers(trailers),
         None => to.send_data(Bytes::new(), true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use hyper::header::HeaderMap;
+    use hyper::StatusCode;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// An h2c server: echoes the request body and its trailers back, with `x-te` telling the
+    /// `te` it got; `/hold` answers only after the client's body ends; `/refuse` refuses the
+    /// stream. Each connection allows `max_streams` streams; `/goaway` ends the connection
+    /// gracefully after its answer, `/kill` drops it.
+    async fn server(max_streams: u32) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let mut conn = h2::server::Builder::new()
+                        .max_concurrent_streams(max_streams)
+                        .handshake::<_, Bytes>(tcp)
+                        .await
+                        .unwrap();
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let path = req.uri().path().to_owned();
+                        if path == "/refuse" {
+                            respond.send_reset(Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        if path == "/goaway" {
+                            conn.graceful_shutdown();
+                        }
+                        if path == "/kill" {
+                            // The connection is dropped: its socket closes, no GOAWAY.
+                            return;
+                        }
+                        tokio::spawn(async move {
+                            let te = req.headers().get(header::TE).cloned();
+                            let mut body = req.into_body();
+                            let mut head = Response::new(());
+                            if let Some(te) = te {
+                                head.headers_mut().insert("x-te", te);
+                            }
+                            let mut send = respond.send_response(head, false).unwrap();
+                            let _ = relay(&mut body, &mut send).await;
+                        });
+                    }
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    fn backend(addr: SocketAddr) -> Arc<Backend> {
+        Backend::with_tls("b".into(), addr, &addr.to_string(), None, crate::config::BackendProtocol::H2c)
+    }
+
+    fn request(backend: &Backend, path: &str) -> Request<()> {
+        let mut req = Request::new(());
+        *req.method_mut() = hyper::Method::POST;
+        *req.uri_mut() = path.parse().unwrap();
+        let h = req.headers_mut();
+        h.insert(header::HOST, HeaderValue::from_static("web.local"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        prepare_request(&mut req, backend);
+        req
+    }
+
+    const SECOND: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn streams_share_one_connection_and_bodies_and_trailers_go_both_ways() {
+        let (addr, _server) = server(100).await;
+        let b = backend(addr);
+        let req = request(&b, "/echo?x=1");
+        assert_eq!(req.uri().to_string(), "http://web.local/echo?x=1");
+        assert!(req.headers().get("x-hop").is_none() && req.headers().get(header::HOST).is_none());
+        assert_eq!(req.headers().get(header::TE).unwrap(), "trailers");
+        let mut calls = Vec::new();
+        for i in 0..20u8 {
+            let b = b.clone();
+            calls.push(tokio::spawn(async move {
+                let mut ex = b.h2_request(request(&b, "/echo"), false, SECOND).await.unwrap();
+                // Larger than every window: the body moves as the windows open, both ways.
+                let body = Bytes::from(vec![i; 3 << 20]);
+                let sending = async {
+                    send_data(&mut ex.send, body.clone(), false).await.unwrap();
+                    let mut t = HeaderMap::new();
+                    t.insert("grpc-status", HeaderValue::from_static("7"));
+                    ex.send.send_trailers(t).unwrap();
+                };
+                let receiving = async {
+                    let resp = (&mut ex.response).await.unwrap();
+                    assert_eq!(resp.status(), StatusCode::OK);
+                    assert_eq!(resp.headers().get("x-te").unwrap(), "trailers");
+                    let mut recv = resp.into_body();
+                    let mut got = 0;
+                    while let Some(piece) = recv.data().await {
+                        let piece = piece.unwrap();
+                        assert!(piece.iter().all(|&x| x == i));
+                        got += piece.len();
+                        recv.flow_control().release_capacity(piece.len()).unwrap();
+                    }
+                    assert_eq!(got, 3 << 20);
+                    let t = recv.trailers().await.unwrap().unwrap();
+                    assert_eq!(t.get("grpc-status").unwrap(), "7");
+                };
+                tokio::join!(sending, receiving);
+            }));
+        }
+        for c in calls {
+            c.await.unwrap();
+        }
+        assert_eq!((b.h2.connections(), b.connections_opened()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_when_the_peers_stream_limit_is_reached() {
+        let (addr, _server) = server(2).await;
+        let b = backend(addr);
+        // The first connection learns the limit from the server's SETTINGS with its first answer.
+        let mut first = b.h2_request(request(&b, "/"), true, SECOND).await.unwrap();
+        (&mut first.response).await.unwrap();
+        drop(first);
+        let mut open = Vec::new();
+        for _ in 0..5 {
+            let mut ex = b.h2_request(request(&b, "/hold"), false, SECOND).await.unwrap();
+            ex.send.send_data(Bytes::from_static(b"x"), false).unwrap();
+            open.push(ex);
+        }
+        assert_eq!(b.h2.connections(), 3);
+        for mut ex in open {
+            ex.send.send_data(Bytes::new(), true).unwrap();
+            assert_eq!((&mut ex.response).await.unwrap().status(), StatusCode::OK);
+        }
+    }
+
+    #[tokio::test]
+    async fn unprocessed_streams_and_lost_connections_say_nothing_was_sent() {
+        let (addr, server) = server(100).await;
+        let b = backend(addr);
+        let ex = b.h2_request(request(&b, "/refuse"), true, SECOND).await.unwrap();
+        match ex.response.await {
+            Err(e) => assert!(e.nothing_sent(), "{e}"),
+            Ok(r) => panic!("answered {}", r.status()),
+        }
+        // A graceful GOAWAY: the pool notices, and the next request takes a new connection.
+        let ex = b.h2_request(request(&b, "/goaway"), true, SECOND).await.unwrap();
+        assert_eq!(ex.response.await.unwrap().status(), StatusCode::OK);
+        let deadline = Instant::now() + SECOND;
+        while b.h2.connections() > 0 {
+            assert!(Instant::now() < deadline, "the closed connection stays in the pool");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let ex = b.h2_request(request(&b, "/"), true, SECOND).await.unwrap();
+        assert_eq!(ex.response.await.unwrap().status(), StatusCode::OK);
+        assert_eq!(b.connections_opened(), 2);
+        // The backend goes away: a stream in flight when its connection dies may have been
+        // processed; the connect after it is refused, which is safe to move.
+        server.abort();
+        let _ = server.await;
+        let ex = b.h2_request(request(&b, "/kill"), true, SECOND).await.unwrap();
+        match ex.response.await {
+            Err(e) => assert!(!e.nothing_sent(), "{e}"),
+            Ok(r) => panic!("answered {}", r.status()),
+        }
+        let deadline = Instant::now() + SECOND;
+        while b.h2.connections() > 0 {
+            assert!(Instant::now() < deadline, "the lost connection stays in the pool");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        match b.h2_request(request(&b, "/"), true, SECOND).await {
+            Err(e) => assert!(e.nothing_sent() && matches!(e, H2Error::Connect(ConnectError::Refused)), "{e}"),
+            Ok(_) => panic!("a request went to a backend that is gone"),
+        }
     }
 }
