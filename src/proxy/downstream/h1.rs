@@ -1,4 +1,4 @@
-//! One client connection: read a request head, hand it to the request path, repeat while the
+//! HTTP/1.x to clients. One client connection: read a request head, hand it to the request path, repeat while the
 //! connection is kept alive. Client-side timeouts live here:
 //! - no byte of the next request yet: after `client_header` (a new connection) or
 //!   `client_idle` (between requests) the connection closes quietly;
@@ -16,25 +16,27 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::forward;
-use super::listener::ListenerSettings;
-use super::stream::ClientStream;
-use super::timer::LazyTimer;
-use crate::config::Limits;
-use crate::http1::{encode_local, ClientFraming, HeadError, RequestHead, ResponseHead};
+use super::{read_more, send, Downstream, Drain, Session, Waited};
+use crate::http1::{encode_local, ChunkedScanner, ClientFraming, Framing, HeadError, RequestHead};
 use crate::observe::metrics::Reject;
+use crate::proxy::core::{self, Exchange};
+use crate::proxy::listener::ListenerSettings;
+use crate::proxy::stream::ClientStream;
+use crate::proxy::upstream::Upstream;
+use crate::request::{Protocol, Scheme};
 use crate::state::Shared;
-use crate::upstream::write_all_vectored;
+use crate::upstream::{BackendConn, InFlight};
 
 /// After an error answer, how long the rest of what the client sends is read and dropped
 /// before closing: closing a socket with unread input sends a reset, which can make the client
@@ -43,42 +45,8 @@ const LINGER: Duration = Duration::from_secs(2);
 
 const READ_BUFFER: usize = 8 * 1024;
 
-/// Shared between a connection's loop and its listener's shutdown: whether the connection
-/// waits for a request (and may be closed at once) and whether it must close after the
-/// response in progress.
-#[derive(Debug, Default)]
-pub struct Drain {
-    pub idle: AtomicBool,
-    pub draining: AtomicBool,
-}
-
-impl Drain {
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-}
-
-/// A client connection and what its requests share.
-pub struct ClientConn {
-    pub stream: ClientStream,
-    /// Bytes read from the client and not yet used: the next head, or body bytes.
-    pub buf: BytesMut,
-    /// Scratch for heads written to the client or to a backend, reused by every request.
-    pub out: Vec<u8>,
-    pub timer: LazyTimer,
-    /// The response head being relayed, its header list reused by every request.
-    pub resp: ResponseHead,
-    pub state: Shared,
-    pub client: SocketAddr,
-    /// The client's IP, formatted once, for `X-Forwarded-For`.
-    pub client_ip: Vec<u8>,
-    pub limits: Limits,
-    /// The listener's settings as they were when the connection was accepted.
-    pub listener: Arc<ListenerSettings>,
-    /// The clock as read when the last request ended (its metrics took it): the wait for the
-    /// next request counts from it instead of reading the clock again. Taken by that wait.
-    pub clock: Option<Instant>,
-}
+/// The HTTP/1 connection: a session over the client's socket.
+pub type ClientConn = Session<ClientStream>;
 
 impl ClientConn {
     pub async fn write_all(&mut self, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -172,20 +140,7 @@ pub async fn serve(
     // Connection-level settings come from the config current at accept; a reload applies to
     // new connections.
     let limits = state.load().config.limits;
-    let mut conn = ClientConn {
-        stream,
-        buf: BytesMut::new(),
-        out: Vec::new(),
-        // A new connection gets `client_header` for its first request, as in NGINX.
-        timer: LazyTimer::new(limits.timeouts.client_header),
-        resp: ResponseHead::default(),
-        state,
-        client,
-        client_ip: client.ip().to_string().into_bytes(),
-        limits,
-        listener,
-        clock: None,
-    };
+    let mut conn = ClientConn::new(stream, client, limits, listener, state);
     let mut head = RequestHead::default();
     let mut first = true;
     let mut idle_until = Instant::now() + limits.timeouts.client_header;
@@ -274,7 +229,7 @@ async fn serve_busy(conn: &mut ClientConn, head: &mut RequestHead, first: &mut b
             }
         }
         *first = false;
-        let keep_alive = forward::handle(conn, head, drain).await;
+        let keep_alive = core::handle(conn, head, drain).await;
         if !keep_alive {
             conn.close_gracefully().await;
             return Busy::Done;
@@ -345,28 +300,6 @@ async fn next_request(conn: &mut ClientConn, head: &mut RequestHead, first: bool
     }
 }
 
-/// Write all of `parts` to the client; a client that takes none of it for `limit` is given up
-/// on (`client_send`: the error's kind is `TimedOut`).
-pub(super) async fn send(
-    stream: &mut ClientStream,
-    timer: &mut LazyTimer,
-    limit: Duration,
-    parts: &mut [IoSlice<'_>],
-) -> io::Result<()> {
-    let write = async {
-        write_all_vectored(stream, parts).await.map_err(|(e, _)| e)?;
-        // TLS keeps what the socket did not take; plain TCP has nothing to flush.
-        if stream.is_tls() {
-            stream.flush().await?;
-        }
-        Ok(())
-    };
-    match timer.within(|| Instant::now() + limit, write).await {
-        Ok(written) => written,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client_send timeout")),
-    }
-}
-
 /// Read the start of a request head into `buf`, which has no room (an idle connection's, plain TCP): it gets its memory only once the socket is readable.
 async fn read_into_empty(stream: &mut ClientStream, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
@@ -379,14 +312,203 @@ async fn read_into_empty(stream: &mut ClientStream, buf: &mut BytesMut) -> io::R
     }
 }
 
-/// Read more from the client into `buf`, asking for at least `want` bytes of room (heads:
-/// `READ_BUFFER`; bodies: more, so that an upload moves in few system calls).
-pub(super) async fn read_more(stream: &mut ClientStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < want / 4 {
-        buf.reserve(want);
-    }
-    stream.read_buf(buf).await
-}
+/// Bytes of the client's next requests read while a response is awaited; beyond this the
+/// client is no longer watched (TCP holds the rest back).
+const MAX_PIPELINED: usize = 64 * 1024;
 
-/// Room asked for when reading a request body.
-pub(super) const BODY_READ: usize = 64 * 1024;
+impl Downstream for ClientStream {
+    const PROTOCOL: Protocol = Protocol::Http1;
+
+    fn scheme(&self) -> Scheme {
+        if self.is_tls() {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        }
+    }
+
+    async fn read_body(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+        read_more(self, buf, want).await
+    }
+
+    async fn send_continue(c: &mut ClientConn) -> io::Result<()> {
+        let continue_line: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+        c.write_all(&mut [IoSlice::new(continue_line)]).await
+    }
+
+    /// Read from the backend, watching the client meanwhile: a client that closes while its
+    /// answer is awaited gets its backend request abandoned, as NGINX does (`499` in the log),
+    /// rather than holding a backend connection until the answer comes. Bytes the client sends
+    /// meanwhile (a pipelined request) are kept, up to a bound.
+    async fn backend_or_client(&mut self, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
+        let client = self;
+        let mut backend = pin!(conn.read_more());
+        loop {
+            if buf.len() >= MAX_PIPELINED {
+                return Waited::Backend(backend.await);
+            }
+            tokio::select! {
+                biased;
+                read = backend.as_mut() => return Waited::Backend(read),
+                // The read-readiness slot rather than `readable()` (a waiter list entry under a
+                // lock): this task is the client's only reader, and this wait is on every request.
+                ready = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => {
+                    if ready.is_err() {
+                        return Waited::ClientGone;
+                    }
+                    buf.reserve(4096);
+                    match client.try_read_buf(buf) {
+                        Ok(0) => return Waited::ClientGone,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Waited::ClientGone,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_local(
+        c: &mut ClientConn,
+        status: u16,
+        extra: &[(&str, &[u8])],
+        body: &[u8],
+        close: bool,
+        version: u8,
+    ) {
+        c.write_local(status, extra, body, close, version).await
+    }
+
+    async fn upgrade(
+        ex: &mut Exchange<'_>,
+        c: &mut ClientConn,
+        upstream: Upstream,
+        in_flight: InFlight,
+        idle: Duration,
+    ) -> bool {
+        let Upstream::H1(conn) = upstream;
+        ex.tunnel(c, conn, in_flight, idle).await
+    }
+
+    /// The backend's bytes as they come: the head re-encoded, the body as it is framed.
+    async fn relay(
+        ex: &mut Exchange<'_>,
+        c: &mut ClientConn,
+        upstream: Upstream,
+        in_flight: InFlight,
+        stall_timeout: Duration,
+    ) -> bool {
+        let Upstream::H1(mut conn) = upstream;
+        let head = ex.head;
+        let backend = in_flight.backend().clone();
+        let framing = c.resp.framing(&head.method);
+        // An HTTP/1.0 client cannot take chunks: the body goes out decoded, ended by the close.
+        let decode = framing == Framing::Chunked && head.version == 0;
+        let close =
+            !head.keep_alive() || ex.body_pending || ex.drain.is_draining() || framing == Framing::UntilClose || decode;
+        let client_framing = ClientFraming {
+            chunked: framing == Framing::Chunked && !decode,
+            close,
+            keep_alive_10: head.version == 0 && !close,
+        };
+        c.resp.encode_for_client(&conn.buf, &mut c.out, client_framing);
+        if let Some(cookie) = ex.set_cookie.take() {
+            // Before the blank line that ends the head.
+            c.out.truncate(c.out.len().saturating_sub(2));
+            // A cookie set over TLS is sent back over TLS only.
+            let secure: &[u8] = if c.stream.is_tls() { b"; Secure" } else { b"" };
+            for part in [&b"set-cookie: "[..], &cookie, secure, b"\r\n\r\n"] {
+                c.out.extend_from_slice(part);
+            }
+        }
+        conn.buf.advance(c.resp.len);
+        ex.log.set(c.resp.status, None, Some(&backend));
+        let reusable = c.resp.backend_keeps_alive();
+
+        let send_limit = c.limits.timeouts.client_send;
+        let mut head_out = true;
+        let mut remaining = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        if remaining > conn.buf.len() as u64 {
+            conn.expect_bytes(remaining - conn.buf.len() as u64);
+        }
+        let mut scanner = ChunkedScanner::new();
+        let mut ranges = Vec::new();
+        loop {
+            let (ready, done) = match framing {
+                Framing::None => (0, true),
+                Framing::Length(_) => {
+                    let n = remaining.min(conn.buf.len() as u64);
+                    remaining -= n;
+                    (n as usize, remaining == 0)
+                }
+                Framing::Chunked => match scanner.scan(&conn.buf, decode.then_some(&mut ranges)) {
+                    Ok(n) => (n, scanner.is_done()),
+                    Err(e) => {
+                        warn!(backend = %backend.name, error = %e, "backend sent a malformed chunked body");
+                        ex.log.note("backend_body_error");
+                        return false;
+                    }
+                },
+                Framing::UntilClose => (conn.buf.len(), false),
+            };
+            if ready > 0 || head_out {
+                let head_part: &[u8] = if head_out { &c.out } else { &[] };
+                let written = if decode {
+                    let mut parts = Vec::with_capacity(ranges.len() + 1);
+                    parts.push(IoSlice::new(head_part));
+                    parts.extend(ranges.iter().map(|r| IoSlice::new(&conn.buf[r.clone()])));
+                    let n: usize = ranges.iter().map(|r| r.len()).sum();
+                    send(&mut c.stream, &mut c.timer, send_limit, &mut parts).await.map(|()| n)
+                } else {
+                    let parts = &mut [IoSlice::new(head_part), IoSlice::new(&conn.buf[..ready])];
+                    send(&mut c.stream, &mut c.timer, send_limit, parts).await.map(|()| ready)
+                };
+                ranges.clear();
+                match written {
+                    Ok(n) => ex.log.bytes(n as u64),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        warn!(client = %c.client, timeout = ?send_limit, "client took no response data in time: response cut");
+                        ex.log.note("client_timeout");
+                        return false;
+                    }
+                    Err(e) => {
+                        debug!(client = %c.client, error = %e, "client went away during the response");
+                        ex.log.note("client_aborted");
+                        return false;
+                    }
+                }
+                head_out = false;
+                conn.buf.advance(ready);
+            }
+            if done {
+                break;
+            }
+            match c.timer.within(|| Instant::now() + stall_timeout, conn.read_more()).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(_)) if framing == Framing::UntilClose => return false,
+                Ok(result) => {
+                    let why = match result {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "the backend closed the connection".to_string(),
+                    };
+                    warn!(backend = %backend.name, error = %why, "backend failed while sending the response body");
+                    ex.log.note("backend_body_error");
+                    return false;
+                }
+                Err(_) => {
+                    warn!(backend = %backend.name, timeout = ?stall_timeout, "the backend sent no response data in time: response cut");
+                    ex.log.note("backend_body_error");
+                    return false;
+                }
+            }
+        }
+        if reusable {
+            backend.put_idle(conn);
+        }
+        drop(in_flight);
+        !close
+    }
+}
