@@ -157,3 +157,202 @@ services:
     wait_for(&lb, "secure", &addr, &["backend is up", "reason=SERVING"]).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A gRPC message: uncompressed, length-prefixed.
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The messages in a gRPC body.
+fn messages(mut body: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        out.push(String::from_utf8_lossy(&body[5..5 + len]).into_owned());
+        body = &body[5 + len..];
+    }
+    assert!(body.is_empty(), "a partial message is left: {body:?}");
+    out
+}
+
+/// A response as an HTTP/1.1 client reads it: head fields, the body de-chunked, trailers.
+#[derive(Debug)]
+struct H1Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+}
+
+impl H1Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().chain(&self.trailers).find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+fn fields(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect()
+}
+
+/// One gRPC call in HTTP/1.1 (what Velocity turns into an HTTP/2 stream): `POST path` with
+/// `body`, chunked when `chunked`, on a connection of its own that closes after it.
+async fn call(lb: SocketAddr, path: &str, body: &[u8], chunked: bool) -> H1Answer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(lb).await.unwrap();
+    let framing =
+        if chunked { "transfer-encoding: chunked".to_owned() } else { format!("content-length: {}", body.len()) };
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: grpc.local\r\ncontent-type: application/grpc\r\nte: trailers\r\nconnection: close\r\n{framing}\r\n\r\n"
+    )
+    .into_bytes();
+    if chunked {
+        // Two chunks, so the body reaches the backend in more than one piece.
+        let (a, b) = body.split_at(body.len() / 2);
+        for part in [a, b] {
+            req.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            req.extend_from_slice(part);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        req.extend_from_slice(body);
+    }
+    tcp.write_all(&req).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut raw)).await.expect("an answer in time").unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head[9..12].parse().unwrap();
+    let headers = fields(head.split_once("\r\n").map_or("", |(_, rest)| rest));
+    let mut rest = &raw[split + 4..];
+    let (mut body, mut trailers) = (Vec::new(), Vec::new());
+    if headers.iter().any(|(n, v)| n == "transfer-encoding" && v == "chunked") {
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                trailers = fields(&String::from_utf8_lossy(rest));
+                break;
+            }
+            body.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+    } else {
+        body = rest.to_vec();
+    }
+    H1Answer { status, headers, body, trailers }
+}
+
+fn grpc_service(servers: &[&GrpcServer], extra: &str) -> String {
+    let list: String = servers.iter().map(|s| format!("      - address: {}\n", s.addr)).collect();
+    format!(
+        "listen: 127.0.0.1:0
+access_log: off
+admin:
+  listen: 127.0.0.1:0
+services:
+  - name: grpc
+    backend_protocol: h2c
+{extra}    backends:
+{list}"
+    )
+}
+
+#[tokio::test]
+async fn grpc_calls_from_an_http1_client_reach_an_h2c_backend_with_their_trailers() {
+    let server = GrpcServer::start("a", None);
+    let lb = Velocity::start(&grpc_service(&[&server], "")).await;
+    let addr = lb.addr();
+
+    let unary = call(addr, "/velocity.test.Echo/Unary", &frame(b"hello"), false).await;
+    assert_eq!(unary.status, 200, "{unary:?}");
+    assert_eq!(unary.header("content-type"), Some("application/grpc"));
+    assert_eq!(unary.header("backend"), Some("a"));
+    assert_eq!(messages(&unary.body), ["hello"]);
+    // The status is in the trailers, which an HTTP/1.1 client gets after the last chunk.
+    assert_eq!(unary.trailers.iter().find(|(n, _)| n == "grpc-status").map(|(_, v)| v.as_str()), Some("0"));
+
+    // A chunked upload goes out as DATA without its chunk framing.
+    let chunked = call(addr, "/velocity.test.Echo/Unary", &frame(b"in two chunks"), true).await;
+    assert_eq!(messages(&chunked.body), ["in two chunks"]);
+
+    let stream = call(addr, "/velocity.test.Echo/Stream", &frame(b"3"), false).await;
+    assert_eq!(messages(&stream.body), ["a 0", "a 1", "a 2"]);
+    assert_eq!(stream.header("grpc-status"), Some("0"));
+
+    let mut two = frame(b"one");
+    two.extend_from_slice(&frame(b"two"));
+    let bidi = call(addr, "/velocity.test.Echo/Bidi", &two, true).await;
+    assert_eq!(messages(&bidi.body), ["one", "two"]);
+
+    // An error status passes through, with its message.
+    let fail = call(addr, "/velocity.test.Echo/Fail", &frame(b"x"), false).await;
+    assert_eq!(fail.status, 200);
+    assert_eq!(fail.header("grpc-status"), Some("3"), "{fail:?}");
+    assert_eq!(fail.header("grpc-message"), Some("bad request from a"));
+    let missing = call(addr, "/velocity.test.Echo/Nope", &frame(b"x"), false).await;
+    assert_eq!(missing.header("grpc-status"), Some("12"), "{missing:?}");
+}
+
+async fn scrape(lb: &Velocity) -> String {
+    let resp = get(lb.admin_addr().await, "localhost", "/metrics").await;
+    assert_eq!(resp.status, 200);
+    resp.body
+}
+
+fn opened(metrics: &str, server: &GrpcServer) -> u64 {
+    let series = format!("velocity_backend_connections_opened_total{{service=\"grpc\",backend=\"{}\"}} ", server.addr);
+    metrics.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_one_backend_connection() {
+    let server = GrpcServer::start("a", None);
+    let lb = Velocity::start(&grpc_service(&[&server], "")).await;
+    let addr = lb.addr();
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            tokio::spawn(async move {
+                let text = format!("call {i}");
+                let answer = call(addr, "/velocity.test.Echo/Unary", &frame(text.as_bytes()), false).await;
+                assert_eq!(messages(&answer.body), [text]);
+                assert_eq!(answer.header("grpc-status"), Some("0"));
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap();
+    }
+    // 40 client connections, 40 streams, one backend connection (grpcio allows 100 streams).
+    assert_eq!(opened(&scrape(&lb).await, &server), 1);
+}
+
+#[tokio::test]
+async fn a_lost_backend_connection_fails_over_to_the_next_backend() {
+    let a = GrpcServer::start("a", None);
+    let b = GrpcServer::start("b", None);
+    let lb = Velocity::start(&grpc_service(&[&a, &b], "")).await;
+    let addr = lb.addr();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(
+            call(addr, "/velocity.test.Echo/Unary", &frame(b"x"), false).await.header("backend").map(str::to_owned),
+        );
+    }
+    assert!(seen.contains(&Some("a".into())) && seen.contains(&Some("b".into())), "{seen:?}");
+    // Server a goes away with its connection open: that connection is lost, and the connect
+    // that replaces it is refused. Nothing of those requests reached a, so they go to b.
+    drop(a);
+    for i in 0..10 {
+        let answer = call(addr, "/velocity.test.Echo/Unary", &frame(b"after"), false).await;
+        assert_eq!((answer.status, answer.header("backend")), (200, Some("b")), "call {i}: {answer:?}");
+        assert_eq!(messages(&answer.body), ["after"]);
+    }
+}

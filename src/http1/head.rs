@@ -459,6 +459,13 @@ impl RequestHead {
             .map(|h| at(&self.bytes, h.value))
     }
 
+    /// The end-to-end headers, in order, as `encode_for_backend` forwards them (hop-by-hop
+    /// ones and those `Connection` names left out): for a head sent on in another encoding
+    /// (HTTP/2 backends).
+    pub fn end_to_end_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.headers.iter().filter(|h| !h.skip).map(|h| (at(&self.bytes, h.name), at(&self.bytes, h.value)))
+    }
+
     /// Every value of header `name`, in order (a list header such as `X-Forwarded-For` may
     /// come on several lines).
     pub fn headers_named<'a>(&'a self, name: &'a str) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {

@@ -386,8 +386,11 @@ impl Downstream for ClientStream {
         in_flight: InFlight,
         idle: Duration,
     ) -> bool {
-        let Upstream::H1(conn) = upstream;
-        ex.tunnel(c, conn, in_flight, idle).await
+        match upstream {
+            Upstream::H1(conn) => ex.tunnel(c, conn, in_flight, idle).await,
+            // HTTP/2 has no 101 (RFC 9113 8.6): an h2 try never asks for an upgrade.
+            Upstream::H2(_) => false,
+        }
     }
 
     /// The backend's bytes as they come: the head re-encoded, the body as it is framed.
@@ -398,7 +401,10 @@ impl Downstream for ClientStream {
         in_flight: InFlight,
         stall_timeout: Duration,
     ) -> bool {
-        let Upstream::H1(mut conn) = upstream;
+        let mut conn = match upstream {
+            Upstream::H1(conn) => conn,
+            Upstream::H2(h2) => return relay_h2(ex, c, *h2, in_flight, stall_timeout).await,
+        };
         let head = ex.head;
         let backend = in_flight.backend().clone();
         let framing = c.resp.framing(&head.method);
@@ -412,15 +418,7 @@ impl Downstream for ClientStream {
             keep_alive_10: head.version == 0 && !close,
         };
         c.resp.encode_for_client(&conn.buf, &mut c.out, client_framing);
-        if let Some(cookie) = ex.set_cookie.take() {
-            // Before the blank line that ends the head.
-            c.out.truncate(c.out.len().saturating_sub(2));
-            // A cookie set over TLS is sent back over TLS only.
-            let secure: &[u8] = if c.stream.is_tls() { b"; Secure" } else { b"" };
-            for part in [&b"set-cookie: "[..], &cookie, secure, b"\r\n\r\n"] {
-                c.out.extend_from_slice(part);
-            }
-        }
+        add_set_cookie(ex, c);
         conn.buf.advance(c.resp.len);
         ex.log.set(c.resp.status, None, Some(&backend));
         let reusable = c.resp.backend_keeps_alive();
@@ -510,5 +508,130 @@ impl Downstream for ClientStream {
         }
         drop(in_flight);
         !close
+    }
+}
+
+/// The balancer's `Set-Cookie` (sticky), if any, into the response head in `c.out`.
+fn add_set_cookie(ex: &mut Exchange<'_>, c: &mut ClientConn) {
+    if let Some(cookie) = ex.set_cookie.take() {
+        // Before the blank line that ends the head.
+        c.out.truncate(c.out.len().saturating_sub(2));
+        // A cookie set over TLS is sent back over TLS only.
+        let secure: &[u8] = if c.stream.is_tls() { b"; Secure" } else { b"" };
+        for part in [&b"set-cookie: "[..], &cookie, secure, b"\r\n\r\n"] {
+            c.out.extend_from_slice(part);
+        }
+    }
+}
+
+/// An HTTP/2 backend's answer to an HTTP/1 client: the head (in `c.resp`, from `up.head`),
+/// then each DATA piece as it comes (a chunk, unless the length is known or the client is
+/// HTTP/1.0), then the trailers as the chunked body's trailer section. Each piece's window
+/// goes back to the backend only once the client took it, so a slow client slows its own
+/// stream only.
+async fn relay_h2(
+    ex: &mut Exchange<'_>,
+    c: &mut ClientConn,
+    mut up: crate::proxy::upstream::H2Upstream,
+    in_flight: InFlight,
+    stall_timeout: Duration,
+) -> bool {
+    let head = ex.head;
+    let backend = in_flight.backend().clone();
+    let framing = c.resp.framing(&head.method);
+    // An HTTP/1.0 client cannot take chunks: the body goes out as it is, ended by the close.
+    let decode = framing == Framing::Chunked && head.version == 0;
+    let close = !head.keep_alive() || ex.body_pending || ex.drain.is_draining() || decode;
+    let client_framing = ClientFraming {
+        chunked: framing == Framing::Chunked && !decode,
+        close,
+        keep_alive_10: head.version == 0 && !close,
+    };
+    c.resp.encode_for_client(&up.head, &mut c.out, client_framing);
+    add_set_cookie(ex, c);
+    ex.log.set(c.resp.status, None, Some(&backend));
+    let send_limit = c.limits.timeouts.client_send;
+    let chunked = client_framing.chunked;
+    let mut head_out = true;
+    let mut size_line = Vec::with_capacity(20);
+    let body = &mut up.body;
+    let failed = |ex: &mut Exchange<'_>, why: &dyn std::fmt::Display| {
+        warn!(backend = %backend.name, error = %why, "backend failed while sending the response body");
+        ex.log.note("backend_body_error");
+        false
+    };
+    // The body, piece by piece; a body-less answer (HEAD, 204, 304) sends the head alone.
+    let mut trailers = None;
+    if framing != Framing::None {
+        loop {
+            let piece = match c.timer.within(|| Instant::now() + stall_timeout, body.data()).await {
+                Err(_) => return failed(ex, &format!("no response data for {stall_timeout:?}")),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return failed(ex, &e),
+                Ok(Some(Ok(piece))) => piece,
+            };
+            if piece.is_empty() {
+                continue;
+            }
+            size_line.clear();
+            if chunked {
+                size_line.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            }
+            let head_part: &[u8] = if head_out { &c.out } else { &[] };
+            let end: &[u8] = if chunked { b"\r\n" } else { b"" };
+            let parts =
+                &mut [IoSlice::new(head_part), IoSlice::new(&size_line), IoSlice::new(&piece), IoSlice::new(end)];
+            let written = send(&mut c.stream, &mut c.timer, send_limit, parts).await;
+            if !client_took(ex, c.client, written, send_limit) {
+                return false;
+            }
+            head_out = false;
+            ex.log.bytes(piece.len() as u64);
+            let _ = body.flow_control().release_capacity(piece.len());
+        }
+        trailers = match c.timer.within(|| Instant::now() + stall_timeout, body.trailers()).await {
+            Err(_) => return failed(ex, &format!("no trailers for {stall_timeout:?}")),
+            Ok(Err(e)) => return failed(ex, &e),
+            Ok(Ok(t)) => t,
+        };
+    }
+    // The last chunk with the trailer section (hop-by-hop trailers do not exist in HTTP/2).
+    let mut tail = Vec::new();
+    if chunked {
+        tail.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers.iter().flatten() {
+            for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+                tail.extend_from_slice(part);
+            }
+        }
+        tail.extend_from_slice(b"\r\n");
+    }
+    if head_out || !tail.is_empty() {
+        let head_part: &[u8] = if head_out { &c.out } else { &[] };
+        let parts = &mut [IoSlice::new(head_part), IoSlice::new(&tail)];
+        let written = send(&mut c.stream, &mut c.timer, send_limit, parts).await;
+        if !client_took(ex, c.client, written, send_limit) {
+            return false;
+        }
+    }
+    drop(up);
+    drop(in_flight);
+    !close
+}
+
+/// Whether a write to the client went through; notes and logs why not.
+fn client_took(ex: &mut Exchange<'_>, client: SocketAddr, written: io::Result<()>, send_limit: Duration) -> bool {
+    match written {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            warn!(client = %client, timeout = ?send_limit, "client took no response data in time: response cut");
+            ex.log.note("client_timeout");
+            false
+        }
+        Err(e) => {
+            debug!(client = %client, error = %e, "client went away during the response");
+            ex.log.note("client_aborted");
+            false
+        }
     }
 }

@@ -6,18 +6,22 @@
 //! One variant per backend protocol, dispatched in [`Exchange::attempt`]:
 //! - [`Upstream::H1`] (`h1.rs`): an HTTP/1.1 connection from the backend's pool, Velocity's
 //!   own encoder and parser.
-//! - HTTP/2 and h2c backends (`backend_protocol: h2|h2c`) go in an `H2` variant beside it:
-//!   a stream on one of the backend's multiplexed connections (`crate::upstream::h2`). Its
-//!   try takes the request head (`RequestHead`: method, authority, path, headers; its body
-//!   read with `Downstream::read_body` as the H1 try does) and gives back the response head
+//! - [`Upstream::H2`] (`h2.rs`): HTTP/2 and h2c backends (`backend_protocol: h2|h2c`), a
+//!   stream on one of the backend's multiplexed connections (`crate::upstream::h2`). Its try
+//!   takes the request head (`RequestHead`: method, authority, path, headers; its body read
+//!   with `Downstream::read_body` as the H1 try does) and gives back the response head
 //!   (status and headers into `Session::resp`, so that the core and the access log read it
-//!   as they read an HTTP/1 one), then the body as it streams and its trailers. The
-//!   downstream `relay`s gain an arm for it: body pieces to the client as they come,
-//!   trailers at the end (HTTP/1 clients get them as a chunked trailer section).
-//!   Connection loss before anything was sent is `AttemptError::NotSent`, so the core's
-//!   retry loop fails over as for a refused connect.
+//!   as they read an HTTP/1 one), then the body as it streams and its trailers
+//!   ([`H2Upstream`]). The downstream `relay`s have an arm for it: body pieces to the client
+//!   as they come, trailers at the end (HTTP/1 clients get them as a chunked trailer
+//!   section). A stream the backend did not process (refused, above a GOAWAY) or a failed
+//!   connect is `AttemptError::NotSent`, so the core's retry loop fails over as for a
+//!   refused connect.
 
 mod h1;
+mod h2;
+
+pub use h2::H2Upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +37,9 @@ use crate::upstream::{Backend, BackendConn, ConnectError};
 /// What a successful try leaves: the connection (or stream) the response body comes from.
 pub enum Upstream {
     H1(BackendConn),
+    /// Boxed: a stream's handles are larger than a connection, and the H1 path should not
+    /// carry their size.
+    H2(Box<H2Upstream>),
 }
 
 /// The request body, as far as it has been read from the client.
@@ -124,6 +131,9 @@ impl Exchange<'_> {
     ) -> Result<Upstream, AttemptError> {
         if bounds.now >= bounds.deadline {
             return Err(AttemptError::Timeout(TimeoutKind::Request));
+        }
+        if backend.protocol.is_h2() {
+            return self.attempt_h2(c, body, backend, bounds).await;
         }
         let connect_timeout = bounds.connect.min(bounds.deadline - bounds.now);
         let mut conn = match backend.checkout(connect_timeout, bounds.now.into_std()).await {
