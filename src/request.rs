@@ -3,7 +3,8 @@
 //!
 //! Both downstream protocols hand the core the same [`RequestHead`]: HTTP/1.x's parser fills
 //! it from the bytes the client sent, HTTP/2 builds it from a stream's pseudo-headers and
-//! header list (`RequestHead::from_h2`, `src/proxy/downstream/h2.rs`). The view only reads
+//! header list (`src/proxy/downstream/h2.rs`: the fields written as an HTTP/1.1 head and
+//! parsed by the same parser, so both get the same checks). The view only reads
 //! it, so building one per request costs a few words on the stack; nothing outside `http1`
 //! and the downstream sessions touches a protocol's own framing.
 

@@ -46,6 +46,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
         services,
         limits: Limits::default(),
         shutdown: Shutdown::default(),
+        http2: Default::default(),
         // The Go version served its API on api_port; ours listens on loopback only.
         admin: api_port.map(AdminConfig::loopback),
         cluster: None,

@@ -12,6 +12,7 @@ mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod health;
+mod http2;
 mod legacy;
 mod lifecycle;
 mod listeners;
@@ -31,6 +32,7 @@ pub use backend_protocol::BackendProtocol;
 pub use backend_tls::BackendTlsConfig;
 pub use cluster::{ClusterConfig, OnStoreError};
 pub use discovery::{Discovery, DnsDiscovery, DnsKind, DockerDiscovery, ManagedConfig};
+pub use http2::Http2Config;
 pub use listeners::{CertificateFiles, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, TlsConfig, TlsVersion};
 pub use policy::{
     parse_net, AccessRules, DenyAction, GlobalPolicy, LimitKey, LimitScope, Rate, RateLimitConfig, ServicePolicy,
@@ -55,6 +57,8 @@ pub struct Config {
     /// Listener-wide timeouts and limits (client side), and the defaults services inherit.
     pub limits: Limits,
     pub shutdown: Shutdown,
+    /// `http2:`: HTTP/2 to clients.
+    pub http2: Http2Config,
     /// `admin:`: the admin API listener; `None`: no admin API.
     pub admin: Option<AdminConfig>,
     /// `cluster:`: the Redis store shared with other instances; `None`: this instance alone.

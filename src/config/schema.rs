@@ -145,6 +145,7 @@ pub struct RawConfig {
     pub max_header_bytes: Option<S<Scalar>>,
     pub max_client_connections: Option<S<Scalar>>,
     pub shutdown: Option<S<RawShutdown>>,
+    pub http2: Option<S<RawHttp2>>,
     pub admin: Option<S<super::admin::RawAdmin>>,
     pub cluster: Option<S<super::cluster::RawCluster>>,
     // Traffic policy (see `policy.rs`).
@@ -213,6 +214,18 @@ pub struct RawTimeouts {
 pub struct RawQueue {
     pub size: Option<S<Scalar>>,
     pub timeout: Option<S<Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp2 {
+    pub enabled: Option<S<Scalar>>,
+    pub max_concurrent_streams: Option<S<Scalar>>,
+    pub max_header_list_size: Option<S<Scalar>>,
+    pub stream_window: Option<S<Scalar>>,
+    pub connection_window: Option<S<Scalar>>,
+    pub max_resets_per_second: Option<S<Scalar>>,
+    pub max_control_frames_per_second: Option<S<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,6 +42,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
 
 fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let (limits, shutdown) = lifecycle::global(ctx, &mut raw);
+    let http2 = super::http2::convert(ctx, raw.http2.take());
     let policy = super::policy::global(ctx, &mut raw);
     ctx.timeouts = limits.timeouts;
     let listen = match raw.listen {
@@ -76,6 +77,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
         services,
         limits,
         shutdown,
+        http2,
         admin,
         cluster,
         policy,

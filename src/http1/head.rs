@@ -822,6 +822,13 @@ impl ResponseHead {
         self.unfolded = None;
     }
 
+    /// The end-to-end headers (hop-by-hop ones left out), from `buf` (the bytes this head was
+    /// parsed from): for a client that takes them as fields rather than bytes (HTTP/2).
+    pub fn fields<'a>(&'a self, buf: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let buf = self.unfolded.as_deref().unwrap_or(buf);
+        self.headers.iter().filter(|h| !h.skip).map(move |h| (at(buf, h.name), at(buf, h.value)))
+    }
+
     /// Whether the status is an interim 1xx (other than 101) to read past.
     pub fn is_interim(&self) -> bool {
         (100..200).contains(&self.status) && self.status != 101

@@ -12,7 +12,7 @@
 //! bytes; `router.rs` maps host and path to a service.
 
 mod core;
-mod downstream;
+pub mod downstream;
 mod listener;
 pub mod router;
 mod stream;
@@ -153,7 +153,7 @@ pub struct Listener {
 impl Listener {
     /// Start accepting on `listener`, bound to `settings.config.addr`.
     pub fn start(
-        settings: ListenerSettings,
+        mut settings: ListenerSettings,
         ticketer: Arc<dyn rustls::server::ProducesTickets>,
         listener: TcpListener,
         state: Shared,
@@ -164,6 +164,7 @@ impl Listener {
         let max = settings.config.max_client_connections;
         let limit = Arc::new(ConnLimit { open: AtomicUsize::new(0), max: AtomicUsize::new(max), freed: Notify::new() });
         let (stop, stopped) = watch::channel(None);
+        settings.stopped = Some(stopped.clone());
         let open = state.load().metrics.listener(local);
         let settings = Arc::new(ArcSwap::from_pointee(settings));
         let accept = Accept { listener, local, state, tracker, limit: limit.clone(), settings: settings.clone() };
@@ -176,7 +177,8 @@ impl Listener {
     }
 
     /// Apply reloaded settings: new connections get them, open ones keep theirs.
-    pub fn update(&self, settings: ListenerSettings) {
+    pub fn update(&self, mut settings: ListenerSettings) {
+        settings.stopped = Some(self.stop.subscribe());
         self.set_max_connections(settings.config.max_client_connections);
         self.settings.store(Arc::new(settings));
     }

@@ -114,6 +114,8 @@ enum Next {
 /// How a run of requests ended.
 enum Busy {
     Done,
+    /// The first bytes are HTTP/2's connection preface (h2c with prior knowledge).
+    H2,
     /// Waiting for the next request since this instant, with nothing read.
     Idle(Instant),
 }
@@ -140,6 +142,10 @@ pub async fn serve(
     // Connection-level settings come from the config current at accept; a reload applies to
     // new connections.
     let limits = state.load().config.limits;
+    if stream.alpn_h2() {
+        // Boxed: an HTTP/1 connection's task does not carry HTTP/2's state.
+        return Box::pin(super::h2::serve(stream, Vec::new(), client, listener, state, drain)).await;
+    }
     let mut conn = ClientConn::new(stream, client, limits, listener, state);
     let mut head = RequestHead::default();
     let mut first = true;
@@ -153,6 +159,12 @@ pub async fn serve(
         // nested futures) exists only while the connection is busy.
         match Box::pin(serve_busy(&mut conn, &mut head, &mut first, drain)).await {
             Busy::Done => return,
+            Busy::H2 => {
+                // h2c by prior knowledge: the preface was read as the start of a request.
+                let preface = std::mem::take(&mut conn.buf).to_vec();
+                let Session { stream, client, listener, state, .. } = conn;
+                return Box::pin(super::h2::serve(stream, preface, client, listener, state, drain)).await;
+            }
             Busy::Idle(since) => {
                 conn.release_buffers(&mut head);
                 idle_until = since + limits.timeouts.client_idle;
@@ -208,6 +220,10 @@ async fn serve_busy(conn: &mut ClientConn, head: &mut RequestHead, first: &mut b
                 conn.state.load().metrics.unrouted.before_routing(408, Some(Reject::Timeout));
                 conn.answer_and_close(408, b"408 request timeout\n").await;
                 return Busy::Done;
+            }
+            // Only a failed parse looks for the preface: HTTP/1.1 requests pay nothing for it.
+            Next::Bad(_) if *first && conn.buf.starts_with(b"PRI * HTTP/2") && conn.listener.http2.is_some() => {
+                return Busy::H2;
             }
             Next::Bad(e) => {
                 let (status, body) = match e {

@@ -11,6 +11,7 @@
 //! HTTP/1.1 hot path pays no dynamic dispatch for the seam.
 
 pub mod h1;
+pub mod h2;
 
 use std::future::Future;
 use std::io::{self, IoSlice};
