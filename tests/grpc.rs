@@ -254,7 +254,6 @@ fn grpc_service(servers: &[&GrpcServer], extra: &str) -> String {
     let list: String = servers.iter().map(|s| format!("      - address: {}\n", s.addr)).collect();
     format!(
         "listen: 127.0.0.1:0
-access_log: off
 admin:
   listen: 127.0.0.1:0
 services:
@@ -352,7 +351,55 @@ async fn a_lost_backend_connection_fails_over_to_the_next_backend() {
     drop(a);
     for i in 0..10 {
         let answer = call(addr, "/velocity.test.Echo/Unary", &frame(b"after"), false).await;
-        assert_eq!((answer.status, answer.header("backend")), (200, Some("b")), "call {i}: {answer:?}");
+        let warnings = || lb.log_lines().into_iter().filter(|l| l.contains("WARN")).collect::<Vec<_>>();
+        assert_eq!(
+            (answer.status, answer.header("backend")),
+            (200, Some("b")),
+            "call {i}: {answer:?}\n{:#?}",
+            warnings()
+        );
         assert_eq!(messages(&answer.body), ["after"]);
     }
+}
+
+/// Run `tests/grpc/client.py` against `target` for `case`; its JSON answer.
+async fn grpc_client(target: SocketAddr, case: &str) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpc/client.py");
+    let run = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(target.to_string())
+        .arg(case)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE * 2, run).await.expect("the client finishes").unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{case}: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{case}: {e}: {text}"))
+}
+
+#[tokio::test]
+async fn a_grpc_client_over_h2c_through_velocity_to_grpc_servers() {
+    let a = GrpcServer::start("a", None);
+    let b = GrpcServer::start("b", None);
+    let lb = Velocity::start(&grpc_service(&[&a, &b], "")).await;
+    let addr = lb.addr();
+    let unary = grpc_client(addr, "unary").await;
+    assert_eq!(unary["reply"], "hello");
+    let stream = grpc_client(addr, "stream").await;
+    let replies: Vec<String> = serde_json::from_value(stream["replies"].clone()).unwrap();
+    assert!(replies == ["a 0", "a 1", "a 2"] || replies == ["b 0", "b 1", "b 2"], "{replies:?}");
+    // Each message goes out only when the one before was answered: both directions stream.
+    let bidi = grpc_client(addr, "bidi").await;
+    assert_eq!(bidi["replies"], serde_json::json!(["ping 0", "ping 1", "ping 2", "ping 3", "ping 4"]));
+    let fail = grpc_client(addr, "fail").await;
+    assert_eq!(fail["code"], "INVALID_ARGUMENT", "{fail}");
+    assert!(fail["details"].as_str().is_some_and(|d| d.starts_with("bad request from")), "{fail}");
+    // 60 calls on one client connection, spread over both backends, each backend's share
+    // over its one connection.
+    let many = grpc_client(addr, "many").await;
+    assert_eq!((many["backends"]["a"].as_u64(), many["backends"]["b"].as_u64()), (Some(30), Some(30)), "{many}");
+    let metrics = scrape(&lb).await;
+    assert_eq!((opened(&metrics, &a), opened(&metrics, &b)), (1, 1), "{metrics}");
 }

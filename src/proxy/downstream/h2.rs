@@ -161,7 +161,7 @@ async fn serve_stream(req: Request<RecvStream>, respond: SendResponse<Bytes>, co
     let (parts, recv) = req.into_parts();
     let mut text = BytesMut::new();
     let chunked = write_head(&parts, !recv.is_end_stream(), &mut text);
-    let stream = H2Stream { recv, respond, tls: conn.tls, chunked, ended: false };
+    let stream = H2Stream { recv: Some(recv), respond, tls: conn.tls, chunked, ended: false };
     let mut c = Session::new(stream, conn.client, conn.limits, conn.listener.clone(), conn.state.clone());
     let mut head = RequestHead::default();
     let parsed = head.parse(&mut text, usize::MAX);
@@ -246,7 +246,8 @@ fn push(out: &mut BytesMut, name: &[u8], value: &[u8]) {
 
 /// One HTTP/2 stream as a downstream session.
 pub struct H2Stream {
-    recv: RecvStream,
+    /// `None` once taken by an HTTP/2 backend's exchange (`take_h2_body`).
+    recv: Option<RecvStream>,
     respond: SendResponse<Bytes>,
     tls: bool,
     /// The body goes to the backend chunked: DATA frames are written as chunks.
@@ -333,15 +334,13 @@ impl Downstream for H2Stream {
 
     async fn read_body(&mut self, buf: &mut BytesMut, _want: usize) -> io::Result<usize> {
         loop {
-            if self.ended {
-                return Ok(0);
-            }
-            match self.recv.data().await {
+            let Some(recv) = self.recv.as_mut().filter(|_| !self.ended) else { return Ok(0) };
+            match recv.data().await {
                 Some(Ok(data)) => {
                     let n = data.len();
                     // The core asks for more only once it has sent what it had: releasing the
                     // window here lets the client send about one window ahead of the backend.
-                    let _ = self.recv.flow_control().release_capacity(n);
+                    let _ = recv.flow_control().release_capacity(n);
                     if n == 0 {
                         continue;
                     }
@@ -367,6 +366,13 @@ impl Downstream for H2Stream {
                 }
             }
         }
+    }
+
+    fn take_h2_body(&mut self) -> Option<RecvStream> {
+        if self.ended || self.recv.as_ref().is_none_or(RecvStream::is_end_stream) {
+            return None;
+        }
+        self.recv.take()
     }
 
     async fn send_continue(c: &mut Session<Self>) -> io::Result<()> {
@@ -419,26 +425,13 @@ impl Downstream for H2Stream {
         in_flight: InFlight,
         stall_timeout: Duration,
     ) -> bool {
-        let Upstream::H1(mut conn) = upstream;
+        let mut conn = match upstream {
+            Upstream::H1(conn) => conn,
+            Upstream::H2(up) => return relay_h2(ex, c, *up, in_flight, stall_timeout).await,
+        };
         let backend = in_flight.backend().clone();
         let framing = c.resp.framing(&ex.head.method);
-        let mut resp = Response::new(());
-        *resp.status_mut() = StatusCode::from_u16(c.resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        let headers = resp.headers_mut();
-        for (name, value) in c.resp.fields(&conn.buf) {
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-                headers.append(n, v);
-            }
-        }
-        if let Some(cookie) = ex.set_cookie.take() {
-            let mut v = cookie.to_vec();
-            if c.stream.tls {
-                v.extend_from_slice(b"; Secure");
-            }
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                headers.append(http::header::SET_COOKIE, v);
-            }
-        }
+        let resp = response_head(ex, c, &conn.buf);
         conn.buf.advance(c.resp.len);
         ex.log.set(c.resp.status, None, Some(&backend));
         let reusable = c.resp.backend_keeps_alive();
@@ -577,6 +570,103 @@ impl Downstream for H2Stream {
         H2Stream::write_local(c, 502, &[], b"502 bad gateway\n", false, 1).await;
         true
     }
+}
+
+/// The response head in `c.resp` (parsed from `buf`) for the client, with the balancer's
+/// `Set-Cookie` (sticky), if any.
+fn response_head(ex: &mut Exchange<'_>, c: &Session<H2Stream>, buf: &[u8]) -> Response<()> {
+    let mut resp = Response::new(());
+    *resp.status_mut() = StatusCode::from_u16(c.resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let headers = resp.headers_mut();
+    for (name, value) in c.resp.fields(buf) {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            headers.append(n, v);
+        }
+    }
+    if let Some(cookie) = ex.set_cookie.take() {
+        let mut v = cookie.to_vec();
+        if c.stream.tls {
+            v.extend_from_slice(b"; Secure");
+        }
+        if let Ok(v) = HeaderValue::from_bytes(&v) {
+            headers.append(http::header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+/// An HTTP/2 backend's answer to an HTTP/2 client: the head, then the DATA pieces as they
+/// come and the trailers, stream to stream. A piece's window goes back to the backend only
+/// once the client's window took it, so a slow reader slows its own stream only. The request
+/// body, when it was taken whole, streams meanwhile in `up`'s task (full duplex).
+async fn relay_h2(
+    ex: &mut Exchange<'_>,
+    c: &mut Session<H2Stream>,
+    mut up: crate::proxy::upstream::H2Upstream,
+    in_flight: InFlight,
+    stall_timeout: Duration,
+) -> bool {
+    let backend = in_flight.backend().clone();
+    let framing = c.resp.framing(&ex.head.method);
+    let resp = response_head(ex, c, &up.head);
+    ex.log.set(c.resp.status, None, Some(&backend));
+    let empty = framing == Framing::None || up.body.is_end_stream();
+    let mut send = match c.stream.respond.send_response(resp, empty) {
+        Ok(send) => send,
+        Err(e) => {
+            debug!(client = %c.client, error = %e, "client went away before the response");
+            ex.log.note("client_aborted");
+            return true;
+        }
+    };
+    if empty {
+        return true;
+    }
+    let send_limit = c.limits.timeouts.client_send;
+    let failed = |ex: &mut Exchange<'_>, send: &mut SendStream<Bytes>, why: &dyn std::fmt::Display| {
+        warn!(backend = %backend.name, error = %why, "backend failed while sending the response body");
+        ex.log.note("backend_body_error");
+        send.send_reset(Reason::INTERNAL_ERROR);
+        true
+    };
+    loop {
+        let piece = match c.timer.within(|| Instant::now() + stall_timeout, up.body.data()).await {
+            Err(_) => return failed(ex, &mut send, &format!("no response data for {stall_timeout:?}")),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return failed(ex, &mut send, &e),
+            Ok(Some(Ok(piece))) => piece,
+        };
+        let n = piece.len();
+        match send_body(&mut send, &mut c.timer, send_limit, piece).await {
+            Ok(()) => ex.log.bytes(n as u64),
+            Err(SendFailed::TimedOut) => {
+                warn!(client = %c.client, timeout = ?send_limit, "client took no response data in time: stream reset");
+                ex.log.note("client_timeout");
+                send.send_reset(Reason::CANCEL);
+                return true;
+            }
+            Err(SendFailed::Gone) => {
+                debug!(client = %c.client, "client reset the stream during the response");
+                ex.log.note("client_aborted");
+                return true;
+            }
+        }
+        let _ = up.body.flow_control().release_capacity(n);
+    }
+    let trailers = match c.timer.within(|| Instant::now() + stall_timeout, up.body.trailers()).await {
+        Err(_) => return failed(ex, &mut send, &format!("no trailers for {stall_timeout:?}")),
+        Ok(Err(e)) => return failed(ex, &mut send, &e),
+        Ok(Ok(t)) => t,
+    };
+    let ended = match trailers {
+        Some(fields) => send.send_trailers(fields),
+        None => send.send_data(Bytes::new(), true),
+    };
+    if ended.is_err() {
+        ex.log.note("client_aborted");
+    }
+    drop(in_flight);
+    true
 }
 
 /// The client's half of the connection as the `h2` crate reads it: bytes the HTTP/1 loop

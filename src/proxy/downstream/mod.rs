@@ -112,6 +112,13 @@ pub trait Downstream: Sized + Send + 'static {
     /// ended early.
     fn read_body(&mut self, buf: &mut BytesMut, want: usize) -> impl Future<Output = io::Result<usize>> + Send;
 
+    /// HTTP/2 clients: the request body's stream itself, taken whole (before any of it was
+    /// read) for a backend that speaks HTTP/2 too, so both directions stream at once (gRPC's
+    /// bidirectional calls). `None`: the body is read with `read_body`.
+    fn take_h2_body(&mut self) -> Option<::h2::RecvStream> {
+        None
+    }
+
     /// Tell a client that waits for it (`Expect: 100-continue`) to send its body.
     fn send_continue(c: &mut Session<Self>) -> impl Future<Output = io::Result<()>> + Send;
 

@@ -28,8 +28,29 @@ pub struct H2Upstream {
     pub body: RecvStream,
     /// Counts the stream on its connection until the exchange ends (the relay drops it).
     _slot: StreamSlot,
-    /// The request side, ended already; held so the stream is not reset while the answer runs.
-    _send: SendStream<Bytes>,
+    /// The request body still streaming beside the answer, if it was taken whole.
+    _pump: Option<Pump>,
+}
+
+/// A request body moving from an HTTP/2 client's stream to the backend's, in a task of its
+/// own: stopped when the exchange ends (a client or backend that went away, the answer done).
+pub struct Pump(tokio::task::JoinHandle<()>);
+
+impl Pump {
+    fn start(mut from: RecvStream, mut to: SendStream<Bytes>) -> Pump {
+        Pump(tokio::spawn(async move {
+            if h2up::relay(&mut from, &mut to).await.is_err() {
+                // The backend learns that the body will not end well.
+                to.send_reset(h2::Reason::CANCEL);
+            }
+        }))
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Exchange<'_> {
@@ -57,25 +78,59 @@ impl Exchange<'_> {
             Ok(Err(e)) => return Err(failed(e)),
             Ok(Ok(ex)) => ex,
         };
+        // The backend may answer before it has the whole body, and then reset the stream
+        // (RFC 9113 8.1): the body fails to go out, but the answer is there to relay.
+        let mut body_failed = None;
         match body {
             ReqBody::Buffered(b) if !b.is_empty() => {
                 match c.timer.within(|| bounds.deadline, h2up::send_data(&mut send, b.clone(), true)).await {
                     Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
-                    Ok(Err(e)) => return Err(failed(H2Error::Sent(e))),
+                    Ok(Err(e)) => body_failed = Some(failed(H2Error::Sent(e))),
                     Ok(Ok(())) => {}
                 }
             }
             ReqBody::Length(_) | ReqBody::Chunked(_) => {
                 self.send_continue(c).await.map_err(AttemptError::ClientBody)?;
-                self.stream_body_h2(c, body, &mut send, bounds).await?;
+                // An HTTP/2 client's body, none of it read yet: it streams stream to stream in
+                // a task of its own while the answer comes (a bidirectional call's messages go
+                // both ways at once). Otherwise it is all sent before the answer is awaited.
+                match c.buf.is_empty().then(|| c.stream.take_h2_body()).flatten() {
+                    Some(from) => {
+                        let pump = Pump::start(from, send);
+                        *body = ReqBody::Gone;
+                        self.body_pending = false;
+                        return self.h2_response(c, response, slot, Some(pump), None, bounds).await;
+                    }
+                    None => match self.stream_body_h2(c, body, &mut send, bounds).await {
+                        Err(e @ AttemptError::Sent(_)) => body_failed = Some(e),
+                        Err(e) => return Err(e),
+                        Ok(()) => {}
+                    },
+                }
             }
             _ => {}
         }
-        // `backend_response` counts from the end of the upload, as for HTTP/1 backends.
+        drop(send);
+        self.h2_response(c, response, slot, None, body_failed, bounds).await
+    }
+
+    /// Wait for the response head (`body_failed`: why the body could not all go out, the
+    /// error if no answer comes either) and put it in `c.resp`.
+    async fn h2_response<D: Downstream>(
+        &mut self,
+        c: &mut Session<D>,
+        response: h2up::H2Response,
+        slot: StreamSlot,
+        pump: Option<Pump>,
+        body_failed: Option<AttemptError>,
+        bounds: Bounds,
+    ) -> Result<Upstream, AttemptError> {
+        // `backend_response` counts from the end of the upload, as for HTTP/1 backends (or
+        // from the head, when the body streams beside the answer).
         let (until, kind) = bounds.response(Instant::now());
         let response = match c.timer.within(|| until, response).await {
-            Err(_) => return Err(AttemptError::Timeout(kind)),
-            Ok(Err(e)) => return Err(failed(e)),
+            Err(_) => return Err(body_failed.unwrap_or(AttemptError::Timeout(kind))),
+            Ok(Err(e)) => return Err(body_failed.unwrap_or_else(|| failed(e))),
             Ok(Ok(r)) => r,
         };
         let head = response_head(&response, &self.head.method);
@@ -84,7 +139,7 @@ impl Exchange<'_> {
             Ok(false) => return Err(AttemptError::Sent("response head too large".into())),
             Err(e) => return Err(AttemptError::Sent(format!("invalid response: {}", e.message()))),
         }
-        Ok(Upstream::H2(Box::new(H2Upstream { head, body: response.into_body(), _slot: slot, _send: send })))
+        Ok(Upstream::H2(Box::new(H2Upstream { head, body: response.into_body(), _slot: slot, _pump: pump })))
     }
 
     /// The request head as HTTP/2 sends it: the client's end-to-end headers, then the
