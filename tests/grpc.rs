@@ -155,6 +155,10 @@ services:
     wait_for(&lb, "secure", &addr, &["backend is down", "reason=NOT_SERVING"]).await;
     server.command("serving");
     wait_for(&lb, "secure", &addr, &["backend is up", "reason=SERVING"]).await;
+    // Calls take the same way: HTTP/2 over TLS to the backend.
+    let answer = call(lb.addr(), "/velocity.test.Echo/Unary", &frame(b"over tls"), false).await;
+    assert_eq!((answer.status, answer.header("backend")), (200, Some("tls")), "{answer:?}");
+    assert_eq!(messages(&answer.body), ["over tls"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
