@@ -20,6 +20,7 @@ pub mod policy;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod random;
+pub mod request;
 pub mod server;
 pub mod state;
 pub mod testserver;

@@ -148,7 +148,7 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// Load a listener's certificates, bind its address and start accepting.
 async fn open_listener(config: ListenerConfig, state: &Shared, tracker: &Arc<Tracker>) -> Result<Listener, String> {
     let ticketer = crate::tls::ticketer()?;
-    let settings = ListenerSettings::build(config, &ticketer)?;
+    let settings = ListenerSettings::build(config, state.load().config.http2, &ticketer)?;
     let socket = bind(&settings.config).await?;
     Ok(Listener::start(settings, ticketer, socket, state.clone(), tracker.clone()))
 }
@@ -255,6 +255,7 @@ async fn reload(
     // address and name.)
     let mut kept: Vec<Option<ListenerSettings>> = listeners.iter().map(|_| None).collect();
     let mut added = Vec::new();
+    let http2 = desired.config.http2;
     for config in desired.config.all_listeners() {
         // Port 0 listeners (any free port) are told apart by name.
         let same = |(i, l): &(usize, &Listener)| {
@@ -263,13 +264,15 @@ async fn reload(
                 && (config.addr.port() != 0 || l.settings().config.name == config.name)
         };
         let opened = match listeners.iter().enumerate().find(same).map(|(i, _)| i) {
-            Some(i) => ListenerSettings::build(config, &listeners[i].ticketer).map(|s| kept[i] = Some(s)),
-            None => match crate::tls::ticketer().and_then(|t| ListenerSettings::build(config, &t).map(|s| (s, t))) {
-                Ok((settings, ticketer)) => {
-                    bind(&settings.config).await.map(|socket| added.push((settings, ticketer, socket)))
+            Some(i) => ListenerSettings::build(config, http2, &listeners[i].ticketer).map(|s| kept[i] = Some(s)),
+            None => {
+                match crate::tls::ticketer().and_then(|t| ListenerSettings::build(config, http2, &t).map(|s| (s, t))) {
+                    Ok((settings, ticketer)) => {
+                        bind(&settings.config).await.map(|socket| added.push((settings, ticketer, socket)))
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
         };
         if let Err(e) = opened {
             error!("reload rejected ({reason}): {e}; still serving the previous config");

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tracing::warn;
 
 use crate::balancer::{self, Balancer};
-use crate::config::{BackendTlsConfig, Config, ServiceConfig};
+use crate::config::{BackendProtocol, BackendTlsConfig, Config, ServiceConfig};
 use crate::health::retry::RetryBudget;
 use crate::observe::{AccessLog, Metrics, ServiceMetrics};
 use crate::policy::{GlobalGate, Queue, ServiceGate};
@@ -67,13 +67,18 @@ impl Service {
             .map(|b| {
                 // The same address with other TLS settings is another backend: its pooled
                 // connections were made with the old ones.
-                let same = |x: &&Arc<Backend>| x.addr == b.addr && x.tls.as_ref().map(|t| &t.config) == b.tls.as_ref();
+                let same = |x: &&Arc<Backend>| {
+                    x.addr == b.addr
+                        && x.tls.as_ref().map(|t| &t.config) == b.tls.as_ref()
+                        && x.protocol == config.backend_protocol
+                };
                 let kept = old.as_ref().and_then(|lb| lb.pool.backends.iter().find(same).cloned());
                 let backend = match kept {
                     Some(kept) => kept,
                     None => {
-                        let tls = b.tls.as_ref().map(|t| tls_for(&config.name, &b.address, t)).transpose()?;
-                        let added = Backend::with_tls(b.address.clone(), b.addr, &b.authority, tls);
+                        let protocol = config.backend_protocol;
+                        let tls = b.tls.as_ref().map(|t| tls_for(&config.name, &b.address, t, protocol)).transpose()?;
+                        let added = Backend::with_tls(b.address.clone(), b.addr, &b.authority, tls, protocol);
                         if old.is_some() {
                             // Joining a running service: slow start ramps it up.
                             added.load.mark_recovered();
@@ -101,11 +106,17 @@ impl Service {
 }
 
 /// The TLS connector of an https backend, built as the backend joins.
-fn tls_for(service: &str, address: &str, t: &BackendTlsConfig) -> std::io::Result<Arc<BackendTls>> {
+fn tls_for(
+    service: &str,
+    address: &str,
+    t: &BackendTlsConfig,
+    protocol: BackendProtocol,
+) -> std::io::Result<Arc<BackendTls>> {
     if t.insecure_skip_verify {
         warn!(service, backend = address, "insecure_skip_verify: the backend's certificate is not verified");
     }
-    BackendTls::new(t).map_err(|e| std::io::Error::other(format!("backend {address} of service {service}: {e}")))
+    BackendTls::new(t, protocol)
+        .map_err(|e| std::io::Error::other(format!("backend {address} of service {service}: {e}")))
 }
 
 impl Snapshot {

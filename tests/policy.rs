@@ -290,7 +290,7 @@ services:
         assert_eq!(b.hits() - before, 4, "{action}: the refused requests reached no backend");
         let m = scrape(lb.admin_addr().await).await;
         assert_eq!(
-            value(&m, r#"velocity_requests_rejected_total{service="",reason="denied"}"#),
+            metric(&m, r#"velocity_requests_rejected_total{service="",reason="denied"}"#),
             Some(2.0),
             "{action}: {m}"
         );

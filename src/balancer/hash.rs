@@ -37,13 +37,13 @@ impl ConsistentHash {
     /// The request's hash, `None` when it has no key.
     fn hash(&self, ctx: &RequestContext<'_>) -> Option<u64> {
         match &self.key {
-            HashKey::ClientIp => Some(match ctx.client_ip.to_canonical() {
+            HashKey::ClientIp => Some(match ctx.client_ip().to_canonical() {
                 IpAddr::V4(v4) => hash64(0, &v4.octets()),
                 IpAddr::V6(v6) => hash64(0, &v6.octets()),
             }),
-            HashKey::Path => Some(hash64(0, ctx.head.path())),
-            HashKey::PathAndQuery => Some(hash64(0, ctx.head.origin_target())),
-            HashKey::Header(name) => ctx.head.header(name).map(|v| hash64(0, v.trim_ascii())),
+            HashKey::Path => Some(hash64(0, ctx.path())),
+            HashKey::PathAndQuery => Some(hash64(0, ctx.path_and_query())),
+            HashKey::Header(name) => ctx.header(name).map(|v| hash64(0, v.trim_ascii())),
         }
     }
 }
@@ -64,6 +64,8 @@ mod tests {
     use super::*;
     use crate::balancer::test_support::pool;
     use crate::http1::RequestHead;
+    use crate::request::{Protocol, Scheme};
+    use std::net::SocketAddr;
 
     fn head(text: &str) -> RequestHead {
         let mut h = RequestHead::default();
@@ -73,7 +75,8 @@ mod tests {
     }
 
     fn pick_for(b: &ConsistentHash, pool: &Pool, ip: IpAddr, h: &RequestHead) -> usize {
-        b.pick(pool, &RequestContext { client_ip: ip, head: h }, &|_| true).map_or(99, |p| p.index)
+        b.pick(pool, &RequestContext::new(h, Scheme::Http, Protocol::Http1, SocketAddr::new(ip, 0)), &|_| true)
+            .map_or(99, |p| p.index)
     }
 
     #[test]
@@ -85,7 +88,10 @@ mod tests {
         let b = head("GET /cart/1?x=2 HTTP/1.1\r\nhost: a\r\n\r\n");
         assert_eq!(pick_for(&url, &pool, ip, &a), pick_for(&url, &pool, ip, &b));
         let urlq = ConsistentHash::new(HashKey::PathAndQuery, &pool);
-        assert_eq!(urlq.hash(&RequestContext { client_ip: ip, head: &a }), Some(hash64(0, b"/cart/1?x=1")));
+        assert_eq!(
+            urlq.hash(&RequestContext::new(&a, Scheme::Http, Protocol::Http1, SocketAddr::new(ip, 0))),
+            Some(hash64(0, b"/cart/1?x=1"))
+        );
 
         let by_ip = ConsistentHash::new(HashKey::ClientIp, &pool);
         let mapped = IpAddr::V6("::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap());

@@ -17,12 +17,10 @@ mod sticky;
 mod weighted_round_robin;
 
 use std::fmt::Debug;
-use std::net::IpAddr;
 
 use bytes::Bytes;
 
 use crate::config::{Algorithm, ServiceConfig};
-use crate::http1::RequestHead;
 use crate::upstream::Pool;
 
 pub use hash::{ConsistentHash, HashKey};
@@ -37,13 +35,9 @@ pub use slow_start::SlowStart;
 pub use sticky::{backend_id, Sticky};
 pub use weighted_round_robin::WeightedRoundRobin;
 
-/// What an algorithm may read about the request (hashing and sticky algorithms need it).
-#[derive(Debug, Clone, Copy)]
-pub struct RequestContext<'a> {
-    pub client_ip: IpAddr,
-    /// Method, target, path and headers (`head.header("cookie")`), as the client sent them.
-    pub head: &'a RequestHead,
-}
+/// What an algorithm may read about the request (hashing and sticky algorithms need it): the
+/// protocol-neutral view, the client already resolved (`trusted_proxies`).
+pub type RequestContext<'a> = crate::request::RequestView<'a>;
 
 /// The outcome of a pick: the backend, and what the response must carry for the choice to
 /// stick (a `Set-Cookie` value, shared with the balancer: cloning it does not allocate).
@@ -155,12 +149,13 @@ pub(crate) mod test_support {
 
     use super::{Balancer, RequestContext};
     use crate::http1::RequestHead;
+    use crate::request::{Protocol, Scheme};
     use crate::upstream::{Backend, Pool};
 
     static HEAD: LazyLock<RequestHead> = LazyLock::new(RequestHead::default);
 
     pub fn ctx() -> RequestContext<'static> {
-        RequestContext { client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), head: &HEAD }
+        RequestContext::new(&HEAD, Scheme::Http, Protocol::Http1, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
     }
 
     pub fn pool(weights: &[u32]) -> Pool {

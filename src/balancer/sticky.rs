@@ -53,7 +53,7 @@ impl Sticky {
 
     /// The pool index the request's cookie names, if it names one of ours.
     fn cookie_target(&self, ctx: &RequestContext<'_>) -> Option<usize> {
-        let value = cookie_value(ctx.head.header("cookie")?, self.cookie.as_bytes())?;
+        let value = cookie_value(ctx.header("cookie")?, self.cookie.as_bytes())?;
         let id = parse_id(value)?;
         self.ids.iter().position(|&x| x == id)
     }
@@ -96,7 +96,7 @@ impl Balancer for Sticky {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::time::Duration;
 
     use bytes::BytesMut;
@@ -106,6 +106,7 @@ mod tests {
     use crate::balancer::RoundRobin;
     use crate::config::Algorithm;
     use crate::http1::RequestHead;
+    use crate::request::{Protocol, Scheme};
 
     fn sticky(pool: &Pool) -> Sticky {
         let cfg = StickyConfig {
@@ -123,7 +124,16 @@ mod tests {
         };
         let mut head = RequestHead::default();
         assert!(matches!(head.parse(&mut BytesMut::from(text.as_str()), 65536), Ok(true)));
-        s.pick(pool, &RequestContext { client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), head: &head }, usable)
+        s.pick(
+            pool,
+            &RequestContext::new(
+                &head,
+                Scheme::Http,
+                Protocol::Http1,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            ),
+            usable,
+        )
     }
 
     #[test]

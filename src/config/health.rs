@@ -10,7 +10,7 @@ use rustls::pki_types::ServerName;
 use super::schema::{RawBackoff, RawHealthCheck, RawPassive, RawRetry, Scalar, S};
 use super::validate::Ctx;
 use super::value::{self, boolean, format_duration, Bounds, DAY, HOUR, MIB, MILLISECOND, MINUTE};
-use super::{CheckKind, HealthCheckConfig, HealthConfig, PassiveConfig, RetryConfig};
+use super::{BackendProtocol, CheckKind, HealthCheckConfig, HealthConfig, PassiveConfig, RetryConfig};
 
 /// Statuses `retry.on` may list: the ones that say "this backend could not serve it".
 pub const RETRYABLE_STATUSES: [u16; 3] = [502, 503, 504];
@@ -31,37 +31,59 @@ pub fn convert(
     check: Option<S<RawHealthCheck>>,
     passive: Option<S<RawPassive>>,
     retry: Option<S<RawRetry>>,
+    protocol: BackendProtocol,
 ) -> HealthConfig {
     HealthConfig {
-        check: check.map(|c| health_check(ctx, c.value)),
+        check: check.map(|c| health_check(ctx, c.value, protocol)),
         passive: passive.map_or_else(PassiveConfig::default, |p| self::passive(ctx, p.value)),
         retry: retry.map_or_else(RetryConfig::default, |r| self::retry(ctx, r.value)),
     }
 }
 
-fn health_check(ctx: &mut Ctx, raw: RawHealthCheck) -> HealthCheckConfig {
+fn health_check(ctx: &mut Ctx, raw: RawHealthCheck, protocol: BackendProtocol) -> HealthCheckConfig {
     let mut c = HealthCheckConfig::default();
     if let Some(v) = &raw.kind {
         match text(&v.value).map(str::trim) {
             Some("tcp") => c.kind = CheckKind::Tcp,
             Some("http") => c.kind = CheckKind::Http,
             Some("https") => c.kind = CheckKind::Https,
-            _ => ctx.error(&v.referenced, format!("unknown health_check type {}: use tcp, http or https", v.value)),
+            Some("grpc") => {
+                c.kind = CheckKind::Grpc;
+                // The check goes over the backends' own transport (TLS or not, from the address).
+                if !protocol.is_h2() {
+                    ctx.error(&v.referenced, "health_check type grpc speaks HTTP/2: set backend_protocol: h2 or h2c");
+                }
+            }
+            _ => {
+                ctx.error(&v.referenced, format!("unknown health_check type {}: use tcp, http, https or grpc", v.value))
+            }
         }
     }
+    let http = matches!(c.kind, CheckKind::Http | CheckKind::Https);
     if let Some(v) = &raw.path {
         match text(&v.value).map(str::trim) {
-            _ if c.kind == CheckKind::Tcp => {
-                ctx.error(&v.referenced, "health_check path applies to http and https checks only")
-            }
+            _ if !http => ctx.error(&v.referenced, "health_check path applies to http and https checks only"),
             Some(p) if p.starts_with('/') && p.parse::<hyper::Uri>().is_ok() => c.path = p.to_owned(),
             _ => ctx.error(&v.referenced, format!("health_check path {} must be a path starting with \"/\"", v.value)),
         }
     }
     if let Some(v) = &raw.expect_status {
         match status_range(&v.value) {
+            // A gRPC check passes on SERVING, whatever the HTTP status says.
+            Ok(_) if !http => ctx.error(&v.referenced, "expect_status applies to http and https checks only"),
             Ok(range) => c.expect_status = range,
             Err(msg) => ctx.error(&v.referenced, msg),
+        }
+    }
+    if let Some(v) = &raw.service {
+        match text(&v.value) {
+            Some(_) if c.kind != CheckKind::Grpc => {
+                ctx.error(&v.referenced, "health_check service applies to grpc checks only")
+            }
+            Some(s) => c.grpc_service = s.to_owned(),
+            None => {
+                ctx.error(&v.referenced, format!("health_check service must be a gRPC service name, got {}", v.value))
+            }
         }
     }
     if let Some(v) = &raw.host {
@@ -173,10 +195,13 @@ pub fn to_yaml(out: &mut String, h: &HealthConfig) {
     // Writing to a String cannot fail.
     if let Some(c) = &h.check {
         let _ = writeln!(out, "    health_check:\n      type: {}", c.kind.name());
-        if c.kind != CheckKind::Tcp {
+        if matches!(c.kind, CheckKind::Http | CheckKind::Https) {
             let _ = writeln!(out, "      path: \"{}\"", c.path.replace('\\', "\\\\").replace('"', "\\\""));
+            let _ = writeln!(out, "      expect_status: \"{}-{}\"", c.expect_status.0, c.expect_status.1);
         }
-        let _ = writeln!(out, "      expect_status: \"{}-{}\"", c.expect_status.0, c.expect_status.1);
+        if c.kind == CheckKind::Grpc {
+            let _ = writeln!(out, "      service: {}", super::legacy::quote(&c.grpc_service));
+        }
         if let Some(host) = &c.host {
             let _ = writeln!(out, "      host: \"{}\"", host.replace('\\', "\\\\").replace('"', "\\\""));
         }
@@ -319,6 +344,7 @@ mod tests {
                 healthy_threshold: 4,
                 unhealthy_threshold: 1,
                 insecure_skip_verify: false,
+                grpc_service: String::new(),
             })
         );
         assert_eq!(
@@ -344,6 +370,31 @@ mod tests {
         );
         let tcp = load("    health_check: {type: tcp}\n").unwrap();
         assert_eq!(tcp.services[0].health.check.as_ref().map(|c| c.kind), Some(CheckKind::Tcp));
+    }
+
+    #[test]
+    fn grpc_checks() {
+        let cfg = load("    backend_protocol: h2c\n    health_check: {type: grpc, service: pkg.Echo, interval: 1s}\n")
+            .unwrap();
+        let c = cfg.services[0].health.check.clone().unwrap();
+        assert_eq!((c.kind, c.grpc_service.as_str()), (CheckKind::Grpc, "pkg.Echo"));
+        let again = parse(Path::new("t.yaml"), &crate::config::to_yaml(&cfg)).unwrap();
+        assert_eq!(again, cfg);
+        let whole = load("    backend_protocol: h2c\n    health_check: {type: grpc}\n").unwrap();
+        assert_eq!(whole.services[0].health.check.as_ref().map(|c| c.grpc_service.as_str()), Some(""));
+        let errors = load(
+            "    health_check: {type: grpc, path: /x, expect_status: 200}\n  - name: api\n    hosts: api.local\n    backends: [{address: 127.0.0.1:2}]\n    health_check: {type: http, service: pkg.Echo}\n",
+        )
+        .unwrap_err();
+        assert_prefixes(
+            &errors,
+            &[
+                "5:26: health_check type grpc speaks HTTP/2: set backend_protocol: h2 or h2c",
+                "5:38: health_check path applies to http and https checks only",
+                "5:57: expect_status applies to http and https checks only",
+                "9:41: health_check service applies to grpc checks only",
+            ],
+        );
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
         services,
         limits: Limits::default(),
         shutdown: Shutdown::default(),
+        http2: Default::default(),
         // The Go version served its API on api_port; ours listens on loopback only.
         admin: api_port.map(AdminConfig::loopback),
         cluster: None,
@@ -180,6 +181,9 @@ pub fn to_yaml(cfg: &Config) -> String {
             let _ = writeln!(out, "    path_prefix: {}", quote(&s.path_prefix));
         }
         let _ = writeln!(out, "    algorithm: {}", s.algorithm.name());
+        if s.backend_protocol != super::BackendProtocol::Http1 {
+            let _ = writeln!(out, "    backend_protocol: {}", s.backend_protocol.name());
+        }
         super::balancing::to_yaml(&mut out, &s.balancing);
         super::policy::service_yaml(&mut out, &s.policy);
         lifecycle::service_yaml(&mut out, s, &cfg.limits.timeouts);

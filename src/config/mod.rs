@@ -4,6 +4,7 @@
 //! host patterns lower-cased, durations parsed. The request path never looks at YAML.
 
 pub(crate) mod admin;
+mod backend_protocol;
 mod backend_tls;
 mod balancing;
 pub(crate) mod cluster;
@@ -11,6 +12,7 @@ mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod health;
+mod http2;
 mod legacy;
 mod lifecycle;
 mod listeners;
@@ -26,9 +28,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::AdminConfig;
+pub use backend_protocol::BackendProtocol;
 pub use backend_tls::BackendTlsConfig;
 pub use cluster::{ClusterConfig, OnStoreError};
 pub use discovery::{Discovery, DnsDiscovery, DnsKind, DockerDiscovery, ManagedConfig};
+pub use http2::Http2Config;
 pub use listeners::{CertificateFiles, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, TlsConfig, TlsVersion};
 pub use policy::{
     parse_net, AccessRules, DenyAction, GlobalPolicy, LimitKey, LimitScope, Rate, RateLimitConfig, ServicePolicy,
@@ -53,6 +57,8 @@ pub struct Config {
     /// Listener-wide timeouts and limits (client side), and the defaults services inherit.
     pub limits: Limits,
     pub shutdown: Shutdown,
+    /// `http2:`: HTTP/2 to clients.
+    pub http2: Http2Config,
     /// `admin:`: the admin API listener; `None`: no admin API.
     pub admin: Option<AdminConfig>,
     /// `cluster:`: the Redis store shared with other instances; `None`: this instance alone.
@@ -112,6 +118,8 @@ pub struct ServiceConfig {
     /// Always starts with `/`; `/` when not configured.
     pub path_prefix: String,
     pub algorithm: Algorithm,
+    /// What Velocity speaks to the backends: HTTP/1.1 (default), HTTP/2 over TLS or h2c.
+    pub backend_protocol: BackendProtocol,
     pub backends: Vec<BackendConfig>,
     /// Issue 3: health checks, passive detection, retries.
     pub health: HealthConfig,
@@ -237,6 +245,8 @@ pub enum CheckKind {
     Tcp,
     Http,
     Https,
+    /// `grpc.health.v1.Health/Check` over the backends' own HTTP/2 (h2 or h2c).
+    Grpc,
 }
 
 impl CheckKind {
@@ -245,6 +255,7 @@ impl CheckKind {
             CheckKind::Tcp => "tcp",
             CheckKind::Http => "http",
             CheckKind::Https => "https",
+            CheckKind::Grpc => "grpc",
         }
     }
 }
@@ -266,6 +277,8 @@ pub struct HealthCheckConfig {
     /// Consecutive failures for an up backend to leave.
     pub unhealthy_threshold: u32,
     pub insecure_skip_verify: bool,
+    /// `grpc` checks: the gRPC service asked about; empty: the server as a whole.
+    pub grpc_service: String,
 }
 
 impl Default for HealthCheckConfig {
@@ -280,6 +293,7 @@ impl Default for HealthCheckConfig {
             healthy_threshold: 2,
             unhealthy_threshold: 3,
             insecure_skip_verify: false,
+            grpc_service: String::new(),
         }
     }
 }
@@ -405,6 +419,9 @@ pub fn summary_lines(cfg: &Config) -> Vec<String> {
             backends.join(", ")
         );
         // What else governs the service, so `check` shows the settings that took effect.
+        if s.backend_protocol.is_h2() {
+            line += &format!("; speaks {} to them", s.backend_protocol.name());
+        }
         line += &balancing::summary(s);
         line += &policy::summary(&s.policy);
         if let Some(c) = &s.health.check {

@@ -145,6 +145,7 @@ pub struct RawConfig {
     pub max_header_bytes: Option<S<Scalar>>,
     pub max_client_connections: Option<S<Scalar>>,
     pub shutdown: Option<S<RawShutdown>>,
+    pub http2: Option<S<RawHttp2>>,
     pub admin: Option<S<super::admin::RawAdmin>>,
     pub cluster: Option<S<super::cluster::RawCluster>>,
     // Traffic policy (see `policy.rs`).
@@ -161,6 +162,8 @@ pub struct RawService {
     pub hosts: Option<S<OneOrMany>>,
     pub path_prefix: Option<S<String>>,
     pub algorithm: Option<S<String>>,
+    /// `http1` (default), `h2` or `h2c` (see `backend_protocol.rs`).
+    pub backend_protocol: Option<S<String>>,
     pub backends: Option<S<Vec<S<RawBackend>>>>,
     pub health_check: Option<S<RawHealthCheck>>,
     pub passive: Option<S<RawPassive>>,
@@ -215,6 +218,18 @@ pub struct RawQueue {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawHttp2 {
+    pub enabled: Option<S<Scalar>>,
+    pub max_concurrent_streams: Option<S<Scalar>>,
+    pub max_header_list_size: Option<S<Scalar>>,
+    pub stream_window: Option<S<Scalar>>,
+    pub connection_window: Option<S<Scalar>>,
+    pub max_resets_per_second: Option<S<Scalar>>,
+    pub max_control_frames_per_second: Option<S<Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawShutdown {
     pub drain_timeout: Option<S<Scalar>>,
 }
@@ -235,6 +250,8 @@ pub struct RawHealthCheck {
     pub healthy_threshold: Option<S<Scalar>>,
     pub unhealthy_threshold: Option<S<Scalar>>,
     pub insecure_skip_verify: Option<S<Scalar>>,
+    /// `grpc` checks: the service name asked about (`grpc.health.v1.HealthCheckRequest.service`).
+    pub service: Option<S<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,6 +42,7 @@ pub fn parse(path: &Path, text: &str, scope: Scope) -> Result<Config, Vec<Config
 
 fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
     let (limits, shutdown) = lifecycle::global(ctx, &mut raw);
+    let http2 = super::http2::convert(ctx, raw.http2.take());
     let policy = super::policy::global(ctx, &mut raw);
     ctx.timeouts = limits.timeouts;
     let listen = match raw.listen {
@@ -76,6 +77,7 @@ fn convert(ctx: &mut Ctx, mut raw: RawConfig) -> Config {
         services,
         limits,
         shutdown,
+        http2,
         admin,
         cluster,
         policy,
@@ -397,15 +399,19 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             Some(p) => path_prefix(ctx, p),
             None => "/".to_owned(),
         };
-        let health = super::health::convert(ctx, raw.health_check, raw.passive, raw.retry);
+        let backend_protocol = super::backend_protocol::convert(ctx, raw.backend_protocol.as_ref());
+        let health = super::health::convert(ctx, raw.health_check, raw.passive, raw.retry, backend_protocol);
         // An https check without a `host` verifies each backend's certificate against the
         // backend's own name, so that name must be one TLS can carry.
         let tls_names = health.check.as_ref().is_some_and(|c| c.kind == CheckKind::Https && c.host.is_none());
+        if let Some(at) = raw.discovery.as_ref().map(|d| d.referenced).or(raw.managed.as_ref().map(|m| m.referenced)) {
+            super::backend_protocol::check_dynamic(ctx, backend_protocol, at);
+        }
         let discovery = raw.discovery.map(|d| super::discovery::discovery(ctx, d)).unwrap_or_default();
         let managed = raw.managed.and_then(|m| super::discovery::managed(ctx, m));
         // A discovered or managed service may start with no backends: they come later.
         let dynamic = !discovery.is_empty() || managed.is_some();
-        let backends = backends(ctx, &name, raw.backends, name_at, tls_names, dynamic);
+        let backends = backends(ctx, &name, raw.backends, name_at, tls_names, dynamic, backend_protocol);
 
         // Route conflicts point at the second service's host entry, else its path_prefix,
         // else its name: whichever makes the route the same.
@@ -443,6 +449,7 @@ pub fn services(ctx: &mut Ctx, raw: Option<S<Vec<S<RawService>>>>) -> Vec<Servic
             hosts: hosts.into_iter().map(|(h, _)| h).collect(),
             path_prefix,
             algorithm,
+            backend_protocol,
             backends,
             health,
             limits,
@@ -534,6 +541,7 @@ fn backends(
     name_at: Location,
     tls_names: bool,
     dynamic: bool,
+    protocol: super::BackendProtocol,
 ) -> Vec<BackendConfig> {
     let list = match raw {
         Some(list) if !list.value.is_empty() => list,
@@ -604,14 +612,16 @@ fn backends(
         }
         seen.insert(addr, (address.referenced.line(), written.to_owned()));
         if let Some(weight) = weight {
-            out.push(BackendConfig {
+            let b = BackendConfig {
                 address: written.to_owned(),
                 addr,
                 authority: authority_of(written).to_owned(),
                 weight,
                 max_connections,
                 tls,
-            });
+            };
+            super::backend_protocol::check_backend(ctx, protocol, &b, address.referenced);
+            out.push(b);
         }
     }
     out

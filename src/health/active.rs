@@ -1,5 +1,5 @@
-//! Active health checks: one task per backend probes it every `interval` (tcp connect, or an
-//! HTTP(S) GET whose status must be in range) and moves it down after `unhealthy_threshold`
+//! Active health checks: one task per backend probes it every `interval` (tcp connect, an
+//! HTTP(S) GET whose status must be in range, or a gRPC health call: `grpc.rs`) and moves it down after `unhealthy_threshold`
 //! failures in a row, up after `healthy_threshold` passes in a row. Checks never touch the
 //! request path: they only flip an atomic that picks read.
 
@@ -126,7 +126,7 @@ pub fn record(h: &HealthState, pass: bool, rise: u32, fall: u32) -> Option<Trans
 }
 
 /// Why a check did not pass.
-enum Failed {
+pub(super) enum Failed {
     /// The backend's failure: counts towards `unhealthy_threshold`.
     Backend(String),
     /// No connection could be opened for a reason of Velocity's own (out of file descriptors).
@@ -141,14 +141,18 @@ impl From<String> for Failed {
 
 /// One check: `Ok` with what passed, or `Err` with why it failed.
 async fn check(probe: &Probe, backend: &Backend) -> Result<String, Failed> {
+    let host = probe.host.as_ref().unwrap_or(&backend.host_header);
+    if probe.cfg.kind == CheckKind::Grpc {
+        return super::grpc::check(&probe.cfg, host, backend).await;
+    }
     let stream = TcpStream::connect(backend.addr).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::ConnectionRefused => Failed::Backend("connection refused".to_owned()),
         _ if is_local_exhaustion(&e) => Failed::Local(e),
         _ => Failed::Backend(format!("connect error: {e}")),
     })?;
-    let host = probe.host.as_ref().unwrap_or(&backend.host_header);
     match probe.cfg.kind {
-        CheckKind::Tcp => Ok("connected".to_owned()),
+        // (grpc checks were answered above, on a connection of their own)
+        CheckKind::Tcp | CheckKind::Grpc => Ok("connected".to_owned()),
         CheckKind::Http => Ok(http_get(probe, host, stream).await?),
         CheckKind::Https => {
             let tls = match &probe.tls {

@@ -6,6 +6,7 @@
 //! the `Arc<Backend>` over, keeps it. The rules that change it live here.
 
 pub mod active;
+mod grpc;
 pub mod passive;
 pub mod registry;
 pub mod retry;

@@ -459,6 +459,13 @@ impl RequestHead {
             .map(|h| at(&self.bytes, h.value))
     }
 
+    /// The end-to-end headers, in order, as `encode_for_backend` forwards them (hop-by-hop
+    /// ones and those `Connection` names left out): for a head sent on in another encoding
+    /// (HTTP/2 backends).
+    pub fn end_to_end_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.headers.iter().filter(|h| !h.skip).map(|h| (at(&self.bytes, h.name), at(&self.bytes, h.value)))
+    }
+
     /// Every value of header `name`, in order (a list header such as `X-Forwarded-For` may
     /// come on several lines).
     pub fn headers_named<'a>(&'a self, name: &'a str) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {
@@ -813,6 +820,13 @@ impl ResponseHead {
     pub fn release(&mut self) {
         self.headers = Vec::new();
         self.unfolded = None;
+    }
+
+    /// The end-to-end headers (hop-by-hop ones left out), from `buf` (the bytes this head was
+    /// parsed from): for a client that takes them as fields rather than bytes (HTTP/2).
+    pub fn fields<'a>(&'a self, buf: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let buf = self.unfolded.as_deref().unwrap_or(buf);
+        self.headers.iter().filter(|h| !h.skip).map(move |h| (at(buf, h.name), at(buf, h.value)))
     }
 
     /// Whether the status is an interim 1xx (other than 101) to read past.

@@ -5,12 +5,13 @@
 
 use std::net::IpAddr;
 
-use crate::http1::RequestHead;
+use crate::request::RequestView;
 
 use super::IpSet;
 
 /// The client of a request whose socket peer is `peer`.
-pub fn resolve(trusted: &IpSet, peer: IpAddr, head: &RequestHead) -> IpAddr {
+pub fn resolve(trusted: &IpSet, req: &RequestView<'_>) -> IpAddr {
+    let (peer, head) = (req.client_ip(), req);
     if !trusted.contains(peer) {
         return peer;
     }
@@ -84,6 +85,8 @@ mod tests {
 
     use super::*;
     use crate::config::parse_net;
+    use crate::http1::RequestHead;
+    use crate::request::{Protocol, Scheme};
 
     fn head(headers: &str) -> RequestHead {
         let mut h = RequestHead::default();
@@ -98,7 +101,9 @@ mod tests {
     }
 
     fn client(peer: &str, headers: &str) -> String {
-        resolve(&trusted(), peer.parse().unwrap(), &head(headers)).to_string()
+        let head = head(headers);
+        let peer = std::net::SocketAddr::new(peer.parse().unwrap(), 0);
+        resolve(&trusted(), &RequestView::new(&head, Scheme::Http, Protocol::Http1, peer)).to_string()
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub use queue::{Queue, QueueRejection, Ticket};
 pub use rate_limit::{Limited, Limiter, RateLimit};
 
 use crate::config::{AccessRules, DenyAction, GlobalPolicy, ServicePolicy};
-use crate::http1::RequestHead;
+use crate::request::RequestView;
 use crate::state::Shared;
 
 /// Allow and deny sets of a listener or a service (deny includes the run-time deny list).
@@ -81,10 +81,10 @@ impl GlobalGate {
     /// The client of a request from `peer`: the one value every policy, the hash balancers
     /// and the access log use. Without `trusted_proxies`, the peer (no header is looked at).
     #[inline]
-    pub fn client_ip(&self, peer: IpAddr, head: &RequestHead) -> IpAddr {
+    pub fn client_ip(&self, req: &RequestView<'_>) -> IpAddr {
         match &self.trusted {
-            None => peer,
-            Some(t) => client_ip::resolve(t, peer, head),
+            None => req.client_ip(),
+            Some(t) => client_ip::resolve(t, req),
         }
     }
 
@@ -157,14 +157,15 @@ impl ServiceGate {
         Some(ServiceGate { access, limits })
     }
 
-    pub async fn check(&self, client: IpAddr, head: &RequestHead) -> Result<(), Refusal> {
+    /// `req`'s client is the resolved one.
+    pub async fn check(&self, req: &RequestView<'_>) -> Result<(), Refusal> {
         if let Some(a) = &self.access {
-            if !a.permits(client) {
+            if !a.permits(req.client_ip()) {
                 return Err(Refusal::Denied);
             }
         }
         for l in &self.limits {
-            l.check(client, head).await.map_err(Refusal::Limited)?;
+            l.check(req).await.map_err(Refusal::Limited)?;
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::{LimitKey, LimitScope, RateLimitConfig};
-use crate::http1::RequestHead;
+use crate::request::RequestView;
 
 use super::ipset;
 
@@ -125,13 +125,13 @@ impl RateLimit {
         }
     }
 
-    fn applies(&self, head: &RequestHead) -> bool {
+    fn applies(&self, head: &RequestView<'_>) -> bool {
         let c = &self.config;
         c.path_prefix.as_ref().is_none_or(|p| head.path().starts_with(p.as_bytes()))
-            && (c.methods.is_empty() || c.methods.iter().any(|m| m == head.method.as_str()))
+            && (c.methods.is_empty() || c.methods.iter().any(|m| m == head.method().as_str()))
     }
 
-    fn key(&self, client: IpAddr, head: &RequestHead) -> u128 {
+    fn key(&self, client: IpAddr, head: &RequestView<'_>) -> u128 {
         match &self.config.key {
             LimitKey::ClientIp => ipset::key(client),
             // Every instance of a cluster must find the same key for the same value: there
@@ -147,7 +147,8 @@ impl RateLimit {
     }
 
     /// Count `head` under this rule if it applies.
-    pub async fn check(&self, client: IpAddr, head: &RequestHead) -> Result<(), Limited> {
+    pub async fn check(&self, head: &RequestView<'_>) -> Result<(), Limited> {
+        let client = head.client_ip();
         if !self.applies(head) {
             return Ok(());
         }

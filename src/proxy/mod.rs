@@ -1,16 +1,25 @@
-//! HTTP listeners and the per-request path.
+//! HTTP listeners and the per-request path. A request flows:
+//!
+//! ```text
+//! listener (this file: accept, limits, drain)
+//!   -> downstream/   the client's session, one per protocol: h1.rs (HTTP/1.x), h2.rs (HTTP/2)
+//!   -> core/         protocol-neutral: route, policy, pick, queue, retry, log record
+//!   -> upstream/     one try at one backend: h1.rs (HTTP/1.1); the slot for HTTP/2 backends
+//!   <- downstream/   the response streamed back by the session (`Downstream::relay`)
+//! ```
+//!
+//! `tunnel.rs` (WebSocket after a `101`) and `tcp.rs` (`protocol: tcp` listeners) splice
+//! bytes; `router.rs` maps host and path to a service.
 
-mod client;
-mod cold_start;
-mod forward;
+mod core;
+pub mod downstream;
 mod listener;
-mod redirect;
-mod respond;
 pub mod router;
 mod stream;
 mod tcp;
 mod timer;
 pub mod tunnel;
+mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,7 +37,8 @@ use crate::config::ListenerProtocol;
 use crate::observe::metrics::{ListenerGauge, Reject};
 use crate::state::Shared;
 use crate::upstream::is_local_exhaustion;
-use client::Drain;
+use downstream::h1;
+use downstream::Drain;
 pub use listener::ListenerSettings;
 pub use stream::ClientStream;
 
@@ -143,7 +153,7 @@ pub struct Listener {
 impl Listener {
     /// Start accepting on `listener`, bound to `settings.config.addr`.
     pub fn start(
-        settings: ListenerSettings,
+        mut settings: ListenerSettings,
         ticketer: Arc<dyn rustls::server::ProducesTickets>,
         listener: TcpListener,
         state: Shared,
@@ -154,6 +164,7 @@ impl Listener {
         let max = settings.config.max_client_connections;
         let limit = Arc::new(ConnLimit { open: AtomicUsize::new(0), max: AtomicUsize::new(max), freed: Notify::new() });
         let (stop, stopped) = watch::channel(None);
+        settings.stopped = Some(stopped.clone());
         let open = state.load().metrics.listener(local);
         let settings = Arc::new(ArcSwap::from_pointee(settings));
         let accept = Accept { listener, local, state, tracker, limit: limit.clone(), settings: settings.clone() };
@@ -166,7 +177,8 @@ impl Listener {
     }
 
     /// Apply reloaded settings: new connections get them, open ones keep theirs.
-    pub fn update(&self, settings: ListenerSettings) {
+    pub fn update(&self, mut settings: ListenerSettings) {
+        settings.stopped = Some(self.stop.subscribe());
         self.set_max_connections(settings.config.max_client_connections);
         self.settings.store(Arc::new(settings));
     }
@@ -274,7 +286,7 @@ async fn serve_connection(
         }
     };
     let drain = Drain::default();
-    let mut conn = pin!(client::serve(stream, client, settings, state, &drain));
+    let mut conn = pin!(h1::serve(stream, client, settings, state, &drain));
     tokio::select! {
         biased;
         () = conn.as_mut() => {}

@@ -137,6 +137,7 @@ mod tests {
             hosts: hosts.to_vec(),
             path_prefix: prefix.into(),
             algorithm: Algorithm::RoundRobin,
+            backend_protocol: Default::default(),
             backends: vec![],
             health: Default::default(),
             limits: Default::default(),

@@ -66,4 +66,12 @@ impl ClientStream {
             }
         }
     }
+
+    /// Whether the TLS handshake chose HTTP/2 (ALPN `h2`).
+    pub fn alpn_h2(&self) -> bool {
+        match self {
+            ClientStream::Plain(_) => false,
+            ClientStream::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
 }

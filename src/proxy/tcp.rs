@@ -31,6 +31,7 @@ use crate::health::passive::{self, Admission};
 use crate::http1::RequestHead;
 use crate::observe::{AccessLog, AccessRecord, BackendMetrics, TcpFailure};
 use crate::proxy_protocol::{self as pp, Header, Parsed};
+use crate::request::{Protocol, Scheme};
 use crate::state::{Service, Shared};
 use crate::upstream::{Backend, BackendStream, ConnectError, InFlight};
 
@@ -224,7 +225,7 @@ async fn connect(
     let passive_cfg = &service.config.health.passive;
     // No HTTP: an empty head (no path, no header).
     let head = RequestHead::default();
-    let ctx = RequestContext { client_ip: client.ip(), head: &head };
+    let ctx = RequestContext::new(&head, Scheme::Http, Protocol::Tcp, client);
     let mut tried = vec![false; pool.len()];
     let mut attempted = false;
     for _ in 0..=service.config.health.retry.attempts {

@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::client::ClientConn;
-use super::forward::Exchange;
+use super::core::Exchange;
+use super::downstream::h1::ClientConn;
 use crate::http1::ClientFraming;
 use crate::observe::{Direction, TcpCounters};
 use crate::upstream::{BackendConn, InFlight};

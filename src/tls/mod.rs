@@ -133,6 +133,7 @@ pub fn server_config(
     tls: &TlsConfig,
     certs: &[LoadedCert],
     ticketer: Arc<dyn ProducesTickets>,
+    h2: bool,
 ) -> Result<Arc<ServerConfig>, String> {
     let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -144,8 +145,8 @@ pub fn server_config(
         .map_err(|e| format!("TLS setup: {e}"))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
-    // HTTP/1.1 only for now; `h2` goes first in this list once HTTP/2 is served.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // `h2` first: a client that offers both gets HTTP/2 (`proxy::downstream::h2`).
+    config.alpn_protocols = if h2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
     config.ticketer = ticketer;
     Ok(Arc::new(config))
 }

@@ -7,8 +7,10 @@ use std::time::{Duration, SystemTime};
 use hyper::header::HeaderValue;
 
 use super::connection::BackendConn;
+use super::h2::H2Pool;
 use super::stream::BackendTls;
 use crate::balancer::LoadStats;
+use crate::config::BackendProtocol;
 use crate::health::HealthState;
 use crate::observe::BackendMetrics;
 use crate::policy::Queue;
@@ -72,6 +74,10 @@ pub struct Backend {
     pub host_header: HeaderValue,
     /// `https://` backends: how to connect over TLS.
     pub tls: Option<Arc<BackendTls>>,
+    /// The service's `backend_protocol`; a reload that changes it makes a new backend.
+    pub protocol: BackendProtocol,
+    /// HTTP/2 backends: their multiplexed connections (empty for HTTP/1.1 ones).
+    pub h2: H2Pool,
     /// Up/down and circuit-breaker state; the rules that change it are in `crate::health`.
     pub health: HealthState,
     /// Latency estimate and slow-start mark, for the load-aware algorithms.
@@ -99,10 +105,16 @@ pub struct Backend {
 
 impl Backend {
     pub fn new(name: String, addr: SocketAddr, authority: &str) -> Arc<Backend> {
-        Self::with_tls(name, addr, authority, None)
+        Self::with_tls(name, addr, authority, None, BackendProtocol::Http1)
     }
 
-    pub fn with_tls(name: String, addr: SocketAddr, authority: &str, tls: Option<Arc<BackendTls>>) -> Arc<Backend> {
+    pub fn with_tls(
+        name: String,
+        addr: SocketAddr,
+        authority: &str,
+        tls: Option<Arc<BackendTls>>,
+        protocol: BackendProtocol,
+    ) -> Arc<Backend> {
         let host_header = HeaderValue::from_str(authority).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Arc::new(Backend {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -110,6 +122,8 @@ impl Backend {
             addr,
             host_header,
             tls,
+            protocol,
+            h2: H2Pool::default(),
             health: HealthState::default(),
             load: LoadStats::default(),
             metrics: BackendMetrics::default(),
@@ -222,6 +236,9 @@ impl Backend {
     /// Close every idle connection (used when a backend leaves the config or goes down).
     pub fn close_idle(&self) {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // HTTP/2 connections are shared by requests: dropping the handles lets each one
+        // close as its streams end.
+        self.h2.clear();
     }
 
     pub fn idle_connections(&self) -> usize {

@@ -6,6 +6,7 @@
 
 mod backend;
 mod connection;
+pub mod h2;
 mod pool;
 mod stream;
 

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::BackendTlsConfig;
+use crate::config::{BackendProtocol, BackendTlsConfig};
 use crate::tls::stream::MaybeTls;
 
 /// What connecting to an https backend needs, built once per backend (at load).
@@ -29,10 +29,11 @@ impl std::fmt::Debug for BackendTls {
 }
 
 impl BackendTls {
-    pub fn new(config: &BackendTlsConfig) -> Result<Arc<BackendTls>, String> {
+    /// `protocol` is offered in ALPN: `h2` for HTTP/2 backends, `http/1.1` otherwise.
+    pub fn new(config: &BackendTlsConfig, protocol: BackendProtocol) -> Result<Arc<BackendTls>, String> {
         let ca = config.ca.as_deref().map(crate::tls::client::load_ca).transpose()?;
-        // HTTP/1.1 is what Velocity speaks to backends.
-        let connector = crate::tls::client::connector(config.insecure_skip_verify, ca, &[b"http/1.1"])?;
+        let alpn: &[u8] = if protocol.is_h2() { b"h2" } else { b"http/1.1" };
+        let connector = crate::tls::client::connector(config.insecure_skip_verify, ca, &[alpn])?;
         let name = ServerName::try_from(config.server_name.clone())
             .map_err(|e| format!("invalid TLS server name {:?}: {e}", config.server_name))?;
         Ok(Arc::new(BackendTls { config: config.clone(), connector, name }))
@@ -68,6 +69,14 @@ impl BackendStream {
                 let mut buf = ReadBuf::new(&mut probe);
                 Pin::new(&mut **s).poll_read(&mut cx, &mut buf).is_ready()
             }
+        }
+    }
+
+    /// The protocol the TLS handshake settled on (ALPN); `None` for plain TCP.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            BackendStream::Plain(_) => None,
+            BackendStream::Tls(s) => s.get_ref().1.alpn_protocol(),
         }
     }
 }

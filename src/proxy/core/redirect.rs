@@ -1,11 +1,11 @@
 //! `redirect_https: true` on a listener: every request gets a 308 to the same URL over https
 //! (308 rather than 301: the method and body are kept, as a POST must be).
 
-use super::client::ClientConn;
-use super::forward::Exchange;
+use super::Exchange;
+use crate::proxy::downstream::{Downstream, Session};
 
 impl Exchange<'_> {
-    pub(super) async fn redirect_https(&mut self, c: &mut ClientConn) -> bool {
+    pub(super) async fn redirect_https<D: Downstream>(&mut self, c: &mut Session<D>) -> bool {
         let Some(host) = self.head.host().filter(|h| !h.is_empty()) else {
             return self.local(c, 400, &[], b"400 bad request: no Host to redirect to\n", "redirect_https").await;
         };

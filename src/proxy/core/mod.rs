@@ -1,37 +1,36 @@
-//! The per-request path: route, pick a backend, send the request, read the answer's head
-//! (`respond.rs` streams the answer back).
+//! The protocol-neutral request path: route, policy, pick, queue, retry, the exchange with a
+//! backend (`super::upstream`), the response head and the access-log record. A downstream
+//! session (`super::downstream`: HTTP/1 or an HTTP/2 stream) hands a request head in; the
+//! answer goes back through the session's [`Downstream`] methods (head, body pieces,
+//! trailers, end).
 //!
-//! Everything for one request runs in its client connection's task: the backend connection is
-//! written and read right here, so a request costs no task hand-off and no channel.
+//! Everything for one request runs in its session's task: the backend connection is written
+//! and read right here, so a request costs no task hand-off and no channel.
 
-use std::io::IoSlice;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
+mod cold_start;
+mod redirect;
+mod respond;
+
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::client::{read_more, ClientConn, Drain, BODY_READ};
-use super::respond::LogLine;
-use super::stream::ClientStream;
-use crate::balancer::{Pick, RequestContext};
+pub(super) use respond::LogLine;
+
+use super::downstream::{Downstream, Drain, Session, BODY_READ};
+use super::upstream::{AttemptError, Bounds, ReqBody, TimeoutKind, Upstream};
+use crate::balancer::Pick;
 use crate::config::HealthConfig;
 use crate::health::passive::{self, Admission};
 use crate::health::{active, retry};
-use crate::http1::{ChunkedScanner, Forwarding, RequestHead, ResponseHead};
+use crate::http1::{ChunkedScanner, RequestHead, ResponseHead};
 use crate::observe::{AccessRecord, BackendMetrics, RequestEnd};
 use crate::policy::{QueueRejection, Ticket};
+use crate::request::RequestView;
 use crate::state::{LoadBalancer, Service};
-use crate::upstream::{Backend, BackendConn, ConnectError, InFlight};
-
-/// A backend's response head may not be larger than this: 502.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Bytes of the client's next requests read while a response is awaited; beyond this the
-/// client is no longer watched (TCP holds the rest back).
-const MAX_PIPELINED: usize = 64 * 1024;
+use crate::upstream::InFlight;
 
 /// Backends already tried for this request.
 #[derive(Default)]
@@ -58,99 +57,25 @@ impl Tried {
     }
 }
 
-/// The request body, as far as it has been read from the client.
-enum ReqBody {
-    None,
-    /// Read whole before the first try, so a retry can send it again.
-    Buffered(Bytes),
-    /// Streamed from the client while it is sent: bytes still to come.
-    Length(u64),
-    Chunked(ChunkedScanner),
-    /// Streamed to a backend already: the request cannot be sent again.
-    Gone,
-}
-
-impl ReqBody {
-    /// Whether the request can be sent again as it was.
-    fn replayable(&self) -> bool {
-        matches!(self, ReqBody::None | ReqBody::Buffered(_))
-    }
-}
-
-/// Why one exchange with one backend failed.
-enum AttemptError {
-    /// Nothing reached the backend: the request may go to the next one.
-    NotSent(String),
-    /// No connection could be opened for a reason of Velocity's own (out of file descriptors,
-    /// say): not the backend's failure, and another backend would fare no better.
-    Local(String),
-    /// The backend failed after (part of) the request was sent.
-    Sent(String),
-    /// No response headers in time: 504.
-    Timeout(TimeoutKind),
-    /// The client's (chunked) body went over `max_body_bytes` while it was being sent: 413.
-    BodyTooLarge,
-    /// The client's body ended early or was malformed: nothing more can be done.
-    ClientBody(&'static str),
-    /// The client closed its connection while waiting for the answer.
-    ClientGone,
-}
-
-/// Which deadline ran out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum TimeoutKind {
-    /// `backend_response`: the backend took too long to answer this attempt.
-    Backend,
-    /// `request`: the whole exchange took too long.
-    Request,
-}
-
-/// What bounds one try at a backend.
-#[derive(Debug, Clone, Copy)]
-struct Bounds {
-    /// About when the try starts (the request's arrival, or later after a wait): for the
-    /// connect timeout and the idle pool. `backend_response` does not count from here but
-    /// from when the request has been written (see [`read_response_head`]).
-    now: Instant,
-    connect: Duration,
-    backend_response: Duration,
-    /// The request's deadline (sending the body counts against it).
-    deadline: Instant,
-    max_body: Option<u64>,
-    /// A WebSocket handshake: a `101` answer is taken (and the connections spliced).
-    upgrade: bool,
-}
-
-impl Bounds {
-    /// When the response head must have come if the request was all sent at `sent`:
-    /// `backend_response` later, but never past the request's deadline.
-    fn response(&self, sent: Instant) -> (Instant, TimeoutKind) {
-        let backend = sent + self.backend_response;
-        if backend < self.deadline {
-            (backend, TimeoutKind::Backend)
-        } else {
-            (self.deadline, TimeoutKind::Request)
-        }
-    }
-}
-
 /// Serve one request whose head has been read. Returns whether the connection may carry
 /// another request.
-pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bool {
+pub async fn handle<D: Downstream>(c: &mut Session<D>, head: &RequestHead, drain: &Drain) -> bool {
     let start = Instant::now();
     let host = head.host().and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
     let path = std::str::from_utf8(head.path()).unwrap_or("");
-    let (routed, mut log, client_ip, admitted) = {
+    let (routed, mut log, view, admitted) = {
         let snapshot = c.state.load();
+        let view = RequestView::new(head, c.stream.scheme(), D::PROTOCOL, c.client);
         // Computed once: every policy, the hash balancers and the access log use this value.
-        let client_ip = snapshot.policy.client_ip(c.client.ip(), head);
+        let client_ip = snapshot.policy.client_ip(&view);
+        let view = view.with_client_ip(client_ip);
         let admitted = c.listener.gate.permits(client_ip) && snapshot.policy.permits(client_ip);
         let log = snapshot.access_log.as_ref().map(|log| {
             let record = AccessRecord {
-                client: SocketAddr::new(client_ip, c.client.port()),
+                client: view.client,
                 method: head.method.clone(),
-                host: head.host_bytes(),
-                target: head.target_bytes(),
+                host: view.authority_bytes(),
+                target: view.target_bytes(),
                 status: 0,
                 service: None,
                 backend: None,
@@ -166,7 +91,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
             admitted.then(|| snapshot.router.route(host, path).map(|i| snapshot.services[i].clone())).flatten();
         let metrics = routed.as_ref().map_or_else(|| snapshot.metrics.unrouted.clone(), |s| s.metrics.clone());
         let end = RequestEnd::new(metrics, &head.method, start.into_std());
-        (routed, LogLine { end, access: log, finished: false }, client_ip, admitted)
+        (routed, LogLine { end, access: log, finished: false }, view, admitted)
     };
     let mut req = Exchange {
         head,
@@ -176,7 +101,7 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
         continued: false,
         set_cookie: None,
         done: false,
-        client_ip,
+        view,
     };
     let keep_alive = match routed {
         _ if !admitted => Box::pin(req.denied(c)).await,
@@ -194,21 +119,22 @@ pub async fn handle(c: &mut ClientConn, head: &RequestHead, drain: &Drain) -> bo
 }
 
 /// One request on its way through.
-pub(super) struct Exchange<'a> {
-    pub(super) head: &'a RequestHead,
-    pub(super) drain: &'a Drain,
-    pub(super) log: &'a mut LogLine,
+pub struct Exchange<'a> {
+    pub(crate) head: &'a RequestHead,
+    pub(crate) drain: &'a Drain,
+    pub(crate) log: &'a mut LogLine,
     /// Body bytes the client has still to send (and that Velocity has not read).
-    pub(super) body_pending: bool,
+    pub(crate) body_pending: bool,
     /// `100 Continue` sent.
-    continued: bool,
+    pub(crate) continued: bool,
     /// A `Set-Cookie` value the balancer asked the response to carry.
-    pub(super) set_cookie: Option<Bytes>,
+    pub(crate) set_cookie: Option<Bytes>,
     /// Served to the end. An exchange dropped before that was cut by the listener because
     /// `drain_timeout` passed (the only place a request's future is dropped half-way).
     done: bool,
-    /// The client (see `GlobalGate::client_ip`).
-    pub(super) client_ip: IpAddr,
+    /// The request as policies and balancers see it, its client resolved (see
+    /// `GlobalGate::client_ip`).
+    pub(crate) view: RequestView<'a>,
 }
 
 impl Drop for Exchange<'_> {
@@ -221,11 +147,11 @@ impl Drop for Exchange<'_> {
 }
 
 impl Exchange<'_> {
-    async fn serve(&mut self, c: &mut ClientConn, service: &Arc<Service>, start: Instant) -> bool {
+    async fn serve<D: Downstream>(&mut self, c: &mut Session<D>, service: &Arc<Service>, start: Instant) -> bool {
         let head = self.head;
         // Before any backend work: a refused request costs no pool slot and no connection.
         if let Some(gate) = &service.gate {
-            if let Err(why) = gate.check(self.client_ip, head).await {
+            if let Err(why) = gate.check(&self.view).await {
                 return self.refused(c, service, why).await;
             }
         }
@@ -285,10 +211,10 @@ impl Exchange<'_> {
         };
         // A retryable answer (such as a 503 listed in `retry.on`), kept until another backend
         // takes the request: if none can, the client gets this answer rather than an error.
-        let mut held: Option<(BackendConn, ResponseHead, InFlight, Option<Bytes>)> = None;
+        let mut held: Option<(Upstream, ResponseHead, InFlight, Option<Bytes>)> = None;
         loop {
             let acquired = {
-                let ctx = RequestContext { client_ip: self.client_ip, head };
+                let ctx = self.view;
                 let pool = &lb.pool;
                 let usable = |i: usize| {
                     let b = &pool.backends[i];
@@ -338,13 +264,13 @@ impl Exchange<'_> {
                         passive::record_success(backend, trial, &service.config.name);
                     }
                     if status == 101 {
-                        return Box::pin(self.tunnel(c, conn, in_flight, timeouts.tunnel_idle)).await;
+                        return Box::pin(D::upgrade(self, c, conn, in_flight, timeouts.tunnel_idle)).await;
                     }
                     if retry.on.contains(&status) && may_replay && body.replayable() && may_retry(service, retries) {
                         warn!(service = %service.config.name, backend = %backend.name, status, retry = retries + 1, "backend answered with a retryable status, retrying on another backend");
                         held = Some((conn, std::mem::take(&mut c.resp), in_flight, self.set_cookie.take()));
                     } else {
-                        return self.relay(c, conn, in_flight, timeouts.backend_response).await;
+                        return D::relay(self, c, conn, in_flight, timeouts.backend_response).await;
                     }
                 }
                 Err(AttemptError::NotSent(why)) => {
@@ -365,7 +291,7 @@ impl Exchange<'_> {
                     if let Some((conn, resp, in_flight, cookie)) = held {
                         c.resp = resp;
                         self.set_cookie = cookie;
-                        return self.relay(c, conn, in_flight, timeouts.backend_response).await;
+                        return D::relay(self, c, conn, in_flight, timeouts.backend_response).await;
                     }
                     self.log.set(0, None, Some(backend));
                     let body = b"503 service unavailable: the proxy is out of resources, retry later\n";
@@ -380,7 +306,7 @@ impl Exchange<'_> {
                         if let Some((conn, resp, in_flight, cookie)) = held {
                             c.resp = resp;
                             self.set_cookie = cookie;
-                            return self.relay(c, conn, in_flight, timeouts.backend_response).await;
+                            return D::relay(self, c, conn, in_flight, timeouts.backend_response).await;
                         }
                         self.log.set(0, None, Some(backend));
                         return self
@@ -421,10 +347,10 @@ impl Exchange<'_> {
         if let Some((conn, resp, in_flight, cookie)) = held {
             c.resp = resp;
             self.set_cookie = cookie;
-            return self.relay(c, conn, in_flight, timeouts.backend_response).await;
+            return D::relay(self, c, conn, in_flight, timeouts.backend_response).await;
         }
         if !attempted && lb.pool.is_empty() && service.config.managed.is_some() {
-            if let Some(now) = Box::pin(super::cold_start::wait(&c.state, service, deadline.into_std())).await {
+            if let Some(now) = Box::pin(cold_start::wait(&c.state, service, deadline.into_std())).await {
                 return Box::pin(self.serve(c, &now, start)).await;
             }
         }
@@ -442,25 +368,24 @@ impl Exchange<'_> {
     }
 
     /// Tell a client that waits for it (`Expect: 100-continue`) to send its body.
-    async fn send_continue(&mut self, c: &mut ClientConn) -> Result<(), &'static str> {
+    pub(super) async fn send_continue<D: Downstream>(&mut self, c: &mut Session<D>) -> Result<(), &'static str> {
         if self.head.expects_continue() && !self.continued {
             self.continued = true;
-            let continue_line: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
-            c.write_all(&mut [IoSlice::new(continue_line)]).await.map_err(|_| "client went away")?;
+            D::send_continue(c).await.map_err(|_| "client went away")?;
         }
         Ok(())
     }
 
     /// Read a body of `len` bytes whole, within the request deadline.
-    async fn read_whole_body(
+    async fn read_whole_body<D: Downstream>(
         &mut self,
-        c: &mut ClientConn,
+        c: &mut Session<D>,
         len: usize,
         deadline: Instant,
     ) -> Result<Bytes, &'static str> {
         self.send_continue(c).await?;
         while c.buf.len() < len {
-            match c.timer.within(|| deadline, read_more(&mut c.stream, &mut c.buf, BODY_READ)).await {
+            match c.timer.within(|| deadline, c.stream.read_body(&mut c.buf, BODY_READ)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Err("client closed the connection during the body"),
                 Err(_) => return Err("request timeout while reading the body"),
@@ -469,220 +394,6 @@ impl Exchange<'_> {
         self.body_pending = false;
         self.log.end.bytes_in += len as u64;
         Ok(c.buf.split_to(len).freeze())
-    }
-
-    /// One try at one backend: a pooled connection (or a new one), then the exchange. A pooled
-    /// connection that the backend had closed fails without an answer; the request is then
-    /// sent once more on a fresh connection if it can be.
-    async fn attempt(
-        &mut self,
-        c: &mut ClientConn,
-        body: &mut ReqBody,
-        backend: &Arc<Backend>,
-        bounds: Bounds,
-    ) -> Result<BackendConn, AttemptError> {
-        if bounds.now >= bounds.deadline {
-            return Err(AttemptError::Timeout(TimeoutKind::Request));
-        }
-        let connect_timeout = bounds.connect.min(bounds.deadline - bounds.now);
-        let mut conn = match backend.checkout(connect_timeout, bounds.now.into_std()).await {
-            Ok(conn) => conn,
-            Err(e) => return Err(connect_failed(e)),
-        };
-        match self.exchange(c, body, backend, &mut conn, bounds).await {
-            Ok(()) => Ok(conn),
-            // Only when nothing was sent: a backend that read the request and then closed may
-            // have acted on it, and that is for the retry policy to judge.
-            Err(AttemptError::NotSent(_)) if conn.reused && body.replayable() => {
-                let mut fresh = match backend.connect(connect_timeout).await {
-                    Ok(conn) => conn,
-                    Err(e) => return Err(connect_failed(e)),
-                };
-                self.exchange(c, body, backend, &mut fresh, bounds).await.map(|()| fresh)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Send the request on `conn` and read the response head into `c.resp`.
-    async fn exchange(
-        &mut self,
-        c: &mut ClientConn,
-        body: &mut ReqBody,
-        backend: &Backend,
-        conn: &mut BackendConn,
-        bounds: Bounds,
-    ) -> Result<(), AttemptError> {
-        let proto: &[u8] = if c.stream.is_tls() { b"https" } else { b"http" };
-        let fwd = Forwarding { client_ip: &c.client_ip, proto };
-        self.head.encode_for_backend(&mut c.out, &fwd, backend.host_header.as_bytes());
-        let sent = match body {
-            // A backend that does not take the request in is bounded by the request deadline:
-            // `backend_response` starts once it has all of it.
-            ReqBody::None => {
-                c.timer.within(|| bounds.deadline, conn.write_all_vectored(&mut [IoSlice::new(&c.out)])).await
-            }
-            ReqBody::Buffered(b) => {
-                let parts = &mut [IoSlice::new(&c.out), IoSlice::new(b)];
-                c.timer.within(|| bounds.deadline, conn.write_all_vectored(parts)).await
-            }
-            // Not reached: a request whose body went out is never tried again.
-            ReqBody::Gone => return Err(AttemptError::Sent("the request body was sent already".into())),
-            ReqBody::Length(_) | ReqBody::Chunked(_) => {
-                self.send_continue(c).await.map_err(AttemptError::ClientBody)?;
-                return self.stream_body(c, body, conn, bounds).await;
-            }
-        };
-        match sent {
-            Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
-            Ok(Err((e, 0))) => return Err(AttemptError::NotSent(e.to_string())),
-            Ok(Err((e, _))) => return Err(AttemptError::Sent(e.to_string())),
-            Ok(Ok(())) => {}
-        }
-        read_response_head(c, conn, bounds).await
-    }
-
-    /// Send the head and a streamed body, the body read from the client as it goes.
-    async fn stream_body(
-        &mut self,
-        c: &mut ClientConn,
-        body: &mut ReqBody,
-        conn: &mut BackendConn,
-        bounds: Bounds,
-    ) -> Result<(), AttemptError> {
-        let Bounds { deadline, max_body, .. } = bounds;
-        let mut head_sent = false;
-        loop {
-            // The part of the body already read.
-            let ready = match body {
-                ReqBody::Length(remaining) => (*remaining).min(c.buf.len() as u64) as usize,
-                ReqBody::Chunked(scanner) => {
-                    let n =
-                        scanner.scan(&c.buf, None).map_err(|_| AttemptError::ClientBody("malformed chunked body"))?;
-                    if max_body.is_some_and(|max| scanner.payload_len() > max) {
-                        return Err(AttemptError::BodyTooLarge);
-                    }
-                    n
-                }
-                _ => 0,
-            };
-            if ready > 0 || !head_sent {
-                let head_part: &[u8] = if head_sent { &[] } else { &c.out };
-                let parts = &mut [IoSlice::new(head_part), IoSlice::new(&c.buf[..ready])];
-                match c.timer.within(|| deadline, conn.write_all_vectored(parts)).await {
-                    Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
-                    Ok(Err((e, 0))) if !head_sent => return Err(AttemptError::NotSent(e.to_string())),
-                    Ok(Err((e, _))) => {
-                        // The backend may have answered early and closed (a 413, say): take
-                        // that answer if it is there. The client's body stays unread.
-                        return match read_response_head(c, conn, bounds).await {
-                            Ok(()) => Ok(()),
-                            Err(_) => Err(AttemptError::Sent(e.to_string())),
-                        };
-                    }
-                    Ok(Ok(())) => {}
-                }
-                head_sent = true;
-                c.buf.advance(ready);
-                self.log.end.bytes_in += ready as u64;
-            }
-            let done = match body {
-                ReqBody::Length(remaining) => {
-                    *remaining -= ready as u64;
-                    *remaining == 0
-                }
-                ReqBody::Chunked(scanner) => scanner.is_done(),
-                _ => true,
-            };
-            if done {
-                self.body_pending = false;
-                break;
-            }
-            match c.timer.within(|| deadline, read_more(&mut c.stream, &mut c.buf, BODY_READ)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => return Err(AttemptError::ClientBody("client closed the connection during the body")),
-                Err(_) => return Err(AttemptError::Timeout(TimeoutKind::Request)),
-            }
-        }
-        *body = ReqBody::Gone;
-        // `backend_response` counts from the end of the upload, however long that took.
-        read_response_head(c, conn, bounds).await
-    }
-}
-
-/// Read the backend's response head into `c.resp`, past any interim (1xx) answers. Called
-/// once the request has been written: `backend_response` counts from the first wait here (the
-/// clock is read only if the answer is not there at once), capped by the request deadline.
-async fn read_response_head(c: &mut ClientConn, conn: &mut BackendConn, bounds: Bounds) -> Result<(), AttemptError> {
-    let mut until: Option<(Instant, TimeoutKind)> = None;
-    loop {
-        if !conn.buf.is_empty() {
-            match c.resp.parse(&conn.buf, MAX_RESPONSE_HEAD) {
-                Ok(true) if c.resp.is_interim() => {
-                    conn.buf.advance(c.resp.len);
-                    continue;
-                }
-                Ok(true) if c.resp.status == 101 && !bounds.upgrade => {
-                    return Err(AttemptError::Sent("switching protocols without an upgrade".into()));
-                }
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => return Err(AttemptError::Sent(format!("invalid response: {}", e.message()))),
-            }
-        }
-        let deadline = || until.get_or_insert_with(|| bounds.response(Instant::now())).0;
-        match c.timer.within(deadline, backend_or_client(&mut c.stream, &mut c.buf, conn)).await {
-            Ok(Waited::Backend(Ok(n))) if n > 0 => {}
-            Ok(Waited::Backend(Ok(_))) => return Err(AttemptError::Sent("the backend closed the connection".into())),
-            Ok(Waited::Backend(Err(e))) => return Err(AttemptError::Sent(e.to_string())),
-            Ok(Waited::ClientGone) => return Err(AttemptError::ClientGone),
-            Err(_) => return Err(AttemptError::Timeout(until.map_or(TimeoutKind::Request, |(_, kind)| kind))),
-        }
-    }
-}
-
-/// A failed connect as the retry loop sees it.
-fn connect_failed(e: ConnectError) -> AttemptError {
-    match e {
-        ConnectError::Local(_) => AttemptError::Local(e.to_string()),
-        e => AttemptError::NotSent(e.to_string()),
-    }
-}
-
-/// What ended a wait for the backend.
-enum Waited {
-    Backend(std::io::Result<usize>),
-    ClientGone,
-}
-
-/// Read from the backend, watching the client meanwhile: a client that closes while its
-/// answer is awaited gets its backend request abandoned, as NGINX does (`499` in the log),
-/// rather than holding a backend connection until the answer comes. Bytes the client sends
-/// meanwhile (a pipelined request) are kept, up to a bound.
-async fn backend_or_client(client: &mut ClientStream, buf: &mut BytesMut, conn: &mut BackendConn) -> Waited {
-    let mut backend = pin!(conn.read_more());
-    loop {
-        if buf.len() >= MAX_PIPELINED {
-            return Waited::Backend(backend.await);
-        }
-        tokio::select! {
-            biased;
-            read = backend.as_mut() => return Waited::Backend(read),
-            // The read-readiness slot rather than `readable()` (a waiter list entry under a
-            // lock): this task is the client's only reader, and this wait is on every request.
-            ready = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => {
-                if ready.is_err() {
-                    return Waited::ClientGone;
-                }
-                buf.reserve(4096);
-                match client.try_read_buf(buf) {
-                    Ok(0) => return Waited::ClientGone,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Waited::ClientGone,
-                }
-            }
-        }
     }
 }
 
@@ -732,7 +443,7 @@ enum Acquired {
 async fn acquire(
     service: &Service,
     lb: &LoadBalancer,
-    ctx: &RequestContext<'_>,
+    ctx: &RequestView<'_>,
     usable: &(dyn Fn(usize) -> bool + Sync),
     deadline: std::time::Instant,
 ) -> Acquired {
