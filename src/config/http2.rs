@@ -2,6 +2,8 @@
 //! knowledge on plain ones) and its limits.
 
 use super::lifecycle;
+use std::fmt::Write as _;
+
 use super::schema::{RawHttp2, S};
 use super::validate::Ctx;
 use super::value::{self, Bounds, KIB, MIB};
@@ -89,4 +91,65 @@ pub fn convert(ctx: &mut Ctx, raw: Option<S<RawHttp2>>) -> Http2Config {
         cfg.connection_window = n as u32;
     }
     cfg
+}
+
+/// The block as YAML when it differs from the defaults (`to_yaml`: the membership's merge
+/// writes the config out and parses it again, so a key left out here is lost).
+pub fn to_yaml(out: &mut String, h: &Http2Config) {
+    if *h == Http2Config::default() {
+        return;
+    }
+    let _ = write!(
+        out,
+        "http2: {{enabled: {}, max_concurrent_streams: {}, stream_window: {}, connection_window: {}, max_resets_per_second: {}, max_control_frames_per_second: {}",
+        h.enabled,
+        h.max_concurrent_streams,
+        h.stream_window,
+        h.connection_window,
+        h.max_resets_per_second,
+        h.max_control_frames_per_second
+    );
+    if let Some(n) = h.max_header_list_size {
+        let _ = write!(out, ", max_header_list_size: {n}");
+    }
+    out.push_str("}\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::{errors, load};
+
+    const SERVICES: &str = "services:\n  - name: web\n    backends: [{address: 127.0.0.1:9001}]\n";
+
+    #[test]
+    fn keys_and_defaults() {
+        let cfg = load(&format!("listen: 127.0.0.1:8000\n{SERVICES}")).unwrap();
+        assert_eq!(cfg.http2, Http2Config::default());
+        let cfg = load(&format!(
+            "listen: 127.0.0.1:8000\nhttp2: {{enabled: false, max_concurrent_streams: 10, max_header_list_size: 8k, stream_window: 1m, connection_window: 2m, max_resets_per_second: 5, max_control_frames_per_second: 6}}\n{SERVICES}"
+        ))
+        .unwrap();
+        let want = Http2Config {
+            enabled: false,
+            max_concurrent_streams: 10,
+            max_header_list_size: Some(8192),
+            stream_window: 1 << 20,
+            connection_window: 2 << 20,
+            max_resets_per_second: 5,
+            max_control_frames_per_second: 6,
+        };
+        assert_eq!(cfg.http2, want);
+        let again = load(&crate::config::to_yaml(&cfg)).unwrap();
+        assert_eq!(again.http2, want, "round trip");
+    }
+
+    #[test]
+    fn out_of_range_values_are_reported() {
+        let e = errors(&format!(
+            "listen: 127.0.0.1:8000\nhttp2: {{max_concurrent_streams: 0, stream_window: 3g}}\n{SERVICES}"
+        ));
+        assert!(e.iter().any(|e| e.contains("http2.max_concurrent_streams")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("http2.stream_window")), "{e:?}");
+    }
 }

@@ -167,6 +167,7 @@ pub fn to_yaml(cfg: &Config) -> String {
     }
     super::listeners::to_yaml(&mut out, cfg);
     lifecycle::global_yaml(&mut out, cfg);
+    super::http2::to_yaml(&mut out, &cfg.http2);
     admin::to_yaml(&mut out, &cfg.admin);
     super::cluster::to_yaml(&mut out, &cfg.cluster);
     super::policy::global_yaml(&mut out, &cfg.policy);

@@ -61,6 +61,10 @@ struct Conn {
     listener: Arc<ListenerSettings>,
     state: Shared,
     tls: bool,
+    /// `max_header_list_size`, checked again on the head as text: the crate applies the
+    /// setting only once the client has acknowledged it, so a connection's first requests
+    /// would pass it.
+    max_header_list: usize,
     /// Set when the listener stops: answers then say so in the access log.
     drain: Drain,
 }
@@ -80,12 +84,13 @@ pub async fn serve(
     // The listener's shutdown sees a connection with streams as busy.
     drain.idle.store(false, Ordering::Relaxed);
     let tls = stream.is_tls();
+    let max_header_list = cfg.max_header_list_size.map_or(limits.max_header_bytes, |n| n as usize);
     let flood = Arc::new(Notify::new());
     let io = Guarded::new(stream, preface, &cfg, flood.clone());
     let mut builder = h2::server::Builder::new();
     builder
         .max_concurrent_streams(cfg.max_concurrent_streams)
-        .max_header_list_size(cfg.max_header_list_size.unwrap_or(limits.max_header_bytes as u32))
+        .max_header_list_size(max_header_list as u32)
         .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window);
     let mut conn = match tokio::time::timeout(limits.timeouts.client_header, builder.handshake::<_, Bytes>(io)).await {
@@ -100,7 +105,7 @@ pub async fn serve(
         }
     };
     let mut stopped = listener.stopped.clone();
-    let shared = Arc::new(Conn { client, limits, listener, state, tls, drain: Drain::default() });
+    let shared = Arc::new(Conn { client, limits, listener, state, tls, max_header_list, drain: Drain::default() });
     // Dropped with the connection (a cut at `drain_timeout`): its streams end with it.
     let mut streams = JoinSet::new();
     let mut going_away = false;
@@ -164,7 +169,7 @@ async fn serve_stream(req: Request<RecvStream>, respond: SendResponse<Bytes>, co
     let stream = H2Stream { recv: Some(recv), respond, tls: conn.tls, chunked, ended: false };
     let mut c = Session::new(stream, conn.client, conn.limits, conn.listener.clone(), conn.state.clone());
     let mut head = RequestHead::default();
-    let parsed = head.parse(&mut text, usize::MAX);
+    let parsed = head.parse(&mut text, conn.max_header_list);
     match parsed {
         Ok(true) => {
             core::handle(&mut c, &head, &conn.drain).await;
