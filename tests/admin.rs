@@ -417,7 +417,11 @@ async fn overlay_changes_the_file_contradicts_are_reported_not_fatal() {
     assert_eq!(status, 200, "{body}");
     let conflict = body["conflicts"][0].as_str().unwrap_or_default();
     assert!(conflict.contains("service \"api\" is in the file now"), "{body}");
-    assert!(lb.log_contains("overlay conflict: service \"api\" is in the file now"));
+    // The API answers before the log line may have reached the file: wait for it.
+    eventually("the conflict in the log", DEADLINE, || {
+        lb.log_contains("overlay conflict: service \"api\" is in the file now")
+    })
+    .await;
     let (_, list) = call(admin, "GET", "/api/v1/services", None).await;
     assert_eq!(list["conflicts"][0], conflict);
     assert_eq!(common::get(lb.addr(), "api2.local", "/").await.status, 200);
