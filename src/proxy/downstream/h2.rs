@@ -40,7 +40,7 @@ use super::{Downstream, Drain, Session, Waited};
 use crate::config::{Http2Config, Limits};
 use crate::http1::{ChunkedScanner, Framing, HeadError, RequestHead};
 use crate::observe::metrics::Reject;
-use crate::proxy::core::{self, Exchange};
+use crate::proxy::core::{self, Exchange, LogLine};
 use crate::proxy::listener::ListenerSettings;
 use crate::proxy::stream::ClientStream;
 use crate::proxy::timer::LazyTimer;
@@ -265,6 +265,24 @@ pub struct H2Stream {
 enum SendFailed {
     Gone,
     TimedOut,
+}
+
+impl SendFailed {
+    /// Log and note why the response stopped; a client that opened no window in time has its
+    /// stream reset.
+    fn record(self, send: &mut SendStream<Bytes>, log: &mut LogLine, client: SocketAddr, limit: Duration) {
+        match self {
+            SendFailed::TimedOut => {
+                warn!(client = %client, timeout = ?limit, "client took no response data in time: stream reset");
+                log.note("client_timeout");
+                send.send_reset(Reason::CANCEL);
+            }
+            SendFailed::Gone => {
+                debug!(client = %client, "client reset the stream during the response");
+                log.note("client_aborted");
+            }
+        }
+    }
 }
 
 /// Send `data` on `send` as its window allows; a client that opens no window for
@@ -506,15 +524,8 @@ impl Downstream for H2Stream {
                 let n = data.len() as u64;
                 match send_body(&mut send, &mut c.timer, send_limit, data).await {
                     Ok(()) => ex.log.bytes(n),
-                    Err(SendFailed::TimedOut) => {
-                        warn!(client = %c.client, timeout = ?send_limit, "client took no response data in time: stream reset");
-                        ex.log.note("client_timeout");
-                        send.send_reset(Reason::CANCEL);
-                        return true;
-                    }
-                    Err(SendFailed::Gone) => {
-                        debug!(client = %c.client, "client reset the stream during the response");
-                        ex.log.note("client_aborted");
+                    Err(why) => {
+                        why.record(&mut send, ex.log, c.client, send_limit);
                         return true;
                     }
                 }
@@ -644,15 +655,8 @@ async fn relay_h2(
         let n = piece.len();
         match send_body(&mut send, &mut c.timer, send_limit, piece).await {
             Ok(()) => ex.log.bytes(n as u64),
-            Err(SendFailed::TimedOut) => {
-                warn!(client = %c.client, timeout = ?send_limit, "client took no response data in time: stream reset");
-                ex.log.note("client_timeout");
-                send.send_reset(Reason::CANCEL);
-                return true;
-            }
-            Err(SendFailed::Gone) => {
-                debug!(client = %c.client, "client reset the stream during the response");
-                ex.log.note("client_aborted");
+            Err(why) => {
+                why.record(&mut send, ex.log, c.client, send_limit);
                 return true;
             }
         }
